@@ -1,0 +1,16 @@
+"""relex: extrapolate RLVR training runs from a short prefix of checkpoints.
+
+The RELEX method (arXiv 2605.21468): RLVR weight trajectories are close to rank 1 and their
+rank-1 coefficient grows linearly with the step, so a few early checkpoints predict late ones.
+
+    >>> import relex
+    >>> relex.extrapolate("runs/grpo", base="models/base", observe_until=75,
+    ...                   targets=[500, 750], output="out")
+"""
+
+__version__ = "0.1.0"
+
+from relex.errors import RelexError  # noqa: E402
+from relex.api import Report, extrapolate, reconstruct  # noqa: E402
+
+__all__ = ["RelexError", "Report", "extrapolate", "reconstruct", "__version__"]

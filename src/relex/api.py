@@ -1,0 +1,289 @@
+"""The Python API (`extrapolate`, `reconstruct`) that the CLI is a thin face of: from a run's checkpoints to ready-to-serve model directories.
+
+Both stream the trajectory once (see engine.py), write one Hugging Face model directory per
+requested step under `output` (step-S/), save the fit (relex-fit.safetensors) beside them, and
+only then move the whole output into place, so an interrupted run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from relex import __version__
+from relex.checkpoint import DTYPES, Checkpoint
+from relex.engine import Engine
+from relex.errors import RelexError
+from relex.fit import FitConfig, TensorFit, extrapolation_weights, reconstruction_weights
+from relex.fitfile import FIT_FILE, check_fingerprint, load_fit, save_fit
+from relex.inputs import resolve_inputs
+from relex.trajectory import TensorPlan, Trajectory
+from relex.writer import ModelWriter, atomic_directory, check_output, parse_size
+
+#: non-weight files of a model directory that a served model needs (config, tokenizer, template)
+MODEL_FILES = re.compile(
+    r"(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|"
+    r"added_tokens\.json|vocab\..*|merges\.txt|.*\.tiktoken|chat_template\..*|"
+    r"preprocessor_config\.json|processor_config\.json|(configuration|modeling|tokenization)_.*\.py)")
+_TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+@dataclass
+class Report:
+    """What a run wrote and measured (also printed as the CLI's summary table)."""
+
+    output: Path
+    targets: dict[int, Path]
+    observed_steps: list[int]
+    tensors: int
+    moving: int
+    copied: int
+    dropped: list[str]
+    bytes_read: int
+    seconds: float
+    stats: dict[str, dict] = field(default_factory=dict)
+    rank: int = 1
+
+    def summary(self) -> dict:
+        """Mean / min explained variance (at the fit's rank) and R^2 over moving tensors."""
+        ev = [s["explained_variance"][self.rank - 1] for s in self.stats.values()
+              if s.get("r2") is not None]
+        r2 = [s["r2"] for s in self.stats.values() if s.get("r2") is not None]
+        out = {"tensors": self.tensors, "trajectory_tensors": self.moving,
+               "copied_tensors": self.copied, "dropped_tensors": self.dropped,
+               "bytes_read": self.bytes_read, "seconds": round(self.seconds, 3)}
+        if ev:
+            out.update(explained_variance_mean=float(np.mean(ev)),
+                       explained_variance_min=float(np.min(ev)),
+                       r2_mean=float(np.mean(r2)), r2_min=float(np.min(r2)))
+        return out
+
+
+def parse_fit(fit: str) -> int:
+    """'linear' -> 1, 'poly2' -> 2, 'poly3' -> 3 (polynomial degree of the coefficient fit)."""
+    if fit == "linear":
+        return 1
+    m = re.fullmatch(r"poly(\d+)", fit)
+    if not m:
+        raise RelexError(f"--fit {fit}: expected linear or polyN (e.g. poly2)")
+    return int(m.group(1))
+
+
+def _parse_targets(targets) -> list[int]:
+    if targets is None or (not isinstance(targets, int) and len(targets) == 0):
+        raise RelexError("no --target given")
+    targets = [targets] if isinstance(targets, int) else [int(t) for t in targets]
+    if len(set(targets)) != len(targets):
+        raise RelexError(f"--target: a step is listed twice in {targets}")
+    if min(targets) < 0:
+        raise RelexError("--target must be >= 0")
+    return sorted(targets)
+
+
+def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
+                targets: int | list[int], base: str | Path | None = None,
+                checkpoints: list[str] | dict[int, str | Path] | None = None,
+                observe_until: int | None = None, steps: str | list[int] | None = None,
+                method: str = "relex", rank: int = 1, fit: str = "linear",
+                window: int | None = None, dtype: str | None = None,
+                allow_interpolation: bool = False, overwrite: bool = False,
+                max_memory: str | int = "512MB", max_shard_size: str | int = "5GB",
+                device: str = "cpu", threads: int | None = None,
+                from_fit: str | Path | None = None, progress: bool = True) -> Report:
+    """Write the model of each target step, predicted from the observed checkpoints.
+
+    Writes output/step-S/ for every S in targets (a Hugging Face model directory with a relex.json
+    provenance file) and output/relex-fit.safetensors (reusable with from_fit).
+
+    >>> relex.extrapolate("runs/grpo", base="Qwen2.5-Math-1.5B", observe_until=75,
+    ...                   targets=[500, 750], output="out")
+    """
+    config = FitConfig(method, rank, parse_fit(fit), window)
+    targets = _parse_targets(targets)
+    if from_fit is not None:
+        saved = load_fit(from_fit)
+        if run_dir is not None or checkpoints or steps or observe_until is not None:
+            raise RelexError("--from-fit reuses the fit's own checkpoints; do not also give "
+                             "RUN_DIR, --checkpoint, --steps or --observe-until")
+        inputs = resolve_inputs(base=base if base is not None else saved.base,
+                                checkpoints=saved.checkpoints)
+    else:
+        saved = None
+        inputs = resolve_inputs(run_dir, base=base, checkpoints=checkpoints,
+                                observe_until=observe_until, steps=steps)
+    observed = list(inputs.observed)
+    config.check(len(observed))
+    if not allow_interpolation and targets[0] <= observed[-1]:
+        raise RelexError(f"--target {targets[0]} is not after the last observed step "
+                         f"{observed[-1]}; pass --allow-interpolation to predict inside the window")
+    traj = _open(inputs, dtype)
+    try:
+        if saved is not None:
+            check_fingerprint(saved, traj.fingerprint())
+            _check_grams(saved.grams, traj, saved.path)
+        steps_arr = traj.steps.astype(np.float64)
+
+        def weights(plan: TensorPlan, gram: np.ndarray) -> TensorFit:
+            return extrapolation_weights(gram, steps_arr, np.asarray(targets, float), config)
+
+        return _write(traj, inputs, targets, weights, config, output, overwrite, max_memory,
+                      max_shard_size, device, threads, progress, saved,
+                      mode="extrapolate", from_fit=from_fit)
+    finally:
+        traj.close()
+
+
+def reconstruct(run_dir: str | Path | None = None, *, output: str | Path,
+                base: str | Path | None = None,
+                checkpoints: list[str] | dict[int, str | Path] | None = None,
+                observe_until: int | None = None, steps: str | list[int] | None = None,
+                rank: int = 1, dtype: str | None = None, overwrite: bool = False,
+                max_memory: str | int = "512MB", max_shard_size: str | int = "5GB",
+                device: str = "cpu", threads: int | None = None,
+                progress: bool = True) -> Report:
+    """Write the rank-`rank` projection of every observed checkpoint (is the run rank-r?).
+
+    output/step-S/ holds theta_0 + the projection of D[S] onto the top-`rank` right singular
+    vectors of the observed deltas; evaluating it against the real step S says how much of the
+    RL gain the low-rank subspace carries.
+    """
+    config = FitConfig("relex", rank, 1, None)
+    inputs = resolve_inputs(run_dir, base=base, checkpoints=checkpoints,
+                            observe_until=observe_until, steps=steps)
+    targets = list(inputs.observed)
+    if len(targets) < rank:
+        raise RelexError(f"--rank {rank} needs at least {rank} observed checkpoints, got "
+                         f"{len(targets)}")
+    traj = _open(inputs, dtype)
+    try:
+        steps_arr = traj.steps.astype(np.float64)
+        indices = list(range(len(targets)))
+
+        def weights(plan: TensorPlan, gram: np.ndarray) -> TensorFit:
+            return reconstruction_weights(gram, indices, steps_arr, config)
+
+        return _write(traj, inputs, targets, weights, config, output, overwrite, max_memory,
+                      max_shard_size, device, threads, progress, None, mode="reconstruct")
+    finally:
+        traj.close()
+
+
+def _open(inputs, dtype) -> Trajectory:
+    base = Checkpoint(inputs.base)
+    ckpts = [Checkpoint(p) for p in inputs.observed.values()]
+    return Trajectory(base, ckpts, list(inputs.observed), dtype)
+
+
+def _check_grams(grams: dict[str, np.ndarray], traj: Trajectory, path: Path) -> None:
+    moving = {p.name for p in traj.plans if p.moves}
+    if set(grams) != moving:
+        name = sorted(set(grams) ^ moving)[0]
+        raise RelexError(f"--from-fit {path}: tensor '{name}' is in the fit or the model but "
+                         f"not both; refit without --from-fit")
+    bad = [n for n, g in grams.items() if g.shape != (traj.T, traj.T)]
+    if bad:
+        raise RelexError(f"--from-fit {path}: Gram matrix of '{bad[0]}' is not {traj.T}x{traj.T}")
+
+
+def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitConfig,
+           output, overwrite: bool, max_memory, max_shard_size, device: str,
+           threads: int | None, progress: bool, saved, mode: str,
+           from_fit=None) -> Report:
+    output = Path(output)
+    out_bytes = sum(p.numel * DTYPES[p.out_dtype].itemsize for p in traj.plans)
+    check_output(output, overwrite,
+                 [inputs.base, *inputs.observed.values()], out_bytes * len(targets))
+    if threads:
+        torch.set_num_threads(threads)
+    budget, shard = parse_size(max_memory), parse_size(max_shard_size)
+    started = time.perf_counter()
+    engine = Engine(traj, len(targets), budget, device)
+    specs = [(p.name, p.out_dtype, p.shape) for p in traj.plans]
+    meta_src = _metadata_source(traj)
+    grams = saved.grams if saved is not None else None
+    with atomic_directory(output, overwrite) as tmp:
+        dirs = {s: tmp / f"step-{s}" for s in targets}
+        writers = []
+        try:
+            for d in dirs.values():
+                d.mkdir()
+                writers.append(ModelWriter(d, specs, shard))
+            with tqdm(total=engine.bytes_to_read(grams), unit="B", unit_scale=True,
+                      unit_divisor=1024, desc=f"relex {mode}", disable=not progress,
+                      leave=False) as bar:
+                result = engine.run(weights, writers, grams, progress=bar.update)
+            for w in writers:
+                w.close()
+        finally:
+            for w in writers:
+                w.abort()
+        save_fit(tmp / FIT_FILE, list(map(int, traj.steps)), traj.fingerprint(),
+                 grams if grams is not None else result.grams)
+        report = Report(output, {s: output / f"step-{s}" for s in targets},
+                        list(map(int, traj.steps)), len(traj.plans),
+                        sum(p.moves for p in traj.plans), sum(not p.moves for p in traj.plans),
+                        traj.dropped, result.bytes_read, time.perf_counter() - started,
+                        result.stats, config.rank)
+        for step, d in dirs.items():
+            _copy_model_files(meta_src, d, traj)
+            _write_provenance(d / "relex.json", report, traj, config, step, mode, from_fit)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _metadata_source(traj: Trajectory) -> Path:
+    """Config and tokenizer come from the last observed checkpoint when it has them (what the
+    trainer actually ran), else from the base."""
+    last = traj.checkpoints[-1].path
+    return last if (last / "config.json").is_file() else traj.base.path
+
+
+def _copy_model_files(src: Path, dst: Path, traj: Trajectory) -> None:
+    for f in sorted(src.iterdir()):
+        if f.is_file() and MODEL_FILES.fullmatch(f.name):
+            shutil.copyfile(f, dst / f.name)
+    cfg_file = dst / "config.json"
+    if not cfg_file.is_file():
+        raise RelexError(f"{src}: has no config.json, so the output would not load; copy the "
+                         f"base model's config.json there")
+    codes = {p.out_dtype for p in traj.plans if p.moves}
+    if len(codes) == 1:  # record the dtype the weights are actually written in
+        cfg = json.loads(cfg_file.read_text())
+        name = _TORCH_NAMES[codes.pop()]
+        for key in ("torch_dtype", "dtype"):
+            if key in cfg:
+                cfg[key] = name
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _write_provenance(path: Path, report: Report, traj: Trajectory, config: FitConfig,
+                      step: int, mode: str, from_fit) -> None:
+    prov = {
+        "relex_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "mode": mode,
+        "step": step,
+        "method": config.method,
+        "rank": config.rank,
+        "fit": config.fit_name,
+        "window": config.window,
+        "observed_steps": report.observed_steps,
+        "base": str(traj.base.path.resolve()),
+        "checkpoints": {str(s): str(c.path.resolve()) for s, c in
+                        zip(traj.steps, traj.checkpoints)},
+        "dtypes": sorted({p.out_dtype for p in traj.plans}),
+        "tied_embeddings": traj.tied,
+        "from_fit": str(from_fit) if from_fit is not None else None,
+        "summary": report.summary(),
+        "tensors": report.stats,
+    }
+    path.write_text(json.dumps(prov, indent=1) + "\n")

@@ -1,0 +1,302 @@
+"""The streaming pass: Gram matrices in, weighted sums out, one block of every tensor at a time.
+
+Each tensor is cut into blocks of consecutive elements. For a block, the rows of the base and of
+every observed checkpoint (zero-copy views of the memory-mapped files) become delta rows
+D[:, block] = rows - base in float32 (float64 if an input is), reduced to a partial Gram matrix
+D D^T; the partials are summed in block order in float64, so results do not depend on thread
+timing. The fit then gives W (targets x T), and each output block is base + W @ D[:, block],
+cast to the output dtype and written at its place in every output file.
+
+Work runs on a pool of worker threads, each calling single-threaded torch kernels on buffers
+small enough to stay in cache (torch releases the GIL inside kernels). On 2 cores this beat one
+thread with 2-way intra-op parallelism, whose spinning OpenMP workers fought the I/O.
+
+- A tensor whose delta rows fit a worker's share of the memory budget is one task: that worker
+  reads it once, keeps its delta rows, fits and writes it, while other workers do other tensors.
+- A larger tensor (a 150k x 4k embedding, or any 7B+ layer) is split across all workers block
+  by block and read twice, right after itself, so the second read hits the page cache.
+- With a saved fit there is no Gram step and every tensor is read once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from relex.checkpoint import DTYPES
+from relex.errors import RelexError
+from relex.fit import TensorFit
+from relex.trajectory import TensorPlan, Trajectory
+
+#: elements per block (T rows of it are processed at once): on the 100M-parameter benchmark
+#: 2^17 ran in 6.0 s, 2^16 in 6.5 s, 2^18 in 7.8 s and 2^15 in 7.5 s (noise about 0.3 s)
+BLOCK = 1 << 17
+#: smallest block a tensor is split into when it is divided among the workers
+MIN_BLOCK = 1 << 12
+#: most mapped input bytes a worker touches between two releases of the mapping (bounds the
+#: resident set; releasing after every block cost 2 s of TLB shootdowns on the 100M benchmark)
+RELEASE_BYTES = 32 << 20
+
+WeightsFn = Callable[[TensorPlan, np.ndarray], TensorFit]
+
+
+@dataclass
+class EngineResult:
+    grams: dict[str, np.ndarray] = field(default_factory=dict)
+    stats: dict[str, dict] = field(default_factory=dict)
+    bytes_read: int = 0
+
+
+class Engine:
+    """Runs the Gram step and the output step over a Trajectory within a memory budget.
+
+    n_targets: outputs per tensor (K); budget: bytes of buffers; device: where arithmetic runs;
+    workers: threads (default: torch's thread count on CPU, 1 on GPU).
+    """
+
+    def __init__(self, traj: Trajectory, n_targets: int, budget: int, device: str = "cpu",
+                 block: int = BLOCK, workers: int | None = None):
+        self.traj = traj
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RelexError("--device cuda: torch sees no CUDA device here")
+        self.cpu = self.device.type == "cpu"
+        self.workers = workers or (torch.get_num_threads() if self.cpu else 1)
+        self.k = n_targets
+        t = traj.T
+        self.item = 8 if any(p.compute_dtype == torch.float64 for p in traj.plans) else 4
+        # Per worker and block element: delta rows, base, K outputs, K casts (<= 8 bytes each).
+        per_elem = (t + 1 + self.k) * self.item + self.k * 8
+        self.block = int(min(block, max(MIN_BLOCK, budget // (2 * self.workers * per_elem))))
+        # Mapped input pages count as resident memory until released: part of the budget.
+        self.release_bytes = max(self.block * (t + 1) * 8, min(RELEASE_BYTES, budget // 16))
+        left = budget - self.workers * (self.block * per_elem + self.release_bytes)
+        #: elements of the largest tensor one worker keeps resident (delta rows + base)
+        self.capacity = max(0, left // (self.workers * (t + 1) * self.item))
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._progress: Callable[[int], None] | None = None
+
+    # ------------------------------------------------------------------ planning
+    def _single(self, plan: TensorPlan) -> bool:
+        """Whether one worker handles the whole tensor (else all workers share its blocks)."""
+        return not plan.moves or plan.numel <= self.capacity
+
+    def _blocks(self, plan: TensorPlan, parts: int = 1) -> list[tuple[int, int]]:
+        """Block ranges: at most `block` elements, and at least `parts` blocks when possible."""
+        n = plan.numel
+        size = min(self.block, max(MIN_BLOCK, -(-n // parts)))
+        return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+    def bytes_to_read(self, grams: dict | None = None) -> int:
+        """Bytes run() will read (tensors over the memory budget count twice without grams)."""
+        total = 0
+        for plan in self.traj.plans:
+            once = sum(i.nbytes for i in plan.sources) if plan.moves else plan.base.nbytes
+            twice = grams is None and not self._single(plan)
+            total += once * (2 if twice else 1)
+        return total
+
+    # ------------------------------------------------------------------ the pass
+    def run(self, weights: WeightsFn, writers: list, grams: dict[str, np.ndarray] | None = None,
+            progress: Callable[[int], None] | None = None) -> EngineResult:
+        """Stream every tensor; each writer gets one target's tensors via write_at().
+
+        grams: Gram matrices of a saved fit (skips the Gram step) or None to compute them.
+        progress: called with the number of bytes read, from worker threads.
+        """
+        result = EngineResult()
+        threads = torch.get_num_threads()
+        init = (lambda: torch.set_num_threads(1)) if self.cpu else None
+        if init:
+            init()
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="relex", initializer=init)
+        self._progress = progress
+        plans = self.traj.plans
+        try:
+            # numpy's BLAS threads (the fits) spin after each call; on the 100M benchmark they
+            # stole 2 s from the workers: keep them to one thread.
+            with threadpool_limits(limits=1, user_api="blas"):
+                i = 0
+                while i < len(plans):
+                    j = i
+                    while j < len(plans) and self._single(plans[j]):
+                        j += 1
+                    if j > i:  # a run of tensors handled one per worker
+                        fits = pool.map(lambda p: self._whole(p, weights, writers, grams, result),
+                                        plans[i:j])
+                        for plan, (gram, fit) in zip(plans[i:j], fits):
+                            self._record(plan, gram, fit, grams, result)
+                        i = j
+                    else:
+                        self._shared(plans[i], pool, weights, writers, grams, result)
+                        i += 1
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(threads)
+        return result
+
+    def _record(self, plan, gram, fit, grams, result) -> None:
+        if fit is None:
+            return
+        if grams is None:
+            result.grams[plan.name] = gram
+        result.stats[plan.name] = fit.stats
+
+    def _fit(self, plan: TensorPlan, gram: np.ndarray, weights: WeightsFn):
+        fit = weights(plan, gram)
+        return fit, torch.from_numpy(fit.weights).to(self.device, plan.compute_dtype)
+
+    def _whole(self, plan, weights, writers, grams, result):
+        """One worker: Gram step, fit and output step of one tensor (or a copy)."""
+        views = self._views(plan)
+        blocks = self._blocks(plan)
+        if not plan.moves:
+            self._grouped(plan, blocks, lambda ab: self._copy_block(plan, views, *ab, writers,
+                                                                    result))
+            return None, None
+        if grams is not None:
+            fit, w = self._fit(plan, grams[plan.name], weights)
+            self._grouped(plan, blocks, lambda ab: self._emit_block(plan, views, *ab, None, w,
+                                                                    writers, result))
+            return None, fit
+        full = self._resident_buffers(plan)
+        gram = None
+        for part in self._grouped(plan, blocks, lambda ab: self._gram_block(plan, views, *ab,
+                                                                           full, result)):
+            gram = part if gram is None else gram.add_(part)
+        gram = gram.cpu().numpy()
+        self._check_finite(plan, gram)
+        fit, w = self._fit(plan, gram, weights)
+        for a, b in blocks:
+            self._emit_block(plan, views, a, b, full, w, writers, result)
+        return gram, fit
+
+    def _shared(self, plan, pool, weights, writers, grams, result) -> None:
+        """All workers share one large tensor's blocks; it is read twice without grams."""
+        views = self._views(plan)
+        blocks = self._blocks(plan, parts=self.workers)
+        if grams is None:
+            gram = None
+            parts = self._grouped(plan, blocks, lambda ab: self._gram_block(
+                plan, views, *ab, None, result), pool)
+            for part in parts:
+                gram = part.clone() if gram is None else gram.add_(part)
+            gram = gram.cpu().numpy()
+            self._check_finite(plan, gram)
+        else:
+            gram = grams[plan.name]
+        fit, w = self._fit(plan, gram, weights)
+        self._grouped(plan, blocks, lambda ab: self._emit_block(plan, views, *ab, None, w,
+                                                                writers, result), pool)
+        self._record(plan, gram, fit, grams, result)
+
+    def _views(self, plan: TensorPlan) -> list[torch.Tensor]:
+        return [self.traj.view(plan, s) for s in range(len(plan.sources) if plan.moves else 1)]
+
+    def _grouped(self, plan: TensorPlan, blocks, fn, pool=None) -> list:
+        """fn over the blocks (on the pool if given), results in block order; the inputs are
+        unmapped each time the blocks done reach another release_bytes of them."""
+        per_elem = sum(i.itemsize for i in plan.sources) if plan.moves else plan.base.itemsize
+        size = blocks[0][1] - blocks[0][0] if blocks else 1
+        group = max(1, self.release_bytes // (per_elem * size))
+        # Submitting everything at once keeps the workers busy while finished groups are
+        # released; they take blocks in order, so only about one group is mapped at a time.
+        futures = [pool.submit(fn, ab) for ab in blocks] if pool else None
+        out = []
+        for g in range(0, len(blocks), group):
+            part = blocks[g: g + group]
+            if futures:
+                out += [f.result() for f in futures[g: g + group]]
+            else:
+                out += [fn(ab) for ab in part]
+            if plan.moves:
+                self.traj.release(plan, part[0][0], part[-1][1])
+            else:
+                self.traj.base.release(plan.base, part[0][0], part[-1][1])
+        return out
+
+    # ------------------------------------------------------------------ buffers
+    def _resident_buffers(self, plan: TensorPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """This worker's (delta rows [T, n], base [n]) for a tensor it keeps resident."""
+        loc, n, dt = self._local, plan.numel, plan.compute_dtype
+        full = getattr(loc, "full", None)
+        if full is None or full[1].numel() < n or full[1].dtype != dt:
+            loc.full = None
+            biggest = max(p.numel for p in self.traj.plans
+                          if p.moves and p.numel <= self.capacity and p.compute_dtype == dt)
+            loc.full = full = (torch.empty(self.traj.T * biggest, dtype=dt, device=self.device),
+                               torch.empty(biggest, dtype=dt, device=self.device))
+        return full[0][: self.traj.T * n].view(self.traj.T, n), full[1][:n]
+
+    def _local_buffers(self, dt: torch.dtype, m: int):
+        """This worker's (delta rows, base, output) buffers of dtype dt, m columns each."""
+        bufs = self._local.__dict__.setdefault("blocks", {})
+        if dt not in bufs:
+            cols, dev = self.block, self.device
+            bufs[dt] = (torch.empty(self.traj.T, cols, dtype=dt, device=dev),
+                        torch.empty(cols, dtype=dt, device=dev),
+                        torch.empty(max(self.k, 1) * cols, dtype=dt, device=dev))
+        d, base, out = bufs[dt]
+        return d[:, :m], base[:m], out[: self.k * m].view(self.k, m)
+
+    # ------------------------------------------------------------------ per block (workers)
+    def _fill(self, plan, views, a, b, d, base, result) -> None:
+        """d = rows - base for elements [a, b), read from the mapped files."""
+        base.copy_(views[0][a:b])
+        rows = [v[a:b] for v in views[1:]]
+        if self.cpu and hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(list(d.unbind(0)), rows)  # one call converts every row
+        else:
+            for t, row in enumerate(rows):
+                d[t].copy_(row)
+        d.sub_(base)
+        self._count(sum(i.itemsize for i in plan.sources) * (b - a), result)
+
+    def _count(self, nbytes: int, result: EngineResult) -> None:
+        with self._lock:
+            result.bytes_read += nbytes
+            if self._progress:
+                self._progress(nbytes)
+
+    def _gram_block(self, plan, views, a, b, full, result) -> torch.Tensor:
+        if full is not None:
+            d, base = full[0][:, a:b], full[1][a:b]
+        else:
+            d, base, _ = self._local_buffers(plan.compute_dtype, b - a)
+        self._fill(plan, views, a, b, d, base, result)
+        return (d @ d.T).to(torch.float64)
+
+    def _emit_block(self, plan, views, a, b, full, w, writers, result) -> None:
+        d, base, out = self._local_buffers(plan.compute_dtype, b - a)
+        if full is not None:
+            d, base = full[0][:, a:b], full[1][a:b]
+        else:
+            self._fill(plan, views, a, b, d, base, result)
+        torch.addmm(base, w, d, out=out)
+        code = DTYPES[plan.out_dtype]
+        for k, writer in enumerate(writers):
+            writer.write_at(plan.name, a, out[k].to(code))
+
+    def _copy_block(self, plan, views, a, b, writers, result) -> None:
+        row = views[0][a:b]
+        for writer in writers:
+            writer.write_at(plan.name, a, row)
+        self._count(plan.base.itemsize * (b - a), result)
+
+    def _check_finite(self, plan: TensorPlan, gram: np.ndarray) -> None:
+        if np.isfinite(gram).all():
+            return
+        bad = [i for i in range(len(gram)) if not np.isfinite(gram[i, i])]
+        if len(bad) == len(gram):
+            where = f"the base model {self.traj.base.path} (or every checkpoint)"
+        else:
+            where = ", ".join(str(self.traj.checkpoints[i].path) for i in bad[:3])
+        raise RelexError(f"tensor '{plan.name}': NaN or Inf values in {where}; the run diverged "
+                         f"or the file is damaged: leave that checkpoint out (--steps)")

@@ -1,0 +1,120 @@
+"""Which checkpoints a command uses: discovered steps, explicit ones, the base, the observed set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from relex.checkpoint import has_weights
+from relex.discover import discover, parse_checkpoint_arg
+from relex.errors import RelexError
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """base: the step-0 model dir; observed: step -> dir used for the fit; available: every
+    checkpoint found (observed or not), step -> dir."""
+
+    base: Path
+    observed: dict[int, Path]
+    available: dict[int, Path]
+
+
+def resolve_base(base: str | Path) -> Path:
+    """A local model directory, or a repo id already in the local Hugging Face cache."""
+    path = Path(base)
+    if path.is_dir():
+        return path
+    text = str(base)
+    if text.count("/") == 1 and not path.exists() and not text.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+        try:
+            return Path(snapshot_download(text, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any failure means "not in the cache"
+            pass
+        raise RelexError(f"--base {text}: not a directory and not in the local Hugging Face "
+                         f"cache; download it first (hf download {text}) or pass a local path")
+    raise RelexError(f"--base {text}: no such model directory")
+
+
+def parse_steps(text: str | list[int] | None) -> list[int] | None:
+    """'25,50,75' or [25, 50, 75] -> [25, 50, 75]; they must increase strictly."""
+    if text is None:
+        return None
+    if isinstance(text, str):
+        try:
+            steps = [int(s) for s in text.replace(" ", "").split(",") if s]
+        except ValueError:
+            raise RelexError(f"--steps {text}: expected comma-separated step numbers") from None
+    else:
+        steps = [int(s) for s in text]
+    if not steps:
+        raise RelexError("--steps: no step given")
+    for a, b in zip(steps, steps[1:]):
+        if b == a:
+            raise RelexError(f"--steps: step {a} is listed twice")
+        if b < a:
+            raise RelexError(f"--steps: steps must increase, got {a} before {b}")
+    return steps
+
+
+def resolve_inputs(run_dir: str | Path | None = None, *, base: str | Path | None = None,
+                   checkpoints: list[str] | dict[int, str | Path] | None = None,
+                   observe_until: int | None = None,
+                   steps: str | list[int] | None = None) -> Inputs:
+    """Discover checkpoints under run_dir, add explicit ones, pick the base and the observed set.
+
+    checkpoints: extra "STEP=PATH" strings or a {step: path} dict. observe_until keeps steps <= K;
+    steps names the observed steps exactly; with neither, every checkpoint found is observed.
+    """
+    found: dict[int, Path] = dict(discover(run_dir)) if run_dir is not None else {}
+    pairs = (checkpoints.items() if isinstance(checkpoints, dict)
+             else [parse_checkpoint_arg(c) for c in checkpoints or []])
+    explicit: dict[int, Path] = {}
+    for step, path in pairs:
+        step, path = int(step), Path(path)
+        if step in explicit:
+            raise RelexError(f"--checkpoint: step {step} is given twice ({explicit[step]}, {path})")
+        if step in found and found[step].resolve() != path.resolve():
+            raise RelexError(f"--checkpoint {step}={path}: step {step} is also {found[step]} in "
+                             f"the run directory; give one of them")
+        if not has_weights(path):
+            raise RelexError(f"--checkpoint {step}={path}: not a model directory with "
+                             f"safetensors weights")
+        explicit[step] = path
+    found.update(explicit)
+    if not found:
+        raise RelexError("no checkpoints given: pass a RUN_DIR or --checkpoint STEP=PATH")
+    if base is not None:
+        base_dir = resolve_base(base)
+    elif 0 in found:
+        base_dir = found[0]
+    else:
+        raise RelexError("no --base given and the run has no step-0 checkpoint; pass --base "
+                         "BASE_DIR (the model before RL)")
+    available = {s: p for s, p in sorted(found.items()) if s != 0}
+    if not available:
+        raise RelexError("only the base (step 0) was found; relex needs checkpoints after it")
+    chosen = parse_steps(steps)
+    if chosen is not None and observe_until is not None:
+        raise RelexError("give --observe-until or --steps, not both")
+    if chosen is not None:
+        missing = [s for s in chosen if s not in available]
+        if missing:
+            raise RelexError(f"--steps: no checkpoint for step {missing[0]}; available steps: "
+                             f"{_fmt_steps(available)}")
+        observed = {s: available[s] for s in chosen}
+    elif observe_until is not None:
+        observed = {s: p for s, p in available.items() if s <= observe_until}
+        if not observed:
+            raise RelexError(f"--observe-until {observe_until}: no checkpoint at or before it; "
+                             f"available steps: {_fmt_steps(available)}")
+    else:
+        observed = dict(available)
+    return Inputs(base_dir, observed, available)
+
+
+def _fmt_steps(steps: dict[int, Path]) -> str:
+    s = sorted(steps)
+    return ", ".join(map(str, s)) if len(s) <= 12 else (
+        ", ".join(map(str, s[:5])) + ", ..., " + ", ".join(map(str, s[-3:])))

@@ -1,0 +1,179 @@
+"""The base model and the observed checkpoints of one run, checked against each other.
+
+A Trajectory decides, for every tensor of the base model, what relex will do with it: follow its
+trajectory through the checkpoints (float tensors), copy it from the base (integer buffers), or
+drop it (an lm_head tied to the input embeddings). Checking happens on headers only, before any
+tensor data is read, so bad input fails in milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from relex.checkpoint import DTYPES, FLOAT_CODES, Checkpoint, TensorInfo
+from relex.errors import RelexError
+
+LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: its base entry, its entry in each observed checkpoint, output dtype.
+
+    `rows` is empty for tensors copied from the base (non-float tensors).
+    """
+
+    name: str
+    base: TensorInfo
+    rows: tuple[TensorInfo, ...]
+    out_dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+    @property
+    def numel(self) -> int:
+        return self.base.numel
+
+    @property
+    def moves(self) -> bool:
+        return bool(self.rows)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Precision of delta rows, Gram products and theta_0 + W @ D.
+
+        float32 for half-precision outputs; float64 for float32/float64 outputs (or inputs),
+        whose last bit float32 arithmetic cannot get right: the Gram's float32 rounding moved
+        some float32 outputs by 1.1 ulp in the tests."""
+        wide = self.out_dtype in ("F32", "F64") or any(
+            i.dtype == "F64" for i in (self.base, *self.rows))
+        return torch.float64 if wide else torch.float32
+
+    @property
+    def sources(self) -> tuple[TensorInfo, ...]:
+        """Base first, then the observed checkpoints: the rows a block read fetches."""
+        return (self.base, *self.rows)
+
+
+def is_tied(base: Checkpoint, checkpoints: list[Checkpoint]) -> bool:
+    """Whether lm_head shares the input embedding (so it is dropped from inputs and output).
+
+    config.json decides when it says so; when it is silent, transformers' default (tied) applies
+    exactly when the base itself has no lm_head.weight.
+    """
+    for ckpt in (base, *checkpoints):
+        cfg = ckpt.config or {}
+        tie = cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings"))
+        if tie is not None:
+            return bool(tie)
+    return LM_HEAD not in base.tensors
+
+
+def parse_dtype(name: str | None) -> str | None:
+    """'bf16' / 'bfloat16' / 'float32' ... -> safetensors dtype code (None passes through)."""
+    if name is None:
+        return None
+    aliases = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "half": "F16",
+               "fp32": "F32", "float32": "F32", "float": "F32", "fp64": "F64", "float64": "F64"}
+    code = aliases.get(name.lower(), name.upper())
+    if code not in FLOAT_CODES:
+        raise RelexError(f"--dtype {name}: expected one of bf16, fp16, fp32, fp64")
+    return code
+
+
+class Trajectory:
+    """Base + observed checkpoints at increasing steps, with a plan for every output tensor.
+
+    steps: (T,) int array of the observed steps; plans: output tensors in write order (widest
+    dtype first, then base order, so every tensor in the written files stays aligned).
+    """
+
+    def __init__(self, base: Checkpoint, checkpoints: list[Checkpoint], steps: list[int],
+                 dtype: str | None = None):
+        if len(checkpoints) != len(steps):
+            raise ValueError("one step per checkpoint")
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            raise RelexError(f"steps must be increasing and distinct, got {list(steps)}")
+        if steps and steps[0] <= 0:
+            raise RelexError(f"observed steps must be > 0 (step 0 is the base), got {steps[0]}")
+        self.base = base
+        self.checkpoints = checkpoints
+        self.steps = np.asarray(steps, dtype=np.int64)
+        self.tied = is_tied(base, checkpoints)
+        self.dropped = [LM_HEAD] if self.tied and LM_HEAD in base.tensors else []
+        out_code = parse_dtype(dtype)
+        skip = {LM_HEAD} if self.tied else set()
+        for ckpt in checkpoints:
+            self._check_names(ckpt, skip)
+        plans = []
+        for order, (name, b) in enumerate(base.tensors.items()):
+            if name in skip:
+                continue
+            rows = tuple(c.tensors[name] for c in checkpoints)
+            for ckpt, row in zip(checkpoints, rows):
+                self._check_tensor(ckpt, b, row)
+            moves = b.is_float
+            plans.append((order, TensorPlan(name, b, rows if moves else (),
+                                            (out_code or b.dtype) if moves else b.dtype)))
+        plans.sort(key=lambda p: (-DTYPES[p[1].out_dtype].itemsize, p[0]))
+        self.plans: list[TensorPlan] = [p for _, p in plans]
+
+    def _check_names(self, ckpt: Checkpoint, skip: set[str]) -> None:
+        have, want = set(ckpt.tensors) - skip, set(self.base.tensors) - skip
+        fix = "base and checkpoints must be the same architecture (is --base the right model?)"
+        if want - have:
+            name = sorted(want - have)[0]
+            raise RelexError(f"{ckpt.path}: tensor '{name}' of the base model {self.base.path} is "
+                             f"missing ({len(want - have)} missing in all); {fix}")
+        if have - want:
+            name = sorted(have - want)[0]
+            raise RelexError(f"{ckpt.path}: tensor '{name}' is not in the base model "
+                             f"{self.base.path} ({len(have - want)} such tensors); {fix}")
+
+    @staticmethod
+    def _check_tensor(ckpt: Checkpoint, base: TensorInfo, row: TensorInfo) -> None:
+        if row.shape != base.shape:
+            raise RelexError(f"{ckpt.path}: tensor '{row.name}' has shape {list(row.shape)} but "
+                             f"the base has {list(base.shape)}; same architecture and vocab "
+                             f"size needed (is --base the right model?)")
+        if base.is_float != row.is_float or (not base.is_float and base.dtype != row.dtype):
+            raise RelexError(f"{ckpt.path}: tensor '{row.name}' is {row.dtype} but {base.dtype} "
+                             f"in the base; only float tensors may change dtype")
+
+    @property
+    def T(self) -> int:
+        return len(self.checkpoints)
+
+    def _source(self, source: int) -> Checkpoint:
+        return self.base if source == 0 else self.checkpoints[source - 1]
+
+    def view(self, plan: TensorPlan, source: int) -> torch.Tensor:
+        """Source `source` (0 = base, t + 1 = checkpoint t) of a tensor: flat read-only view."""
+        return self._source(source).view(plan.sources[source])
+
+    def release(self, plan: TensorPlan, start: int, stop: int) -> None:
+        """Unmap elements [start, stop) of every source of a tensor (see Checkpoint.release)."""
+        for source, info in enumerate(plan.sources):
+            self._source(source).release(info, start, stop)
+
+    def fingerprint(self) -> dict:
+        """What a saved fit was computed from: paths, file sizes, tensor layout."""
+        def files(ckpt: Checkpoint) -> dict:
+            return {str(f.resolve()): f.stat().st_size for f in ckpt.files}
+        return {"base": {"path": str(self.base.path.resolve()), "files": files(self.base)},
+                "checkpoints": [{"step": int(s), "path": str(c.path.resolve()), "files": files(c)}
+                                for s, c in zip(self.steps, self.checkpoints)]}
+
+    def close(self) -> None:
+        for ckpt in (self.base, *self.checkpoints):
+            ckpt.close()
+
+    def total_bytes(self) -> int:
+        """Bytes of tensor data one full pass reads (base + every observed checkpoint)."""
+        return sum(i.nbytes for p in self.plans for i in p.sources)
+

@@ -1,0 +1,86 @@
+"""Checkpoint discovery across the layouts real trainers write."""
+
+import pytest
+
+import relex
+from relex.discover import discover
+from relex.errors import RelexError
+from relex.inputs import resolve_inputs
+
+
+@pytest.mark.parametrize("layout,rel", [
+    ("trl", "checkpoint-{}"), ("verl", "global_step_{}/actor/huggingface"),
+    ("openrlhf", "global_step{}_hf"), ("nemo", "step_{}/policy/weights/hf"),
+    ("plain", "step-{}")])
+def test_layouts(run_factory, layout, rel):
+    run, _ = run_factory(layout=layout, steps=(3, 6, 9))
+    found = discover(run)
+    assert list(found) == [3, 6, 9]
+    for step, path in found.items():
+        assert path == run / rel.format(step)
+
+
+def test_verl_fsdp_shards_only_names_the_converter(tmp_path):
+    actor = tmp_path / "run" / "global_step_50" / "actor"
+    (actor / "huggingface").mkdir(parents=True)
+    (actor / "huggingface" / "config.json").write_text("{}")
+    (actor / "model_world_size_2_rank_0.pt").write_bytes(b"x")
+    with pytest.raises(RelexError, match=r"python -m verl.model_merger merge --backend fsdp "
+                                         r"--local_dir .*global_step_50/actor"):
+        discover(tmp_path / "run")
+
+
+def test_nemo_dcp_only_names_the_converter(tmp_path):
+    (tmp_path / "run" / "step_10" / "policy" / "weights" / "model").mkdir(parents=True)
+    with pytest.raises(RelexError, match="convert_dcp_to_hf.py"):
+        discover(tmp_path / "run")
+
+
+def test_nothing_found_lists_layouts(tmp_path):
+    (tmp_path / "run" / "logs").mkdir(parents=True)
+    with pytest.raises(RelexError, match=r"no checkpoints found; looked for .*checkpoint-N"):
+        discover(tmp_path / "run")
+
+
+def test_model_dir_given_as_run_dir(run_factory):
+    run, base = run_factory()
+    with pytest.raises(RelexError, match="single model directory"):
+        discover(base)
+
+
+def test_duplicate_step(run_factory):
+    run, _ = run_factory(steps=(2, 4))
+    (run / "checkpoint-4").rename(run / "step-2")
+    (run / "checkpoint-2").rename(run / "checkpoint-2x")  # not a layout: ignored
+    run2, _ = run_factory(steps=(2, 4))
+    import shutil
+    shutil.copytree(run2 / "checkpoint-2", run / "checkpoint-2")
+    with pytest.raises(RelexError, match="step 2 is claimed by both"):
+        discover(run)
+
+
+def test_step_zero_in_run_is_the_base(run_factory, tmp_path):
+    run, base = run_factory(steps=(5, 10, 15))
+    import shutil
+    shutil.copytree(base, run / "checkpoint-0")
+    inputs = resolve_inputs(run)
+    assert inputs.base == run / "checkpoint-0" and list(inputs.observed) == [5, 10, 15]
+    rep = relex.extrapolate(run, targets=[30], output=tmp_path / "out", progress=False)
+    assert rep.observed_steps == [5, 10, 15]
+
+
+def test_explicit_checkpoints(run_factory):
+    run, base = run_factory(steps=(2, 4, 6))
+    inputs = resolve_inputs(base=base, checkpoints=[f"4={run}/checkpoint-4",
+                                                    f"6={run}/checkpoint-6"])
+    assert list(inputs.observed) == [4, 6]
+    with pytest.raises(RelexError, match="expected STEP=PATH"):
+        resolve_inputs(base=base, checkpoints=["four=x"])
+    with pytest.raises(RelexError, match="also .* in the run directory"):
+        resolve_inputs(run, base=base, checkpoints=[f"4={run}/checkpoint-6"])
+
+
+def test_no_base(run_factory):
+    run, _ = run_factory()
+    with pytest.raises(RelexError, match="pass --base"):
+        resolve_inputs(run)
