@@ -211,3 +211,33 @@ def test_interpolation_needs_flag(run_factory, tmp_path):
     relex.extrapolate(run, base=base, targets=[5], output=tmp_path / "o",
                       allow_interpolation=True, progress=False)
     check_outputs(tmp_path / "o", base, run, STEPS, [5])
+
+
+def test_fp16_inputs(run_factory, tmp_path):
+    run, base = run_factory(base_dtype=torch.float16)
+    relex.extrapolate(run, base=base, targets=[30], output=tmp_path / "out", progress=False)
+    check_outputs(tmp_path / "out", base, run, STEPS, [30])
+
+
+def test_cli_from_fit_and_reconstruct(run_factory, tmp_path, capsys):
+    from relex.cli import main
+    run, base = run_factory()
+    assert main(["extrapolate", str(run), "--base", str(base), "--observe-until", "8",
+                 "--target", "30", "-o", str(tmp_path / "a"), "-q"]) == 0
+    assert main(["extrapolate", "--from-fit", str(tmp_path / "a"), "--target", "50",
+                 "-o", str(tmp_path / "b"), "-q"]) == 0
+    check_outputs(tmp_path / "b", base, run, (2, 4, 6, 8), [50])
+    prov = json.loads((tmp_path / "b/step-50/relex.json").read_text())
+    assert prov["from_fit"] and prov["observed_steps"] == [2, 4, 6, 8]
+    assert main(["reconstruct", str(run), "--base", str(base), "--steps", "2,10", "--rank", "2",
+                 "-o", str(tmp_path / "c"), "-q"]) == 0
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "relex-fit.safetensors", "step-10", "step-2"]
+    # with rank 2 and two checkpoints the projection is exact: step-10 is the real checkpoint
+    got, real = load_dir(tmp_path / "c/step-10"), load_dir(run / "checkpoint-10")
+    for name in got:
+        assert_within_ulp(got[name], real[name].double().numpy(), name,
+                          load_dir(base)[name].double().numpy())
+    assert main(["extrapolate", "--from-fit", str(tmp_path / "a"), str(run), "--target", "50",
+                 "-o", str(tmp_path / "d"), "-q"]) == 2
+    assert "do not also give" in capsys.readouterr().err

@@ -218,7 +218,7 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
                 d.mkdir()
                 writers.append(ModelWriter(d, specs, shard))
             with tqdm(total=engine.bytes_to_read(grams), unit="B", unit_scale=True,
-                      unit_divisor=1024, desc=f"relex {mode}", disable=not progress,
+                      unit_divisor=1024, desc=f"relex {mode}", disable=None if progress else True,
                       leave=False) as bar:
                 result = engine.run(weights, writers, grams, progress=bar.update)
             for w in writers:

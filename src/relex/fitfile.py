@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from relex import __version__
@@ -57,7 +57,6 @@ def load_fit(path: str | Path) -> SavedFit:
         raise RelexError(f"--from-fit {path}: no such fit file (relex extrapolate writes "
                          f"{FIT_FILE} into its --output directory)")
     try:
-        from safetensors import safe_open
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {})["relex"])
         grams = {k: v.numpy() for k, v in load_file(str(path)).items()}
