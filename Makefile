@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) scripts/quickstart.py
+	$(VENV)/bin/relex demo --output out/demo --overwrite
 
 test: setup
 	$(PY) -m pytest -q
