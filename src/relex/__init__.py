@@ -11,6 +11,7 @@ rank-1 coefficient grows linearly with the step, so a few early checkpoints pred
 __version__ = "0.1.0"
 
 from relex.errors import RelexError  # noqa: E402
-from relex.api import Report, extrapolate, reconstruct  # noqa: E402
+from relex.api import Analysis, Report, analyze, extrapolate, reconstruct  # noqa: E402
 
-__all__ = ["RelexError", "Report", "extrapolate", "reconstruct", "__version__"]
+__all__ = ["Analysis", "RelexError", "Report", "analyze", "extrapolate", "reconstruct",
+           "__version__"]

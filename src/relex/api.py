@@ -25,7 +25,7 @@ from relex.engine import Engine
 from relex.errors import RelexError
 from relex.fit import FitConfig, TensorFit, extrapolation_weights, reconstruction_weights
 from relex.fitfile import FIT_FILE, check_fingerprint, load_fit, save_fit
-from relex.inputs import resolve_inputs
+from relex.inputs import resolve_inputs, select_steps
 from relex.trajectory import TensorPlan, Trajectory
 from relex.writer import ModelWriter, atomic_directory, check_output, parse_size
 
@@ -111,11 +111,12 @@ def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
     targets = _parse_targets(targets)
     if from_fit is not None:
         saved = load_fit(from_fit)
-        if run_dir is not None or checkpoints or steps or observe_until is not None:
+        if run_dir is not None or checkpoints:
             raise RelexError("--from-fit reuses the fit's own checkpoints; do not also give "
-                             "RUN_DIR, --checkpoint, --steps or --observe-until")
+                             "RUN_DIR or --checkpoint (--steps / --observe-until pick among them)")
         inputs = resolve_inputs(base=base if base is not None else saved.base,
-                                checkpoints=saved.checkpoints)
+                                checkpoints=saved.checkpoints, observe_until=observe_until,
+                                steps=steps)
     else:
         saved = None
         inputs = resolve_inputs(run_dir, base=base, checkpoints=checkpoints,
@@ -129,15 +130,17 @@ def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
     try:
         if saved is not None:
             check_fingerprint(saved, traj.fingerprint())
-            _check_grams(saved.grams, traj, saved.path)
+            grams = saved.select(observed)
+            _check_grams(grams, traj, saved.path)
         steps_arr = traj.steps.astype(np.float64)
 
         def weights(plan: TensorPlan, gram: np.ndarray) -> TensorFit:
             return extrapolation_weights(gram, steps_arr, np.asarray(targets, float), config)
 
         return _write(traj, inputs, targets, weights, config, output, overwrite, max_memory,
-                      max_shard_size, device, threads, progress, saved,
-                      mode="extrapolate", from_fit=from_fit)
+                      max_shard_size, device, threads, progress,
+                      grams if saved is not None else None, mode="extrapolate",
+                      from_fit=from_fit)
     finally:
         traj.close()
 
@@ -196,7 +199,7 @@ def _check_grams(grams: dict[str, np.ndarray], traj: Trajectory, path: Path) -> 
 
 def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitConfig,
            output, overwrite: bool, max_memory, max_shard_size, device: str,
-           threads: int | None, progress: bool, saved, mode: str,
+           threads: int | None, progress: bool, grams: dict | None, mode: str,
            from_fit=None) -> Report:
     output = Path(output)
     out_bytes = sum(p.numel * DTYPES[p.out_dtype].itemsize for p in traj.plans)
@@ -209,7 +212,6 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
     engine = Engine(traj, len(targets), budget, device)
     specs = [(p.name, p.out_dtype, p.shape) for p in traj.plans]
     meta_src = _metadata_source(traj)
-    grams = saved.grams if saved is not None else None
     with atomic_directory(output, overwrite) as tmp:
         dirs = {s: tmp / f"step-{s}" for s in targets}
         writers = []
@@ -227,7 +229,8 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
             for w in writers:
                 w.abort()
         save_fit(tmp / FIT_FILE, list(map(int, traj.steps)), traj.fingerprint(),
-                 grams if grams is not None else result.grams)
+                 grams if grams is not None else result.grams,
+                 {p.name: p.numel for p in traj.plans})
         report = Report(output, {s: output / f"step-{s}" for s in targets},
                         list(map(int, traj.steps)), len(traj.plans),
                         sum(p.moves for p in traj.plans), sum(not p.moves for p in traj.plans),
@@ -287,3 +290,79 @@ def _write_provenance(path: Path, report: Report, traj: Trajectory, config: FitC
         "tensors": report.stats,
     }
     path.write_text(json.dumps(prov, indent=1) + "\n")
+
+
+@dataclass
+class Analysis:
+    """What `analyze` wrote: the report directory, its summary numbers, cost."""
+
+    output: Path
+    summary: dict
+    bytes_read: int
+    seconds: float
+
+
+def analyze(run_dir: str | Path | None = None, *, output: str | Path,
+            base: str | Path | None = None,
+            checkpoints: list[str] | dict[int, str | Path] | None = None,
+            observe_until: int | None = None, steps: str | list[int] | None = None,
+            rank: int = 1, fit: str = "linear", window: int | None = None,
+            from_fit: str | Path | None = None, overwrite: bool = False,
+            max_memory: str | int = "512MB", device: str = "cpu", threads: int | None = None,
+            progress: bool = True) -> Analysis:
+    """Measure a run's geometry and backtest its extrapolation; write output/report.html.
+
+    The observed window is the checkpoints picked by observe_until / steps (default: all);
+    checkpoints after it are used as the oracle. One streaming pass computes every tensor's
+    Gram matrix over all of them (saved as output/relex-fit.safetensors, reusable by
+    `extrapolate --from-fit` and `analyze --from-fit`, which then reads no weights at all).
+    """
+    from relex.analysis import RunAnalysis, analyze_tensor
+    from relex.report import write_report
+    config = FitConfig("relex", rank, parse_fit(fit), window)
+    started = time.perf_counter()
+    output = Path(output)
+    bytes_read = 0
+    if from_fit is not None:
+        saved = load_fit(from_fit)
+        if run_dir is not None or checkpoints:
+            raise RelexError("--from-fit reuses the fit's own checkpoints; do not also give "
+                             "RUN_DIR or --checkpoint (--steps / --observe-until pick among them)")
+        observed = select_steps(saved.steps, observe_until, steps)
+        all_steps = observed + [s for s in saved.steps if s > observed[-1]]
+        config.check(len(observed))
+        check_output(output, overwrite, [], 0)
+        grams, numels, fingerprint = saved.select(all_steps), saved.numels, saved.fingerprint
+        fingerprint = dict(fingerprint, checkpoints=[c for c in fingerprint["checkpoints"]
+                                                     if c["step"] in all_steps])
+    else:
+        inputs = resolve_inputs(run_dir, base=base, checkpoints=checkpoints,
+                                observe_until=observe_until, steps=steps)
+        observed = list(inputs.observed)
+        all_steps = observed + [s for s in inputs.available if s > observed[-1]]
+        config.check(len(observed))
+        check_output(output, overwrite, [inputs.base, *inputs.available.values()], 0)
+        traj = Trajectory(Checkpoint(inputs.base),
+                          [Checkpoint(inputs.available[s]) for s in all_steps], all_steps)
+        try:
+            if threads:
+                torch.set_num_threads(threads)
+            engine = Engine(traj, 0, parse_size(max_memory), device)
+            with tqdm(total=engine.bytes_to_read(gram_only=True), unit="B", unit_scale=True,
+                      unit_divisor=1024, desc="relex analyze",
+                      disable=None if progress else True, leave=False) as bar:
+                result = engine.run(None, [], progress=bar.update)
+            grams, bytes_read = result.grams, result.bytes_read
+            numels = {p.name: p.numel for p in traj.plans}
+            fingerprint = traj.fingerprint()
+        finally:
+            traj.close()
+    steps_arr = np.asarray(all_steps, dtype=np.float64)
+    tensors = [analyze_tensor(name, numels.get(name, 0), g, steps_arr, len(observed), config)
+               for name, g in grams.items()]
+    run = RunAnalysis(all_steps, len(observed), config, tensors)
+    with atomic_directory(output, overwrite) as tmp:
+        summary = write_report(run, tmp, title=f"relex analyze: {run_dir or from_fit}")
+        save_fit(tmp / FIT_FILE, all_steps, fingerprint, grams, numels)
+        summary_seconds = time.perf_counter() - started
+    return Analysis(output, summary, bytes_read, summary_seconds)

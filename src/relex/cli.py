@@ -89,6 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--rank", type=int, default=1, help="singular components kept (default 1)")
     _output(rc)
 
+    an = sub.add_parser("analyze", help="measure a run's rank-1 geometry and backtest how far "
+                                        "it extrapolates",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Finding 1 (explained variance by rank), Finding 2 (linearity "
+                                    "of the rank-1 coefficient), denoising, and a backtest: fit "
+                                    "on early checkpoints, predict later ones that exist. Writes "
+                                    "OUT/report.html (self-contained), PNG figures, summary.json "
+                                    "and tensors.csv.")
+    _inputs(an)
+    an.add_argument("--from-fit", metavar="PATH",
+                    help="analyse a saved fit (relex-fit.safetensors or its directory); reads no "
+                         "weights")
+    g = an.add_argument_group("fit")
+    g.add_argument("--rank", type=int, default=1, help="subspace rank (default 1)")
+    g.add_argument("--fit", default="linear", metavar="linear|polyN", help="coefficient fit")
+    g.add_argument("--window", type=int, metavar="W", help="fit on the last W checkpoints")
+    g = an.add_argument_group("output and resources")
+    g.add_argument("--output", "-o", required=True, metavar="DIR", help="report directory")
+    g.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    g.add_argument("--max-memory", default="512MB", metavar="SIZE", help="buffer budget")
+    g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    g.add_argument("--threads", type=int, metavar="N", help="torch threads")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+
     dm = sub.add_parser("demo", help="a real GRPO run on this CPU, extrapolated and checked",
                         description="Train a 0.4M-parameter Llama with GRPO on 3-digit addition "
                                     "(a few minutes on 2 cores), observe the first 15%% of the "
@@ -136,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "analyze":
+            return _analyze(args)
         common = dict(base=args.base, checkpoints=args.checkpoint, steps=args.steps,
                       observe_until=args.observe_until, output=args.output, dtype=args.dtype,
                       overwrite=args.overwrite, max_memory=args.max_memory,
@@ -160,6 +186,36 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(f"relex {args.command}: wrote {report.output}")
         print(_table(report))
+    return 0
+
+
+def _analyze(args) -> int:
+    res = relex.analyze(args.run_dir, output=args.output, base=args.base,
+                        checkpoints=args.checkpoint, observe_until=args.observe_until,
+                        steps=args.steps, rank=args.rank, fit=args.fit, window=args.window,
+                        from_fit=args.from_fit, overwrite=args.overwrite,
+                        max_memory=args.max_memory, device=args.device, threads=args.threads,
+                        progress=not args.quiet)
+    if args.quiet:
+        return 0
+    s = res.summary
+    f1, bt = s["finding1_explained_variance"], s["backtest"]
+    last = s["observed_steps"][-1]
+    rows = [("observed steps", _steps(s["observed_steps"])),
+            ("later steps (oracle)", _steps(s["later_steps"]) if s["later_steps"] else "none"),
+            ("explained var. rank 1", f"mean {f1['by_rank_mean'][0]:.4f}, min "
+                                      f"{f1['rank1_min']:.4f}" if f1["by_rank_mean"] else "-"),
+            ("R^2 of coefficient line", f"mean {s['finding2_linearity']['r2_mean']}, min "
+                                        f"{s['finding2_linearity']['r2_min']}"),
+            ("backtest: verified horizon", f"{bt['verified_horizon_ratio']:.2f}x the window "
+                                           f"(up to step {bt['verified_up_to_step']})"),
+            ("backtest: estimated limit", "no limit in sight" if bt["estimated_limit_ratio"]
+             is None else f"{bt['estimated_limit_ratio']:.1f}x (step "
+                          f"{int(bt['estimated_limit_ratio'] * last)})"),
+            ("read", f"{res.bytes_read / 1e9:.2f} GB in {res.seconds:.1f} s")]
+    width = max(len(k) for k, _ in rows)
+    print(f"relex analyze: wrote {res.output / 'report.html'}")
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
     return 0
 
 

@@ -94,20 +94,26 @@ class Engine:
         size = min(self.block, max(MIN_BLOCK, -(-n // parts)))
         return [(a, min(a + size, n)) for a in range(0, n, size)]
 
-    def bytes_to_read(self, grams: dict | None = None) -> int:
-        """Bytes run() will read (tensors over the memory budget count twice without grams)."""
+    def bytes_to_read(self, grams: dict | None = None, gram_only: bool = False) -> int:
+        """Bytes run() will read (tensors over the memory budget count twice without grams;
+        gram_only: the Gram step alone, every moving tensor once)."""
         total = 0
         for plan in self.traj.plans:
+            if gram_only:
+                total += sum(i.nbytes for i in plan.sources) if plan.moves else 0
+                continue
             once = sum(i.nbytes for i in plan.sources) if plan.moves else plan.base.nbytes
             twice = grams is None and not self._single(plan)
             total += once * (2 if twice else 1)
         return total
 
     # ------------------------------------------------------------------ the pass
-    def run(self, weights: WeightsFn, writers: list, grams: dict[str, np.ndarray] | None = None,
+    def run(self, weights: WeightsFn | None, writers: list,
+            grams: dict[str, np.ndarray] | None = None,
             progress: Callable[[int], None] | None = None) -> EngineResult:
         """Stream every tensor; each writer gets one target's tensors via write_at().
 
+        weights: the fit (plan, Gram) -> TensorFit; None runs the Gram step alone (analysis).
         grams: Gram matrices of a saved fit (skips the Gram step) or None to compute them.
         progress: called with the number of bytes read, from worker threads.
         """
@@ -143,11 +149,10 @@ class Engine:
         return result
 
     def _record(self, plan, gram, fit, grams, result) -> None:
-        if fit is None:
-            return
-        if grams is None:
+        if grams is None and gram is not None:
             result.grams[plan.name] = gram
-        result.stats[plan.name] = fit.stats
+        if fit is not None:
+            result.stats[plan.name] = fit.stats
 
     def _fit(self, plan: TensorPlan, gram: np.ndarray, weights: WeightsFn):
         fit = weights(plan, gram)
@@ -158,21 +163,24 @@ class Engine:
         views = self._views(plan)
         blocks = self._blocks(plan)
         if not plan.moves:
-            self._grouped(plan, blocks, lambda ab: self._copy_block(plan, views, *ab, writers,
-                                                                    result))
+            if weights is not None:
+                self._grouped(plan, blocks, lambda ab: self._copy_block(plan, views, *ab,
+                                                                        writers, result))
             return None, None
         if grams is not None:
             fit, w = self._fit(plan, grams[plan.name], weights)
             self._grouped(plan, blocks, lambda ab: self._emit_block(plan, views, *ab, None, w,
                                                                     writers, result))
             return None, fit
-        full = self._resident_buffers(plan)
+        full = self._resident_buffers(plan) if weights is not None else None
         gram = None
         for part in self._grouped(plan, blocks, lambda ab: self._gram_block(plan, views, *ab,
                                                                            full, result)):
             gram = part if gram is None else gram.add_(part)
         gram = gram.cpu().numpy()
         self._check_finite(plan, gram)
+        if weights is None:
+            return gram, None
         fit, w = self._fit(plan, gram, weights)
         for a, b in blocks:
             self._emit_block(plan, views, a, b, full, w, writers, result)
@@ -190,6 +198,8 @@ class Engine:
                 gram = part.clone() if gram is None else gram.add_(part)
             gram = gram.cpu().numpy()
             self._check_finite(plan, gram)
+            if weights is None:
+                return self._record(plan, gram, None, grams, result)
         else:
             gram = grams[plan.name]
         fit, w = self._fit(plan, gram, weights)

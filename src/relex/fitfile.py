@@ -8,6 +8,7 @@ another target, rank, fit or method be produced later with one read pass and no 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from relex import __version__
 from relex.errors import RelexError
+from relex.writer import permissions
 
 FIT_FILE = "relex-fit.safetensors"
 
@@ -30,6 +32,7 @@ class SavedFit:
     steps: list[int]
     fingerprint: dict
     grams: dict[str, np.ndarray]
+    numels: dict[str, int]
 
     @property
     def base(self) -> Path:
@@ -39,13 +42,21 @@ class SavedFit:
     def checkpoints(self) -> dict[int, Path]:
         return {c["step"]: Path(c["path"]) for c in self.fingerprint["checkpoints"]}
 
+    def select(self, steps: list[int]) -> dict[str, np.ndarray]:
+        """The Gram matrices restricted to a subset of the fit's steps (the Gram of a subset of
+        the rows of D is the matching sub-matrix)."""
+        idx = [self.steps.index(s) for s in steps]
+        return {name: g[np.ix_(idx, idx)] for name, g in self.grams.items()}
 
-def save_fit(path: Path, steps: list[int], fingerprint: dict, grams: dict[str, np.ndarray]) -> None:
+
+def save_fit(path: Path, steps: list[int], fingerprint: dict, grams: dict[str, np.ndarray],
+             numels: dict[str, int]) -> None:
     meta = {"relex_version": __version__, "steps": [int(s) for s in steps],
-            "fingerprint": fingerprint}
+            "fingerprint": fingerprint, "numel": {k: int(numels[k]) for k in grams}}
     tensors = {name: torch.from_numpy(np.ascontiguousarray(g, dtype=np.float64))
                for name, g in grams.items()}
     save_file(tensors, str(path), metadata={"format": "pt", "relex": json.dumps(meta)})
+    os.chmod(path, permissions())  # safetensors creates it 0600
 
 
 def load_fit(path: str | Path) -> SavedFit:
@@ -62,18 +73,15 @@ def load_fit(path: str | Path) -> SavedFit:
         grams = {k: v.numpy() for k, v in load_file(str(path)).items()}
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
         raise RelexError(f"{path}: not a relex fit file ({e})") from None
-    return SavedFit(path, meta["steps"], meta["fingerprint"], grams)
+    return SavedFit(path, meta["steps"], meta["fingerprint"], grams, meta.get("numel", {}))
 
 
 def check_fingerprint(saved: SavedFit, current: dict) -> None:
     """Refuse to apply a fit to inputs that changed since it was computed."""
-    def files(entry: dict) -> dict:
-        return entry["files"]
-
+    old = {c["step"]: c for c in saved.fingerprint["checkpoints"]}
     pairs = [("base", saved.fingerprint["base"], current["base"])] + [
-        (f"step {a['step']}", a, b)
-        for a, b in zip(saved.fingerprint["checkpoints"], current["checkpoints"])]
-    for what, old, new in pairs:
-        if files(old) != files(new):
-            raise RelexError(f"--from-fit {saved.path}: the {what} checkpoint ({new['path']}) "
+        (f"step {c['step']}", old[c["step"]], c) for c in current["checkpoints"]]
+    for what, before, now in pairs:
+        if before["files"] != now["files"]:
+            raise RelexError(f"--from-fit {saved.path}: the {what} checkpoint ({now['path']}) "
                              f"changed since the fit was saved; refit without --from-fit")

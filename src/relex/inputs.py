@@ -95,6 +95,15 @@ def resolve_inputs(run_dir: str | Path | None = None, *, base: str | Path | None
     available = {s: p for s, p in sorted(found.items()) if s != 0}
     if not available:
         raise RelexError("only the base (step 0) was found; relex needs checkpoints after it")
+    chosen = select_steps(list(available), observe_until, steps)
+    observed = {s: available[s] for s in chosen}
+    return Inputs(base_dir, observed, available)
+
+
+def select_steps(available: list[int], observe_until: int | None = None,
+                 steps: str | list[int] | None = None) -> list[int]:
+    """The observed steps among the available ones: exactly `steps`, or those <= observe_until,
+    or all of them."""
     chosen = parse_steps(steps)
     if chosen is not None and observe_until is not None:
         raise RelexError("give --observe-until or --steps, not both")
@@ -103,18 +112,17 @@ def resolve_inputs(run_dir: str | Path | None = None, *, base: str | Path | None
         if missing:
             raise RelexError(f"--steps: no checkpoint for step {missing[0]}; available steps: "
                              f"{_fmt_steps(available)}")
-        observed = {s: available[s] for s in chosen}
-    elif observe_until is not None:
-        observed = {s: p for s, p in available.items() if s <= observe_until}
-        if not observed:
+        return chosen
+    if observe_until is not None:
+        picked = [s for s in available if s <= observe_until]
+        if not picked:
             raise RelexError(f"--observe-until {observe_until}: no checkpoint at or before it; "
                              f"available steps: {_fmt_steps(available)}")
-    else:
-        observed = dict(available)
-    return Inputs(base_dir, observed, available)
+        return picked
+    return list(available)
 
 
-def _fmt_steps(steps: dict[int, Path]) -> str:
+def _fmt_steps(steps) -> str:
     s = sorted(steps)
     return ", ".join(map(str, s)) if len(s) <= 12 else (
         ", ".join(map(str, s[:5])) + ", ..., " + ", ".join(map(str, s[-3:])))
