@@ -13,5 +13,8 @@ __version__ = "0.1.0"
 from relex.errors import RelexError  # noqa: E402
 from relex.api import Analysis, Report, analyze, extrapolate, reconstruct  # noqa: E402
 
-__all__ = ["Analysis", "RelexError", "Report", "analyze", "extrapolate", "reconstruct",
-           "__version__"]
+from relex.evaluation import evaluate, grade_responses  # noqa: E402
+from relex.sweeps import sweep  # noqa: E402
+
+__all__ = ["Analysis", "RelexError", "Report", "analyze", "evaluate", "extrapolate",
+           "grade_responses", "reconstruct", "sweep", "__version__"]

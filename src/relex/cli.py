@@ -113,6 +113,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, metavar="N", help="torch threads")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
 
+    ev = sub.add_parser("eval", help="score models with a verifiable reward, or grade "
+                                     "responses made elsewhere",
+                        description="Generate with vLLM (if installed and a GPU is present) or "
+                                    "transformers, grade with math-verify (exact match for the "
+                                    "demo's arithmetic task), report accuracy, avg@n and "
+                                    "pass@k. With --output, samples are written as they are "
+                                    "graded and an interrupted run resumes.")
+    ev.add_argument("models", nargs="*", metavar="MODEL_DIR", help="model directories to score")
+    ev.add_argument("--responses", metavar="FILE.jsonl",
+                    help="grade these completions instead of generating (one JSON object per "
+                         "line with the gold answer and the response)")
+    ev.add_argument("--response-field", default="response", help="(with --responses)")
+    ev.add_argument("--id-field", help="(with --responses) rows sharing it are samples of one "
+                                      "problem")
+    _eval_args(ev)
+    ev.add_argument("--output", "-o", metavar="DIR", help="write samples and summary.json here")
+
+    sw = sub.add_parser("sweep", help="extrapolate to many steps, score each on a dev set, keep "
+                                      "the best",
+                        description="One streaming pass writes every --targets step; each is "
+                                    "scored on --dataset (and real checkpoints at those steps, "
+                                    "for comparison); OUT/best points at the winner.")
+    _inputs(sw)
+    sw.add_argument("--targets", required=True, metavar="S1,S2,...",
+                    help="target steps to try, e.g. 200,300,400,600,800")
+    sw.add_argument("--method", default="relex", choices=["relex", "linear-weights"])
+    sw.add_argument("--rank", type=int, default=1)
+    sw.add_argument("--fit", default="linear", metavar="linear|polyN")
+    sw.add_argument("--window", type=int, metavar="W")
+    sw.add_argument("--keep-all", action="store_true", help="keep every candidate, not only "
+                                                            "the best")
+    sw.add_argument("--metric", help="what to maximise: accuracy (default) or avg@N / pass@K")
+    _eval_args(sw)
+    sw.add_argument("--output", "-o", required=True, metavar="DIR")
+    sw.add_argument("--overwrite", action="store_true")
+    sw.add_argument("--max-memory", default="512MB", metavar="SIZE")
+    sw.add_argument("--device", default="cpu")
+
     dm = sub.add_parser("demo", help="a real GRPO run on this CPU, extrapolated and checked",
                         description="Train a 0.4M-parameter Llama with GRPO on 3-digit addition "
                                     "(a few minutes on 2 cores), observe the first 15%% of the "
@@ -127,6 +165,28 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     dm.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return parser
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--dataset", help="JSONL/JSON/Parquet file, a hub dataset (math500, aime24, "
+                                     "aime25, amc23 or a repo id), or arithmetic / "
+                                     "arithmetic-dev (the demo's task)")
+    g.add_argument("--question-field", help="default: question, problem or prompt")
+    g.add_argument("--answer-field", default="answer")
+    g.add_argument("--split", help="hub dataset split")
+    g.add_argument("--limit", type=int, help="first N problems only")
+    g.add_argument("--n", type=int, default=1, help="samples per problem (default 1)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); e.g. 0.6 with --n 8")
+    g.add_argument("--max-tokens", type=int, default=1024, help="new tokens per response")
+    g.add_argument("--template", default="auto",
+                   help="auto (chat template if any), qwen-math, raw, or a string with "
+                        "{question}")
+    g.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"])
+    g.add_argument("--batch-size", type=int, default=16, help="problems per generate call")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--quiet", "-q", action="store_true")
 
 
 def _table(report) -> str:
@@ -162,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.command == "analyze":
             return _analyze(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "sweep":
+            return _sweep(args)
         common = dict(base=args.base, checkpoints=args.checkpoint, steps=args.steps,
                       observe_until=args.observe_until, output=args.output, dtype=args.dtype,
                       overwrite=args.overwrite, max_memory=args.max_memory,
@@ -217,6 +281,68 @@ def _analyze(args) -> int:
     print(f"relex analyze: wrote {res.output / 'report.html'}")
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
     return 0
+
+
+def _eval(args) -> int:
+    from relex.evaluation import evaluate, grade_responses
+    if args.responses:
+        if args.models:
+            raise RelexError("give MODEL_DIRs or --responses, not both")
+        m = grade_responses(args.responses, answer_field=args.answer_field,
+                            response_field=args.response_field, id_field=args.id_field,
+                            output=args.output)
+        print(_metrics_table({args.responses: m}))
+        return 0
+    if not args.models or not args.dataset:
+        raise RelexError("give MODEL_DIR(s) and --dataset (or --responses FILE)")
+    scores = evaluate(args.models, args.dataset, n=args.n, temperature=args.temperature,
+                      max_tokens=args.max_tokens, template=args.template,
+                      backend=args.backend, seed=args.seed, batch_size=args.batch_size,
+                      limit=args.limit, question_field=args.question_field,
+                      answer_field=args.answer_field, split=args.split, output=args.output,
+                      progress=not args.quiet)
+    print(_metrics_table({s.label: s.metrics for s in scores}))
+    if args.output:
+        print(f"samples and summary.json in {args.output}")
+    return 0
+
+
+def _sweep(args) -> int:
+    from relex.sweeps import sweep
+    from relex.inputs import parse_steps
+    if not args.dataset:
+        raise RelexError("--dataset is required (a dev set, not your test set)")
+    res = sweep(args.run_dir, targets=parse_steps(args.targets), dataset=args.dataset,
+                output=args.output, base=args.base, checkpoints=args.checkpoint,
+                observe_until=args.observe_until, steps=args.steps, method=args.method,
+                rank=args.rank, fit=args.fit, window=args.window, keep_all=args.keep_all,
+                metric=args.metric, n=args.n, temperature=args.temperature,
+                max_tokens=args.max_tokens, template=args.template, backend=args.backend,
+                seed=args.seed, limit=args.limit, question_field=args.question_field,
+                answer_field=args.answer_field, split=args.split, overwrite=args.overwrite,
+                max_memory=args.max_memory, device=args.device, progress=not args.quiet)
+    print(f"relex sweep: {res.metric} on the dev set by target step")
+    print(f"  {'step':>6} {'extrapolated':>13} {'real':>7}")
+    for t, v in res.scores.items():
+        real = f"{res.real[t]:.3f}" if t in res.real else "-"
+        mark = "  <- best" if t == res.best_step else ""
+        print(f"  {t:>6} {v:>13.3f} {real:>7}{mark}")
+    print(f"best: step {res.best_step} -> {res.output / 'best'} ({res.best_dir}); plot: "
+          f"{res.output / 'sweep.png'}")
+    return 0
+
+
+def _metrics_table(rows: dict[str, dict]) -> str:
+    keys = []
+    for m in rows.values():
+        keys += [k for k in m if k not in keys and k not in ("problems", "samples_per_problem")]
+    width = max(len(str(k)) for k in rows) if rows else 5
+    head = f"{'model':<{width}} {'problems':>8} {'n':>3} " + " ".join(f"{k:>9}" for k in keys)
+    lines = [head]
+    for name, m in rows.items():
+        vals = " ".join(f"{m[k]:>9.4f}" if k in m else f"{'-':>9}" for k in keys)
+        lines.append(f"{name:<{width}} {m['problems']:>8} {m['samples_per_problem']:>3} {vals}")
+    return "\n".join(lines)
 
 
 def _demo(args) -> int:

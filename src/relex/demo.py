@@ -51,9 +51,8 @@ def _imports():
     except ImportError as e:
         raise RelexError(f"relex demo needs transformers and matplotlib ({e.name} is missing): "
                          f"pip install 'relex[demo]'") from None
-    import transformers
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # one bar per checkpoint load is noise
+    from relex.evaluation import quiet_transformers
+    quiet_transformers()
     return LlamaForCausalLM
 
 
