@@ -207,6 +207,9 @@ def test_sweep_keeps_the_best(tmp_path):
                        progress=False)
     assert len(list((tmp_path / "sw2/candidates").glob("step-*"))) == 2
     assert res2.best_step in (10, 20)
+    with pytest.raises(RelexError, match="overlaps the input"):
+        relex.sweep(run, base=BASE, observe_until=6, targets=[10, 20], dataset="arithmetic-dev",
+                    output=run / "sweep", overwrite=True, progress=False)
 
 
 @pytest.mark.slow

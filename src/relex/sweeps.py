@@ -53,7 +53,7 @@ def sweep(run_dir: str | Path | None = None, *, targets: list[int], dataset: str
                         split=split, limit=limit)  # fail fast, before the long pass
     metric = metric or ("accuracy" if n == 1 else f"avg@{n}")
     output = Path(output)
-    check_output(output, overwrite, [], 0)
+    check_output(output, overwrite, [Path(p) for p in (run_dir, base) if p is not None], 0)
     found = discover(run_dir) if (real and run_dir is not None) else {}
     with atomic_directory(output, overwrite) as tmp:
         relex.extrapolate(run_dir, targets=targets, output=tmp / "candidates", base=base,
