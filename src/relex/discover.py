@@ -144,13 +144,6 @@ def discover(run_dir: str | Path) -> dict[int, Path]:
     return dict(sorted(steps.items()))
 
 
-def unconverted(run_dir: str | Path) -> list[Found]:
-    """Step directories that have no HF weights and no converted twin (to warn about)."""
-    found = scan(Path(run_dir))
-    have = {f.step for f in found if f.weights is not None}
-    return [f for f in found if f.weights is None and f.step not in have]
-
-
 def parse_checkpoint_arg(text: str) -> tuple[int, Path]:
     """'STEP=PATH' -> (step, path), as given to --checkpoint."""
     step, sep, path = text.partition("=")

@@ -172,8 +172,3 @@ class Trajectory:
     def close(self) -> None:
         for ckpt in (self.base, *self.checkpoints):
             ckpt.close()
-
-    def total_bytes(self) -> int:
-        """Bytes of tensor data one full pass reads (base + every observed checkpoint)."""
-        return sum(i.nbytes for p in self.plans for i in p.sources)
-
