@@ -13,10 +13,14 @@ import relex
 from relex.errors import RelexError
 
 EPILOG = """examples:
+  relex demo                                    # a real GRPO run on this CPU, ~2 minutes
   relex extrapolate runs/grpo --base Qwen2.5-Math-1.5B --observe-until 75 \\
         --target 500 --target 750 --output out
+  relex analyze runs/grpo --base Qwen2.5-Math-1.5B --observe-until 75 --output report
+  relex sweep runs/grpo --base Qwen2.5-Math-1.5B --observe-until 75 \\
+        --targets 200,300,500,750,1000 --dataset dev.jsonl --output sweep
+  relex eval out/step-500 --dataset math500 --n 8 --temperature 0.6 --output eval
   relex extrapolate --from-fit out --target 1000 --output out-1000
-  relex reconstruct runs/grpo --base Qwen2.5-Math-1.5B --steps 25,50,75 --output recon
 
 RUN_DIR layouts read: verl global_step_N/actor/huggingface, TRL/ROLL checkpoint-N,
 OpenRLHF global_stepN_hf, NeMo-RL step_N (consolidated HF), plain step-N / step_N."""
@@ -66,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "--target step as a Hugging Face directory OUT/step-S/.")
     _inputs(ex)
     ex.add_argument("--from-fit", metavar="PATH",
-                    help="reuse a saved fit (OUT or OUT/relex-fit.safetensors): no Gram pass")
+                    help="reuse a saved fit (an extrapolate/analyze output dir or its "
+                         "relex-fit.safetensors): no Gram pass; --steps / --observe-until pick "
+                         "among its steps")
     f = ex.add_argument_group("fit")
     f.add_argument("--target", action="append", type=int, required=True, metavar="S",
                    help="step to predict (repeatable)")
