@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from relex.fit import FitConfig, Spectrum, extrapolation_weights
+from relex.fit import FitConfig, Spectrum, extrapolation_weights, tensor_stats
 
 #: backtest prefixes, as fractions of the observed window
 PREFIXES = (0.25, 0.375, 0.5, 0.75)
@@ -126,7 +126,7 @@ def analyze_tensor(name: str, numel: int, gram: np.ndarray, steps: np.ndarray, n
     window = list(range(n_obs))
     gw = gram[:n_obs, :n_obs]
     spec = Spectrum.of(gw)
-    stats = extrapolation_weights(gw, steps[:n_obs], steps[:1], config).stats
+    stats = tensor_stats(spec, steps[:n_obs], config)
     r = min(config.rank, len(spec.sigma))
     diag = np.diag(gram)
     if len(spec.sigma):
@@ -233,7 +233,11 @@ class RunAnalysis:
         return shares
 
     def tensor_horizon(self, t: TensorAnalysis) -> float:
-        return recommend_horizon(t.backtests, np.asarray(self.steps, float))[0]
+        """Verified horizon of one tensor's own backtests (computed once per tensor)."""
+        cache = self.__dict__.setdefault("_horizons", {})
+        if t.name not in cache:
+            cache[t.name] = recommend_horizon(t.backtests, np.asarray(self.steps, float))[0]
+        return cache[t.name]
 
     def summary(self) -> dict:
         """The numbers of report.html / summary.json."""

@@ -110,10 +110,7 @@ def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
     config = FitConfig(method, rank, parse_fit(fit), window)
     targets = _parse_targets(targets)
     if from_fit is not None:
-        saved = load_fit(from_fit)
-        if run_dir is not None or checkpoints:
-            raise RelexError("--from-fit reuses the fit's own checkpoints; do not also give "
-                             "RUN_DIR or --checkpoint (--steps / --observe-until pick among them)")
+        saved = _load_fit_alone(from_fit, run_dir, checkpoints)
         inputs = resolve_inputs(base=base if base is not None else saved.base,
                                 checkpoints=saved.checkpoints, observe_until=observe_until,
                                 steps=steps)
@@ -184,6 +181,14 @@ def _open(inputs, dtype) -> Trajectory:
     base = Checkpoint(inputs.base)
     ckpts = [Checkpoint(p) for p in inputs.observed.values()]
     return Trajectory(base, ckpts, list(inputs.observed), dtype)
+
+
+def _load_fit_alone(from_fit, run_dir, checkpoints):
+    """load_fit, refusing other checkpoint sources beside it."""
+    if run_dir is not None or checkpoints:
+        raise RelexError("--from-fit reuses the fit's own checkpoints; do not also give "
+                         "RUN_DIR or --checkpoint (--steps / --observe-until pick among them)")
+    return load_fit(from_fit)
 
 
 def _check_grams(grams: dict[str, np.ndarray], traj: Trajectory, path: Path) -> None:
@@ -324,10 +329,7 @@ def analyze(run_dir: str | Path | None = None, *, output: str | Path,
     output = Path(output)
     bytes_read = 0
     if from_fit is not None:
-        saved = load_fit(from_fit)
-        if run_dir is not None or checkpoints:
-            raise RelexError("--from-fit reuses the fit's own checkpoints; do not also give "
-                             "RUN_DIR or --checkpoint (--steps / --observe-until pick among them)")
+        saved = _load_fit_alone(from_fit, run_dir, checkpoints)
         observed = select_steps(saved.steps, observe_until, steps)
         all_steps = observed + [s for s in saved.steps if s > observed[-1]]
         config.check(len(observed))

@@ -195,9 +195,8 @@ def table(r: DemoResult) -> str:
 
 
 def plot(r: DemoResult, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from relex.report import pyplot
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     ax.axvspan(0, r.observe_until, color="tab:blue", alpha=0.12,
                label=f"observed ({r.observe_until} steps)")

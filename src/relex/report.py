@@ -17,13 +17,14 @@ import numpy as np
 from relex.analysis import MAX_REL_ERROR, RunAnalysis, TensorAnalysis
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or a RelexError saying what to install."""
     try:
         import matplotlib
     except ImportError:
         from relex.errors import RelexError
-        raise RelexError("relex analyze draws its figures with matplotlib: pip install "
-                         "matplotlib (or 'relex[demo]')") from None
+        raise RelexError("relex draws its figures with matplotlib: pip install matplotlib "
+                         "(or 'relex[eval]')") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -34,7 +35,7 @@ def write_report(run: RunAnalysis, out: Path, title: str) -> dict:
     summary = run.summary()
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     write_csv(run, out / "tensors.csv")
-    plt = _plt()
+    plt = pyplot()
     figures = {
         "explained_variance.png": fig_explained_variance(plt, run),
         "heatmaps.png": fig_heatmaps(plt, run),

@@ -91,8 +91,8 @@ def sweep(run_dir: str | Path | None = None, *, targets: list[int], dataset: str
 
 def plot(scores: dict[int, float], real: dict[int, float], best: int, metric: str,
          dataset: str, path: Path) -> None:
-    from relex.report import _plt
-    plt = _plt()
+    from relex.report import pyplot
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = sorted(scores)
     ax.plot(xs, [scores[x] for x in xs], "o-", label="extrapolated")
