@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from relex import __version__
-from relex.checkpoint import DTYPES, Checkpoint
+from relex.formats import DTYPES, open_reader
 from relex.engine import Engine
 from relex.errors import RelexError
 from relex.fit import FitConfig, TensorFit, extrapolation_weights, reconstruction_weights
@@ -178,8 +178,8 @@ def reconstruct(run_dir: str | Path | None = None, *, output: str | Path,
 
 
 def _open(inputs, dtype) -> Trajectory:
-    base = Checkpoint(inputs.base)
-    ckpts = [Checkpoint(p) for p in inputs.observed.values()]
+    base = open_reader(inputs.base)
+    ckpts = [open_reader(p) for p in inputs.observed.values()]
     return Trajectory(base, ckpts, list(inputs.observed), dtype)
 
 
@@ -251,8 +251,10 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
 def _metadata_source(traj: Trajectory) -> Path:
     """Config and tokenizer come from the last observed checkpoint when it has them (what the
     trainer actually ran), else from the base."""
-    last = traj.checkpoints[-1].path
-    return last if (last / "config.json").is_file() else traj.base.path
+    for ckpt in (traj.checkpoints[-1], traj.base):
+        if ckpt.meta_dir is not None and (ckpt.meta_dir / "config.json").is_file():
+            return ckpt.meta_dir
+    return traj.base.meta_dir or traj.base.path
 
 
 def _copy_model_files(src: Path, dst: Path, traj: Trajectory) -> None:
@@ -344,8 +346,8 @@ def analyze(run_dir: str | Path | None = None, *, output: str | Path,
         all_steps = observed + [s for s in inputs.available if s > observed[-1]]
         config.check(len(observed))
         check_output(output, overwrite, [inputs.base, *inputs.available.values()], 0)
-        traj = Trajectory(Checkpoint(inputs.base),
-                          [Checkpoint(inputs.available[s]) for s in all_steps], all_steps)
+        traj = Trajectory(open_reader(inputs.base),
+                          [open_reader(inputs.available[s]) for s in all_steps], all_steps)
         try:
             if threads:
                 torch.set_num_threads(threads)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from relex.checkpoint import has_weights
+from relex import formats
 from relex.errors import RelexError
 
 
@@ -76,10 +76,11 @@ def converter_hint(step_dir: Path, layout: Layout) -> str:
 
 
 def _weights_dir(step_dir: Path, layout: Layout) -> Path | None:
-    """The HF weights directory inside a step directory, or None."""
+    """The checkpoint directory relex reads inside a step directory (HF weights or a native
+    format relex reads), or None."""
     for sub in layout.weights:
         cand = step_dir / sub
-        if has_weights(cand):
+        if formats.detect(cand):
             return cand
     # Unknown nesting (e.g. ROLL's per-worker folders): one HF dir at most 3 levels down.
     found = sorted({p.parent for depth in ("*", "*/*", "*/*/*")
@@ -129,7 +130,7 @@ def discover(run_dir: str | Path) -> dict[int, Path]:
             f = found[0]
             raise RelexError(f"{f.dir}: {f.layout.trainer} checkpoint without Hugging Face "
                              f"safetensors weights; convert it first: {f.converter_hint()}")
-        if has_weights(run_dir):
+        if formats.detect(run_dir):
             raise RelexError(f"{run_dir}: is a single model directory, not a run; pass the "
                              f"directory that holds the step directories, or --checkpoint "
                              f"STEP=PATH for each checkpoint")

@@ -1,7 +1,8 @@
 """The streaming pass: Gram matrices in, weighted sums out, one block of every tensor at a time.
 
 Each tensor is cut into blocks of consecutive elements. For a block, the rows of the base and of
-every observed checkpoint (zero-copy views of the memory-mapped files) become delta rows
+every observed checkpoint (read through each checkpoint's Reader; zero-copy views of the
+memory-mapped files for HF safetensors) become delta rows
 D[:, block] = rows - base in float32 (float64 if an input is), reduced to a partial Gram matrix
 D D^T; the partials are summed in block order in float64, so results do not depend on thread
 timing. The fit then gives W (targets x T), and each output block is base + W @ D[:, block],
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from relex.checkpoint import DTYPES
+from relex.formats import DTYPES
 from relex.errors import RelexError
 from relex.fit import TensorFit
 from relex.trajectory import TensorPlan, Trajectory
@@ -160,21 +161,20 @@ class Engine:
 
     def _whole(self, plan, weights, writers, grams, result):
         """One worker: Gram step, fit and output step of one tensor (or a copy)."""
-        views = self._views(plan)
         blocks = self._blocks(plan)
         if not plan.moves:
             if weights is not None:
-                self._grouped(plan, blocks, lambda ab: self._copy_block(plan, views, *ab,
+                self._grouped(plan, blocks, lambda ab: self._copy_block(plan, *ab,
                                                                         writers, result))
             return None, None
         if grams is not None:
             fit, w = self._fit(plan, grams[plan.name], weights)
-            self._grouped(plan, blocks, lambda ab: self._emit_block(plan, views, *ab, None, w,
+            self._grouped(plan, blocks, lambda ab: self._emit_block(plan, *ab, None, w,
                                                                     writers, result))
             return None, fit
         full = self._resident_buffers(plan) if weights is not None else None
         gram = None
-        for part in self._grouped(plan, blocks, lambda ab: self._gram_block(plan, views, *ab,
+        for part in self._grouped(plan, blocks, lambda ab: self._gram_block(plan, *ab,
                                                                            full, result)):
             gram = part if gram is None else gram.add_(part)
         gram = gram.cpu().numpy()
@@ -183,17 +183,16 @@ class Engine:
             return gram, None
         fit, w = self._fit(plan, gram, weights)
         for a, b in blocks:
-            self._emit_block(plan, views, a, b, full, w, writers, result)
+            self._emit_block(plan, a, b, full, w, writers, result)
         return gram, fit
 
     def _shared(self, plan, pool, weights, writers, grams, result) -> None:
         """All workers share one large tensor's blocks; it is read twice without grams."""
-        views = self._views(plan)
         blocks = self._blocks(plan, parts=self.workers)
         if grams is None:
             gram = None
             parts = self._grouped(plan, blocks, lambda ab: self._gram_block(
-                plan, views, *ab, None, result), pool)
+                plan, *ab, None, result), pool)
             for part in parts:
                 gram = part.clone() if gram is None else gram.add_(part)
             gram = gram.cpu().numpy()
@@ -203,12 +202,9 @@ class Engine:
         else:
             gram = grams[plan.name]
         fit, w = self._fit(plan, gram, weights)
-        self._grouped(plan, blocks, lambda ab: self._emit_block(plan, views, *ab, None, w,
+        self._grouped(plan, blocks, lambda ab: self._emit_block(plan, *ab, None, w,
                                                                 writers, result), pool)
         self._record(plan, gram, fit, grams, result)
-
-    def _views(self, plan: TensorPlan) -> list[torch.Tensor]:
-        return [self.traj.view(plan, s) for s in range(len(plan.sources) if plan.moves else 1)]
 
     def _grouped(self, plan: TensorPlan, blocks, fn, pool=None) -> list:
         """fn over the blocks (on the pool if given), results in block order; the inputs are
@@ -226,10 +222,7 @@ class Engine:
                 out += [f.result() for f in futures[g: g + group]]
             else:
                 out += [fn(ab) for ab in part]
-            if plan.moves:
-                self.traj.release(plan, part[0][0], part[-1][1])
-            else:
-                self.traj.base.release(plan.base, part[0][0], part[-1][1])
+            self.traj.release(plan, part[0][0], part[-1][1], None if plan.moves else 1)
         return out
 
     # ------------------------------------------------------------------ buffers
@@ -257,10 +250,10 @@ class Engine:
         return d[:, :m], base[:m], out[: self.k * m].view(self.k, m)
 
     # ------------------------------------------------------------------ per block (workers)
-    def _fill(self, plan, views, a, b, d, base, result) -> None:
-        """d = rows - base for elements [a, b), read from the mapped files."""
-        base.copy_(views[0][a:b])
-        rows = [v[a:b] for v in views[1:]]
+    def _fill(self, plan, a, b, d, base, result) -> None:
+        """d = rows - base for elements [a, b), read through the checkpoints' readers."""
+        base.copy_(self.traj.read(plan, 0, a, b))
+        rows = [self.traj.read(plan, s, a, b) for s in range(1, len(plan.sources))]
         if self.cpu and hasattr(torch, "_foreach_copy_"):
             torch._foreach_copy_(list(d.unbind(0)), rows)  # one call converts every row
         else:
@@ -275,27 +268,27 @@ class Engine:
             if self._progress:
                 self._progress(nbytes)
 
-    def _gram_block(self, plan, views, a, b, full, result) -> torch.Tensor:
+    def _gram_block(self, plan, a, b, full, result) -> torch.Tensor:
         if full is not None:
             d, base = full[0][:, a:b], full[1][a:b]
         else:
             d, base, _ = self._local_buffers(plan.compute_dtype, b - a)
-        self._fill(plan, views, a, b, d, base, result)
+        self._fill(plan, a, b, d, base, result)
         return (d @ d.T).to(torch.float64)
 
-    def _emit_block(self, plan, views, a, b, full, w, writers, result) -> None:
+    def _emit_block(self, plan, a, b, full, w, writers, result) -> None:
         d, base, out = self._local_buffers(plan.compute_dtype, b - a)
         if full is not None:
             d, base = full[0][:, a:b], full[1][a:b]
         else:
-            self._fill(plan, views, a, b, d, base, result)
+            self._fill(plan, a, b, d, base, result)
         torch.addmm(base, w, d, out=out)
         code = DTYPES[plan.out_dtype]
         for k, writer in enumerate(writers):
             writer.write_at(plan.name, a, out[k].to(code))
 
-    def _copy_block(self, plan, views, a, b, writers, result) -> None:
-        row = views[0][a:b]
+    def _copy_block(self, plan, a, b, writers, result) -> None:
+        row = self.traj.read(plan, 0, a, b)
         for writer in writers:
             writer.write_at(plan.name, a, row)
         self._count(plan.base.itemsize * (b - a), result)

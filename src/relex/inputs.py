@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from relex.checkpoint import has_weights
+from relex import formats
 from relex.discover import discover, parse_checkpoint_arg
 from relex.errors import RelexError
 
@@ -78,9 +78,9 @@ def resolve_inputs(run_dir: str | Path | None = None, *, base: str | Path | None
         if step in found and found[step].resolve() != path.resolve():
             raise RelexError(f"--checkpoint {step}={path}: step {step} is also {found[step]} in "
                              f"the run directory; give one of them")
-        if not has_weights(path):
-            raise RelexError(f"--checkpoint {step}={path}: not a model directory with "
-                             f"safetensors weights")
+        if not formats.detect(path):
+            raise RelexError(f"--checkpoint {step}={path}: not a checkpoint directory relex "
+                             f"reads (HF safetensors or a trainer format it knows)")
         explicit[step] = path
     found.update(explicit)
     if not found:

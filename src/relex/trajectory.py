@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from relex.checkpoint import DTYPES, FLOAT_CODES, Checkpoint, TensorInfo
+from relex.formats import DTYPES, FLOAT_CODES, Reader, TensorMeta
 from relex.errors import RelexError
 
 LM_HEAD = "lm_head.weight"
@@ -27,8 +27,8 @@ class TensorPlan:
     """
 
     name: str
-    base: TensorInfo
-    rows: tuple[TensorInfo, ...]
+    base: TensorMeta
+    rows: tuple[TensorMeta, ...]
     out_dtype: str
 
     @property
@@ -55,12 +55,12 @@ class TensorPlan:
         return torch.float64 if wide else torch.float32
 
     @property
-    def sources(self) -> tuple[TensorInfo, ...]:
+    def sources(self) -> tuple[TensorMeta, ...]:
         """Base first, then the observed checkpoints: the rows a block read fetches."""
         return (self.base, *self.rows)
 
 
-def is_tied(base: Checkpoint, checkpoints: list[Checkpoint]) -> bool:
+def is_tied(base: Reader, checkpoints: list[Reader]) -> bool:
     """Whether lm_head shares the input embedding (so it is dropped from inputs and output).
 
     config.json decides when it says so; when it is silent, transformers' default (tied) applies
@@ -93,7 +93,7 @@ class Trajectory:
     dtype first, then base order, so every tensor in the written files stays aligned).
     """
 
-    def __init__(self, base: Checkpoint, checkpoints: list[Checkpoint], steps: list[int],
+    def __init__(self, base: Reader, checkpoints: list[Reader], steps: list[int],
                  dtype: str | None = None):
         if len(checkpoints) != len(steps):
             raise ValueError("one step per checkpoint")
@@ -123,7 +123,7 @@ class Trajectory:
         plans.sort(key=lambda p: (-DTYPES[p[1].out_dtype].itemsize, p[0]))
         self.plans: list[TensorPlan] = [p for _, p in plans]
 
-    def _check_names(self, ckpt: Checkpoint, skip: set[str]) -> None:
+    def _check_names(self, ckpt: Reader, skip: set[str]) -> None:
         have, want = set(ckpt.tensors) - skip, set(self.base.tensors) - skip
         fix = "base and checkpoints must be the same architecture (is --base the right model?)"
         if want - have:
@@ -136,7 +136,7 @@ class Trajectory:
                              f"{self.base.path} ({len(have - want)} such tensors); {fix}")
 
     @staticmethod
-    def _check_tensor(ckpt: Checkpoint, base: TensorInfo, row: TensorInfo) -> None:
+    def _check_tensor(ckpt: Reader, base: TensorMeta, row: TensorMeta) -> None:
         if row.shape != base.shape:
             raise RelexError(f"{ckpt.path}: tensor '{row.name}' has shape {list(row.shape)} but "
                              f"the base has {list(base.shape)}; same architecture and vocab "
@@ -149,24 +149,24 @@ class Trajectory:
     def T(self) -> int:
         return len(self.checkpoints)
 
-    def _source(self, source: int) -> Checkpoint:
+    def _source(self, source: int) -> Reader:
         return self.base if source == 0 else self.checkpoints[source - 1]
 
-    def view(self, plan: TensorPlan, source: int) -> torch.Tensor:
-        """Source `source` (0 = base, t + 1 = checkpoint t) of a tensor: flat read-only view."""
-        return self._source(source).view(plan.sources[source])
+    def read(self, plan: TensorPlan, source: int, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of source `source` (0 = base, t + 1 = checkpoint t) of a
+        tensor: flat, stored dtype, read-only (see Reader.read)."""
+        return self._source(source).read(plan.name, start, stop)
 
-    def release(self, plan: TensorPlan, start: int, stop: int) -> None:
-        """Unmap elements [start, stop) of every source of a tensor (see Checkpoint.release)."""
-        for source, info in enumerate(plan.sources):
-            self._source(source).release(info, start, stop)
+    def release(self, plan: TensorPlan, start: int, stop: int, sources: int | None = None) -> None:
+        """Hand back elements [start, stop) of the first `sources` sources (default all) of a
+        tensor (see Reader.release)."""
+        for source in range(len(plan.sources) if sources is None else sources):
+            self._source(source).release(plan.name, start, stop)
 
     def fingerprint(self) -> dict:
-        """What a saved fit was computed from: paths, file sizes, tensor layout."""
-        def files(ckpt: Checkpoint) -> dict:
-            return {str(f.resolve()): f.stat().st_size for f in ckpt.files}
-        return {"base": {"path": str(self.base.path.resolve()), "files": files(self.base)},
-                "checkpoints": [{"step": int(s), "path": str(c.path.resolve()), "files": files(c)}
+        """What a saved fit was computed from: paths, formats, file sizes."""
+        return {"base": self.base.fingerprint(),
+                "checkpoints": [{"step": int(s), **c.fingerprint()}
                                 for s, c in zip(self.steps, self.checkpoints)]}
 
     def close(self) -> None:

@@ -20,7 +20,8 @@ from typing import Iterator
 import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 
-from relex.checkpoint import DTYPES, SAFE_INDEX, SAFE_WEIGHTS
+from relex.formats import DTYPES
+from relex.formats.hf import SAFE_INDEX, SAFE_WEIGHTS
 from relex.errors import RelexError
 
 

@@ -1,11 +1,12 @@
-"""A Hugging Face model directory of safetensors weights, read lazily tensor range by range.
+"""Hugging Face model directories: safetensors weights, single file or sharded with an index.
 
 Opening a checkpoint reads only the safetensors headers (a few KB); every field is checked before
-use. Tensor data is exposed as zero-copy views of a read-only memory map, and callers hand ranges
-back with `release` once done, so mapped pages do not pile up in the resident set. We map the
-files ourselves instead of going through `safetensors.safe_open` because the access pattern
-matters: reading each tensor of 30 checkpoints in turn through safe_open took 7.9 s and 4.6 GB
-RSS on the 100M-parameter benchmark (its mapped pages are never released), while the whole
+use, at least as strictly as the safetensors library (offsets contiguous from 0, covering the
+data exactly). Tensor data is exposed as zero-copy views of a read-only memory map, and callers
+hand ranges back with `release` once done, so mapped pages do not pile up in the resident set.
+We map the files ourselves instead of going through `safetensors.safe_open` because the access
+pattern matters: reading each tensor of 30 checkpoints in turn through safe_open took 7.9 s and
+4.6 GB RSS on the 100M-parameter benchmark (its mapped pages are never released), while the whole
 extrapolation here peaks at 0.74 GB. The header format is tiny: an 8-byte length, then JSON.
 """
 
@@ -23,67 +24,29 @@ from pathlib import Path
 import torch
 
 from relex.errors import RelexError
+from relex.formats.base import DTYPES, Reader, TensorMeta
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
-
-#: safetensors dtype code -> torch dtype
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _code, _name in [("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")]:
-    if hasattr(torch, _name):
-        DTYPES[_code] = getattr(torch, _name)
-CODES = {v: k for k, v in DTYPES.items()}
-#: dtypes whose trajectories relex extrapolates; everything else is copied from the base
-FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 
 _MAX_HEADER = 100 * 1024 * 1024
 _RELEASE_ALIGN = 1 << 20
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes live: file, absolute data offset, dtype code and shape."""
+class TensorInfo(TensorMeta):
+    """A tensor of a safetensors file: its metadata plus the file and absolute data offset."""
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    offset: int
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def itemsize(self) -> int:
-        return DTYPES[self.dtype].itemsize
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.itemsize
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype in FLOAT_CODES
+    file: Path = Path()
+    offset: int = 0
 
 
 def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and check one safetensors header: ({name: TensorInfo}, __metadata__)."""
+    """Parse and check one safetensors header: ({name: TensorInfo}, __metadata__).
+
+    As strict as safetensors' own loader: a JSON object of entries with a known dtype, a shape
+    and data_offsets whose byte count matches, laid end to end from 0 without gap or overlap and
+    covering the data section exactly. A file relex accepts is one safetensors accepts."""
     size = file.stat().st_size
     fix = "re-copy or re-save this checkpoint"
     with open(file, "rb") as f:
@@ -101,12 +64,17 @@ def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(header, dict):
         raise RelexError(f"{file}: corrupt safetensors header (not a JSON object); {fix}")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise RelexError(f"{file}: corrupt safetensors __metadata__ (must map strings to "
+                         f"strings); {fix}")
     data_start = 8 + n
-    tensors = {}
+    tensors, spans = {}, []
     for name, entry in header.items():
         try:
-            code, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            ok = all(isinstance(s, int) and s >= 0 for s in shape) and 0 <= begin <= end
+            code, shape, offsets = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            begin, end = offsets
+            ok = (all(type(s) is int and s >= 0 for s in shape)
+                  and type(begin) is int and type(end) is int and 0 <= begin <= end)
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
@@ -118,10 +86,21 @@ def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if end - begin != info.nbytes:
             raise RelexError(f"{file}: tensor '{name}' declares {end - begin} bytes for shape "
                              f"{list(shape)} {code}; the file is corrupt; {fix}")
-        if data_start + end > size:
-            raise RelexError(f"{file}: truncated: tensor '{name}' ends at byte {data_start + end} "
-                             f"but the file has {size} bytes; {fix}")
         tensors[name] = info
+        spans.append((begin, end, name))
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else "leaves a gap before it"
+            raise RelexError(f"{file}: corrupt safetensors header: tensor '{name}' at bytes "
+                             f"{begin}-{end} {what}; {fix}")
+        pos = end
+    if data_start + pos != size:
+        if data_start + pos > size:
+            raise RelexError(f"{file}: truncated: tensor data ends at byte {data_start + pos} "
+                             f"but the file has {size} bytes; {fix}")
+        raise RelexError(f"{file}: corrupt: {size - data_start - pos} bytes after the last "
+                         f"tensor that the header does not describe; {fix}")
     return tensors, metadata
 
 
@@ -172,22 +151,23 @@ def has_weights(path: Path) -> bool:
                               or any(path.glob("pytorch_model*.bin")))
 
 
-class Checkpoint:
-    """The weights of one model directory: headers in memory, data mapped on demand.
+class HFReader(Reader):
+    """The weights of one HF model directory: headers in memory, data mapped on demand.
 
-    >>> ckpt = Checkpoint("out/checkpoint-50")
-    >>> info = ckpt.tensors["model.embed_tokens.weight"]
-    >>> rows = ckpt.view(info)[:4096].float()   # reads 4096 elements from disk / page cache
-    >>> ckpt.release(info, 0, 4096)
+    >>> ckpt = HFReader("out/checkpoint-50")
+    >>> rows = ckpt.read("model.embed_tokens.weight", 0, 4096).float()  # from disk / page cache
+    >>> ckpt.release("model.embed_tokens.weight", 0, 4096)
     """
 
+    format = "hf"
+
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        super().__init__(Path(path))
         if not self.path.is_dir():
             raise RelexError(f"{self.path}: no such checkpoint directory")
-        self.files = weight_files(self.path)
+        self._files = weight_files(self.path)
         self.tensors: dict[str, TensorInfo] = {}
-        for file in self.files:
+        for file in self._files:
             tensors, _ = read_header(file)
             for name, info in tensors.items():
                 if name in self.tensors:
@@ -198,16 +178,8 @@ class Checkpoint:
         self._maps: dict[Path, tuple[mmap.mmap, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
-    @property
-    def config(self) -> dict | None:
-        """config.json as a dict, or None when the directory has none."""
-        file = self.path / "config.json"
-        if not file.is_file():
-            return None
-        try:
-            return json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise RelexError(f"{file}: not valid JSON ({e})") from None
+    def files(self) -> list[Path]:
+        return list(self._files)
 
     def _map(self, file: Path) -> tuple[mmap.mmap, torch.Tensor]:
         with self._lock:
@@ -219,18 +191,22 @@ class Checkpoint:
                     self._maps[file] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
             return self._maps[file]
 
-    def view(self, info: TensorInfo) -> torch.Tensor:
-        """The flattened tensor as a zero-copy, read-only CPU view (never write to it)."""
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Zero-copy, read-only view of elements [start, stop) (never write to it)."""
+        info = self.tensors[name]
         _, data = self._map(info.file)
-        return data[info.offset: info.offset + info.nbytes].view(DTYPES[info.dtype])
+        size = info.itemsize
+        return data[info.offset + start * size: info.offset + stop * size].view(
+            DTYPES[info.dtype])
 
-    def release(self, info: TensorInfo, start: int, stop: int) -> None:
+    def release(self, name: str, start: int, stop: int) -> None:
         """Drop elements [start, stop) of a tensor from this process's mapped memory.
 
         The pages stay in the OS page cache, so reading them again is cheap; this only keeps the
         resident set of a long pass bounded. The range is widened to whole MiB because the
         kernel maps pages around each fault ("fault-around"), neighbours included, and those
         would otherwise stay mapped (RSS grew by 200 MB over a 100M-parameter model)."""
+        info = self.tensors[name]
         mm, _ = self._map(info.file)
         begin = info.offset + start * info.itemsize
         end = info.offset + stop * info.itemsize
@@ -249,11 +225,13 @@ class Checkpoint:
                     pass
             self._maps.clear()
 
-    def __enter__(self) -> Checkpoint:
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+NAME = "hf"
 
-    def __repr__(self) -> str:
-        return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors)"
+
+def detect(path: Path) -> bool:
+    return has_weights(path)
+
+
+def reader(path: Path) -> HFReader:
+    return HFReader(path)

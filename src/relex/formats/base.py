@@ -1,0 +1,132 @@
+"""The one interface the engine reads checkpoints through, whatever the trainer wrote.
+
+A Reader knows every tensor's name, dtype and shape from headers or metadata alone (so bad
+input fails before any data is read), and hands out any element range of a flattened tensor.
+The engine never sees files, offsets, shards or adapters: HF safetensors directories, verl FSDP
+rank files, torch DCP directories, DeepSpeed states and LoRA adapters all look the same to it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from relex.errors import RelexError
+
+#: safetensors dtype code -> torch dtype (the names every reader reports dtypes in)
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _code, _name in [("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")]:
+    if hasattr(torch, _name):
+        DTYPES[_code] = getattr(torch, _name)
+CODES = {v: k for k, v in DTYPES.items()}
+#: dtypes whose trajectories relex extrapolates; everything else is copied from the base
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """A tensor as a reader reports it: name, safetensors dtype code, shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return numel(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_CODES
+
+
+class Reader:
+    """One checkpoint's weights, read lazily range by range.
+
+    Subclasses fill `tensors` (name -> TensorMeta) in __init__ from metadata only and implement
+    `read`; `meta_dir` is the directory holding config.json and the tokenizer (None if none).
+
+    >>> r = open_reader("runs/grpo/global_step_50/actor")      # relex.formats.open_reader
+    >>> x = r.read("model.embed_tokens.weight", 0, 4096)        # first 4096 elements, 1-D
+    >>> r.release("model.embed_tokens.weight", 0, 4096)
+    """
+
+    #: short format name shown in messages and recorded in fingerprints
+    format = "?"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tensors: dict[str, TensorMeta] = {}
+        self.meta_dir: Path | None = self.path
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor, 1-D, in its stored dtype, on the CPU.
+
+        The result may be a read-only view of mapped memory that stays valid until `release`
+        of that range or `close`: copy it before keeping it, never write to it."""
+        raise NotImplementedError
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        """Hint that elements [start, stop) will not be read again soon (bounds RSS)."""
+
+    def files(self) -> list[Path]:
+        """The data files this checkpoint's tensors come from (for fingerprints)."""
+        return []
+
+    @property
+    def config(self) -> dict | None:
+        """config.json as a dict, or None when there is none."""
+        file = self.meta_dir / "config.json" if self.meta_dir is not None else None
+        if file is None or not file.is_file():
+            return None
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise RelexError(f"{file}: not valid JSON ({e})") from None
+
+    def fingerprint(self) -> dict:
+        """What this checkpoint is: path, format, data files and their sizes."""
+        return {"path": str(self.path.resolve()), "format": self.format,
+                "files": {str(f.resolve()): f.stat().st_size for f in self.files()}}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {len(self.tensors)} tensors)"
