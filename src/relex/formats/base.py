@@ -9,6 +9,9 @@ rank files, torch DCP directories, DeepSpeed states and LoRA adapters all look t
 from __future__ import annotations
 
 import json
+import mmap
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,3 +133,62 @@ class Reader:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, {len(self.tensors)} tensors)"
+
+
+#: mapped ranges are handed back in whole MiB (see MappedFiles.release)
+RELEASE_ALIGN = 1 << 20
+
+
+class MappedFiles:
+    """Read-only memory maps of a checkpoint's data files, opened on first use.
+
+    Every reader reads tensor bytes through here, so all formats share one I/O path: `view`
+    gives a zero-copy byte range of a file, `release` drops a range from this process's mapped
+    memory again. We map files ourselves instead of going through safetensors.safe_open or
+    torch.load(mmap=True) because the pages must be released as the pass goes: reading each
+    tensor of 30 checkpoints in turn through safe_open took 7.9 s and 4.6 GB RSS on the
+    100M-parameter benchmark (mapped pages are never released); with releases the whole
+    extrapolation peaks at 0.74 GB.
+    """
+
+    def __init__(self):
+        self._maps: dict[Path, tuple[mmap.mmap, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def _map(self, file: Path) -> tuple[mmap.mmap, torch.Tensor]:
+        with self._lock:
+            if file not in self._maps:
+                with open(file, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                with warnings.catch_warnings():  # read-only buffer: relex never writes to it
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._maps[file] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
+            return self._maps[file]
+
+    def view(self, file: Path, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        """Bytes [offset, offset + nbytes) of `file` as a read-only 1-D tensor of `dtype`."""
+        _, data = self._map(file)
+        return data[offset: offset + nbytes].view(dtype)
+
+    def release(self, file: Path, offset: int, nbytes: int) -> None:
+        """Drop bytes [offset, offset + nbytes) of `file` from this process's mapped memory.
+
+        The pages stay in the OS page cache, so reading them again is cheap; this only keeps the
+        resident set of a long pass bounded. The range is widened to whole MiB because the
+        kernel maps pages around each fault ("fault-around"), neighbours included, and those
+        would otherwise stay mapped (RSS grew by 200 MB over a 100M-parameter model)."""
+        mm, _ = self._map(file)
+        begin, end = offset - offset % RELEASE_ALIGN, offset + nbytes
+        end = min(len(mm), end + (-end % RELEASE_ALIGN))
+        if end > begin:
+            mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
+    def close(self) -> None:
+        with self._lock:
+            for mm, data in self._maps.values():
+                del data
+                try:
+                    mm.close()
+                except BufferError:  # a view is still alive somewhere; the GC will unmap it
+                    pass
+            self._maps.clear()
