@@ -44,7 +44,7 @@ def test_targets_cover_the_run_and_beyond():
 
 
 def test_short_demo_end_to_end(tmp_path):
-    r = run_demo(tmp_path / "demo", steps=24, observe_until=8, progress=False)
+    r = run_demo(tmp_path / "demo", steps=24, observe_until=8, progress=False, cycle=4, jump=8)
     out = tmp_path / "demo"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["observe_until"] == 8 and summary["steps"] == 24
@@ -60,6 +60,19 @@ def test_short_demo_end_to_end(tmp_path):
         assert (out / "run" / f"checkpoint-{step}" / "model.safetensors").is_file()
     with pytest.raises(Exception, match="exists"):
         run_demo(out, steps=24, observe_until=8, progress=False)
+    # the accelerated run: jumps every 4 real steps, a curve against real steps, the table
+    acc = summary["accelerated"]
+    assert (acc["cycle"], acc["jump"], acc["steps"]) == (4, 8, 12)
+    assert [j["real_step"] for j in acc["jumps"]] == [4, 8, 12]
+    assert [c["real_step"] for c in acc["curve"]] == [10, 12]
+    assert acc["curve"][-1]["accuracy"] > r.base_accuracy + 0.1
+    reach = summary["real_steps_to_reach"]
+    final = f"{r.real[24]:.3f}"
+    assert reach["plain"][final] == min(s for s in r.real if r.real[s] >= r.real[24] - 5e-4)
+    assert set(reach["accelerated"]) == set(reach["plain"]) >= {"0.900", "0.930", "0.945"}
+    with pytest.raises(Exception, match="at least 2 snapshots"):
+        run_demo(tmp_path / "bad", steps=24, observe_until=8, progress=False, cycle=2)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_overwrite_refuses_foreign_directories(tmp_path):
@@ -74,5 +87,6 @@ def test_demo_is_deterministic(tmp_path):
     a = run_demo(tmp_path / "a", steps=12, observe_until=6, progress=False)
     b = run_demo(tmp_path / "b", steps=12, observe_until=6, progress=False)
     assert a.real == b.real and a.predicted == b.predicted
+    assert a.accelerated == b.accelerated and a.accelerated["curve"]
     c = run_demo(tmp_path / "c", steps=12, observe_until=6, seed=1, progress=False)
     assert c.real != a.real

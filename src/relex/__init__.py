@@ -12,9 +12,10 @@ __version__ = "0.1.0"
 
 from relex.errors import RelexError  # noqa: E402
 from relex.api import Analysis, Report, analyze, extrapolate, reconstruct  # noqa: E402
+from relex.accelerate import Accelerator, Jump  # noqa: E402
 
 from relex.evaluation import evaluate, grade_responses  # noqa: E402
 from relex.sweeps import sweep  # noqa: E402
 
-__all__ = ["Analysis", "RelexError", "Report", "analyze", "evaluate", "extrapolate",
+__all__ = ["Accelerator", "Analysis", "Jump", "RelexError", "Report", "analyze", "evaluate", "extrapolate",
            "grade_responses", "reconstruct", "sweep", "__version__"]

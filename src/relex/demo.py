@@ -8,6 +8,9 @@
    with the per-parameter linear baseline to targets up to the end of the run and past it.
 4. Score every real and extrapolated checkpoint on 500 fixed held-out problems (greedy), print
    the table, draw the plot, and say where extrapolation stops being reliable.
+5. Train again from the same base and seed with relex in the loop (relex.accelerate: every
+   `cycle` steps fit the cycle and jump `jump` steps ahead in place, Adam state kept) for half
+   the real steps, and count the real steps each run needs to reach accuracy thresholds.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 
 import relex
 from relex import arithmetic as A
+from relex.accelerate import Accelerator
 from relex.errors import RelexError
 from relex.grpo import GRPOConfig, train
 
@@ -30,6 +34,8 @@ BASE = Path(__file__).parent / "data" / "demo-base"
 METHODS = ("relex", "linear-weights")
 #: an extrapolated checkpoint within this much accuracy of the real one counts as "tracking"
 TOLERANCE = 0.05
+#: accuracy thresholds of the "real steps to reach" table (plus the plain run's final accuracy)
+THRESHOLDS = (0.90, 0.93, 0.945)
 
 
 @dataclass
@@ -42,6 +48,17 @@ class DemoResult:
     steps: int
     verdict: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    accelerated: dict = field(default_factory=dict)  # cycle, jump, curve, jumps
+
+    def steps_to_reach(self) -> dict[str, dict[str, int | None]]:
+        """Real steps each run needed to reach each threshold (None: not reached)."""
+        final = round(self.real[max(self.real)], 3)
+        levels = sorted(set(THRESHOLDS) | {final})
+        curves = {"plain": self.real,
+                  "accelerated": {0: self.base_accuracy, **{
+                      p["real_step"]: p["accuracy"] for p in self.accelerated.get("curve", [])}}}
+        return {name: {f"{t:.3f}": next((s for s in sorted(c) if c[s] >= t - 5e-4), None)
+                       for t in levels} for name, c in curves.items()}
 
 
 def _imports():
@@ -67,9 +84,11 @@ def targets_for(steps: int, observe_until: int) -> list[int]:
 
 def run_demo(output: str | Path = "relex-demo", steps: int = 400,
              observe_until: int | None = None, seed: int = 0, overwrite: bool = False,
-             progress: bool = True) -> DemoResult:
+             progress: bool = True, cycle: int = 20, jump: int = 40,
+             accelerated_steps: int | None = None) -> DemoResult:
     """Train, extrapolate, evaluate, report. Writes output/{run,extrapolated,summary.json,
-    demo.png}; see the module docstring."""
+    demo.png}; see the module docstring. cycle / jump: the accelerated run's (jump 0 skips
+    it); accelerated_steps: its real steps (default steps // 2)."""
     LlamaForCausalLM = _imports()
     output = Path(output)
     k = observe_until if observe_until is not None else max(4, round(0.15 * steps / 2) * 2)
@@ -83,6 +102,9 @@ def run_demo(output: str | Path = "relex-demo", steps: int = 400,
                              f"to delete it, choose another --output")
         shutil.rmtree(output)
     targets = targets_for(steps, k)
+    n_acc = steps // 2 if accelerated_steps is None else accelerated_steps
+    if jump:  # refuse a bad cycle before training anything
+        Accelerator(torch.nn.Linear(1, 1), cycle=cycle, jump=jump)
     timings = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same numbers on every machine
@@ -121,12 +143,41 @@ def run_demo(output: str | Path = "relex-demo", steps: int = 400,
             predicted[method] = {t: A.accuracy(LlamaForCausalLM.from_pretrained(
                 out / f"step-{t}"), test) for t in targets}
             timings[f"evaluate ({method})"] = time.perf_counter() - started
+
+        # -- the same run with relex in the loop, against real steps spent
+        accelerated = {}
+        if jump and n_acc > 0:
+            started = time.perf_counter()
+            accelerated = accelerate(LlamaForCausalLM.from_pretrained(BASE), n_acc, seed,
+                                     cycle, jump, progress)
+            timings["train (accelerated)"] = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
-    result = DemoResult(output, base_acc, real, predicted, k, steps, timings=timings)
+    result = DemoResult(output, base_acc, real, predicted, k, steps, timings=timings,
+                        accelerated=accelerated)
     result.verdict = verdict(result)
     write_report(result, targets)
     return result
+
+
+def accelerate(model, steps: int, seed: int, cycle: int, jump: int, progress: bool) -> dict:
+    """GRPO with relex.accelerate in the loop; held-out accuracy every 10 real steps."""
+    acc = Accelerator(model, cycle=cycle, jump=jump)
+    curve = []
+    with tqdm(total=steps, desc="GRPO + relex", unit="step", disable=None if progress else True,
+              leave=False) as bar:
+        def on_step(row):
+            if "accuracy" in row:
+                curve.append({"real_step": row["step"], "accuracy": row["accuracy"],
+                              "virtual_step": row["step"] + acc.jumped})
+            bar.update()
+        train(model, Path("unused"), GRPOConfig(steps=steps, seed=seed, eval_every=10),
+              on_step=on_step, keep=set(),
+              after_optimizer_step=lambda s, reward, opt: acc.step(s, reward, opt))
+    return {"cycle": cycle, "jump": jump, "steps": steps, "curve": curve,
+            "jumps": [j.as_dict() for j in acc.jumps],
+            "snapshot_memory_mb": round((cycle // acc.every + 2) * sum(
+                p.numel() * p.element_size() for p in model.parameters()) / 1e6, 2)}
 
 
 def verdict(r: DemoResult) -> list[str]:
@@ -163,6 +214,22 @@ def verdict(r: DemoResult) -> list[str]:
         lines.append(f"past the end of the run (the real run plateaus from about step "
                      f"{plateau}) the line overshoots: at step {t} relex predicts {a:.3f}. "
                      f"Do not extrapolate past a plateau; backtest on later checkpoints first.")
+    if r.accelerated:
+        reach = r.steps_to_reach()
+        key = f"{round(r.real[max(r.real)], 3):.3f}"
+        a, p = reach["accelerated"][key], reach["plain"][key]
+        best = max(c["accuracy"] for c in r.accelerated["curve"])
+        cyc = f"cycle {r.accelerated['cycle']}, jump {r.accelerated['jump']}"
+        if a is not None:
+            lines.append(f"with relex in the loop ({cyc}) the run reaches the plain run's final "
+                         f"accuracy {key} after {a} real steps (plain: {p}).")
+        else:
+            lines.append(f"with relex in the loop ({cyc}) the run reaches {best:.3f} in "
+                         f"{r.accelerated['steps']} real steps, short of the plain run's final "
+                         f"{key}.")
+        back = [j for j in r.accelerated["jumps"] if j["rolled_back"]]
+        if back:
+            lines.append(f"the guard rolled back {len(back)} jump(s) whose reward fell.")
     return lines
 
 
@@ -179,6 +246,9 @@ def write_report(r: DemoResult, targets: list[int]) -> None:
                "targets": rows, "verdict": r.verdict,
                "timings_seconds": {k: round(v, 2) for k, v in r.timings.items()},
                "grpo": GRPOConfig(steps=r.steps).as_dict()}
+    if r.accelerated:
+        summary["accelerated"] = r.accelerated
+        summary["real_steps_to_reach"] = r.steps_to_reach()
     (r.output / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(r, r.output / "demo.png")
 
@@ -191,6 +261,15 @@ def table(r: DemoResult) -> str:
         mark = "  <- observed up to here" if t == r.observe_until else ""
         lines.append(f"{t:>6} {real:>7} {r.predicted['relex'][t]:>7.3f} "
                      f"{r.predicted['linear-weights'][t]:>7.3f}{mark}")
+    if r.accelerated:
+        reach = r.steps_to_reach()
+        lines += ["", f"real steps to reach (relex in the loop: cycle {r.accelerated['cycle']}, "
+                      f"jump {r.accelerated['jump']}, {r.accelerated['steps']} real steps)",
+                  f"{'accuracy':>9} {'plain':>7} {'relex':>7}"]
+        for key in reach["plain"]:
+            cells = [str(reach[n][key]) if reach[n][key] is not None else "-"
+                     for n in ("plain", "accelerated")]
+            lines.append(f"{key:>9} {cells[0]:>7} {cells[1]:>7}")
     return "\n".join(lines)
 
 
@@ -206,10 +285,19 @@ def plot(r: DemoResult, path: Path) -> None:
         pts = sorted(r.predicted[method].items())
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=7, ls="--", lw=1,
                 label=f"extrapolated: {method}")
+    if r.accelerated:
+        pts = [(0, r.base_accuracy)] + [(c["real_step"], c["accuracy"])
+                                        for c in r.accelerated["curve"]]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:green", lw=1.8,
+                label=f"GRPO + relex in the loop (cycle {r.accelerated['cycle']}, jump "
+                      f"{r.accelerated['jump']}), vs real steps")
+        for j in r.accelerated["jumps"]:
+            ax.axvline(j["real_step"], color="tab:red" if j["rolled_back"] else "tab:green",
+                       lw=0.6, alpha=0.5, ymax=0.06)
     ax.axhline(r.base_accuracy, color="gray", ls=":", label="base model")
     ax.axvline(r.steps, color="gray", lw=0.8)
     ax.text(r.steps, 0.02, " end of training", color="gray", fontsize=8)
-    ax.set_xlabel("GRPO step")
+    ax.set_xlabel("GRPO step (real steps spent)")
     ax.set_ylabel("held-out accuracy (500 problems, greedy)")
     ax.set_ylim(0, 1)
     ax.set_title("RELEX on 3-digit addition: extrapolated vs real checkpoints")

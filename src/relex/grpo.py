@@ -42,9 +42,15 @@ def advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def train(model, out: Path, cfg: GRPOConfig, on_step: Callable[[dict], None] | None = None,
-          keep: set[int] | None = None) -> list[dict]:
+          keep: set[int] | None = None,
+          after_optimizer_step: Callable[[int, float, torch.optim.Optimizer], object] | None = None,
+          ) -> list[dict]:
     """Run GRPO on `model` in place; returns one log row per step (reward, held-out accuracy
-    every eval_every steps, seconds). Checkpoints: the steps in `keep`, else every save_every."""
+    every eval_every steps, seconds). Checkpoints: the steps in `keep`, else every save_every.
+
+    after_optimizer_step(step, mean_reward, optimizer) runs right after each optimizer step,
+    before checkpointing and evaluation: the hook where relex.accelerate.Accelerator.step jumps
+    the weights in place (its return value, e.g. a Jump, goes into the row as "jump")."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -69,8 +75,12 @@ def train(model, out: Path, cfg: GRPOConfig, on_step: Callable[[dict], None] | N
         opt.zero_grad()
         loss.backward()
         opt.step()
-        row = {"step": step, "reward": rewards.mean().item(), "loss": loss.item(),
-               "seconds": time.perf_counter() - start}
+        row = {"step": step, "reward": rewards.mean().item(), "loss": loss.item()}
+        if after_optimizer_step is not None:
+            event = after_optimizer_step(step, row["reward"], opt)
+            if event is not None:
+                row["jump"] = event
+        row["seconds"] = time.perf_counter() - start
         if (step in keep) if keep is not None else step % cfg.save_every == 0:
             model.save_pretrained(out / f"checkpoint-{step}")
         if step % cfg.eval_every == 0 or step == cfg.steps:

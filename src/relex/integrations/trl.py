@@ -1,0 +1,249 @@
+"""`RelexCallback`: relex inside `trl.GRPOTrainer` (or any `transformers.Trainer`).
+
+    trainer = GRPOTrainer(..., callbacks=[RelexCallback(mode="accelerate", cycle=20, jump=40)])
+
+Modes:
+- "accelerate": relex.accelerate.Accelerator in the loop. Every `cycle` optimizer steps the
+  cycle's snapshots are fitted and the weights predicted `jump` steps ahead are written into the
+  live parameters in place, on every rank (identical inputs, identical float64 math, so DDP
+  replicas stay identical); Adam state and LR schedule are kept. Jumps (and guard rollbacks)
+  happen only at generation boundaries: GRPOTrainer generates once per
+  steps_per_generation * num_iterations micro-steps and trains on the buffered completions in
+  between, so `cycle` and the guard window must be whole generation intervals. vLLM: TRL
+  re-syncs its weights before generating whenever `state.global_step != _last_loaded_step`;
+  the jump happens after `global_step` was incremented and before the next generation, so the
+  next generation syncs the jumped weights with no help (checked against TRL 1.16 source).
+  The guard needs each step's reward: the callback asks the Trainer to log every step
+  (`control.should_log`) and acts in `on_log`, where TRL's `reward` for that step is known.
+  FSDP and DeepSpeed are refused at on_train_begin (sharded parameters / fp32 master weights in
+  the optimizer would undo an in-place module copy).
+- "forecast": at every save (world process zero) run `relex.analyze` on the checkpoints so far
+  and log explained variance, R^2, the verified horizon and the step it reaches.
+- "stop": at step `observe_until` (after its checkpoint is saved) write `targets` with
+  `relex.extrapolate` on the run's output_dir and stop training.
+
+Use a constant learning rate (`lr_scheduler_type="constant"`): TRL's default linear decay
+slows the late steps, which bends the trajectory away from the straight line relex fits.
+Jumps, forecasts and rollbacks go into `state.log_history` under `relex/...` keys (the entry of
+that step) and into the step's `logs`, which reporting callbacks (W&B, TensorBoard) see when the
+callback runs before them: `RelexCallback(...).add_to(trainer)` instead of `callbacks=[...]`. Errors inside relex at jump / save time are logged and disable the callback; they
+never stop the user's run. Configuration errors are raised at on_train_begin, before training.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from relex.accelerate import Accelerator
+from relex.errors import RelexError
+
+log = logging.getLogger("relex.integrations.trl")
+
+MODES = ("accelerate", "forecast", "stop")
+
+
+def generation_interval(args) -> float:
+    """Optimizer steps between two generations of GRPOTrainer (1 for other Trainers)."""
+    per_gen = getattr(args, "steps_per_generation", None)
+    if per_gen is None:
+        return 1.0
+    return per_gen * getattr(args, "num_iterations", 1) / args.gradient_accumulation_steps
+
+
+def refuse_sharded(args) -> None:
+    """FSDP / DeepSpeed keep sharded or master copies an in-place module write does not reach."""
+    kind = str(getattr(getattr(args, "distributed_state", None), "distributed_type", ""))
+    if args.fsdp or args.deepspeed or any(k in kind for k in ("FSDP", "DEEPSPEED", "MEGATRON")):
+        raise RelexError("RelexCallback(mode='accelerate') supports single-process and DDP "
+                         "training only; FSDP / DeepSpeed / Megatron are not supported (use "
+                         "mode='forecast' or 'stop', or `relex watch`)")
+
+
+class RelexCallback(TrainerCallback):
+    """relex in a transformers / TRL training loop; see the module docstring.
+
+    mode: "accelerate" (cycle, jump, every, method, rank, reset_optimizer, guard_steps,
+    guard_margin as in relex.Accelerator), "forecast" (base) or "stop" (observe_until,
+    targets, base, output). base: the model before RL; default: the model as training starts,
+    saved to output_dir/relex-base. output: where "stop" writes (default
+    output_dir/relex-extrapolated); "forecast" writes its report to output_dir/relex-forecast.
+    """
+
+    def __init__(self, mode: str = "accelerate", *, cycle: int = 20, jump: int = 40,
+                 every: int = 2, method: str = "relex", rank: int = 1,
+                 reset_optimizer: bool = False, guard_steps: int | None = None,
+                 guard_margin: float = 0.05, observe_until: int | None = None,
+                 targets: list[int] | None = None, base: str | Path | None = None,
+                 output: str | Path | None = None):
+        if mode not in MODES:
+            raise RelexError(f"RelexCallback mode {mode!r}: expected one of {', '.join(MODES)}")
+        if mode == "stop" and (observe_until is None or not targets):
+            raise RelexError("RelexCallback(mode='stop') needs observe_until=K and targets=[...]")
+        self.mode = mode
+        self.accel_kw = dict(cycle=cycle, jump=jump, every=every, method=method, rank=rank,
+                             reset_optimizer=reset_optimizer, guard_steps=guard_steps,
+                             guard_margin=guard_margin)
+        self.observe_until, self.targets = observe_until, sorted(targets or [])
+        self.base, self.output = base, output
+        self.accelerator: Accelerator | None = None
+        self.optimizer = None
+        self.forecasts: list[dict] = []
+        self.written: Path | None = None
+        self._disabled = False
+
+    def add_to(self, trainer) -> RelexCallback:
+        """Register with `trainer` ahead of its reporting callbacks.
+
+        transformers runs W&B / TensorBoard / MLflow callbacks before the ones passed in
+        `callbacks=[...]`, so they would log a step before relex adds its `relex/...` values to
+        it; registered first, the jump's values reach them in the same log call."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
+
+    # ------------------------------------------------------------------ set-up
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.mode == "accelerate":
+            refuse_sharded(args)
+            self._check_boundaries(args)
+            self.accelerator = Accelerator(model, start_step=state.global_step, **self.accel_kw)
+            self.optimizer = optimizer
+            log.info("relex: accelerating, cycle %d, jump %d; snapshots hold %.1f MB per copy",
+                     self.accelerator.cycle, self.accelerator.jump,
+                     self.accelerator.memory_bytes() / 1e6)
+            return
+        if self.mode == "stop" and state.max_steps and self.observe_until > state.max_steps:
+            raise RelexError(f"RelexCallback observe_until={self.observe_until} is beyond "
+                             f"max_steps={state.max_steps}; lower it or train longer")
+        if self.mode == "stop":
+            self._warn_save_limit(args)
+        if self.base is None:
+            self.base = Path(args.output_dir) / "relex-base"
+            if state.is_world_process_zero:
+                model.save_pretrained(self.base)
+
+    def _check_boundaries(self, args) -> None:
+        interval = generation_interval(args)
+        kw = self.accel_kw
+        guard = kw["guard_steps"] if kw["guard_steps"] is not None else max(1, kw["cycle"] // 4)
+        if interval > 1 and (kw["cycle"] % interval or guard % interval):
+            raise RelexError(f"RelexCallback: cycle {kw['cycle']} and guard_steps {guard} must "
+                             f"be multiples of the generation interval ({interval:g} optimizer "
+                             f"steps = steps_per_generation x num_iterations / gradient "
+                             f"accumulation), so jumps happen between generations")
+
+    def _warn_save_limit(self, args) -> None:
+        limit = args.save_total_limit
+        every = args.save_steps if args.save_strategy in ("steps", "SaveStrategy.STEPS") or str(
+            args.save_strategy).endswith("STEPS") else None
+        if limit and every and self.observe_until / every > limit:
+            log.warning("relex: save_total_limit=%d keeps only the last %d checkpoints, but "
+                        "relex needs all %d up to step %d; raise save_total_limit", limit, limit,
+                        self.observe_until // every, self.observe_until)
+
+    # ------------------------------------------------------------------ accelerate
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._disabled:
+            return
+        if self.mode == "accelerate":
+            control.should_log = True  # the guard needs this step's reward, in on_log
+        if self.mode == "stop" and state.global_step == self.observe_until:
+            control.should_save = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.mode != "accelerate" or self._disabled or self.accelerator is None:
+            return
+        step = state.global_step
+        if step == self.accelerator.last_step or (logs and any(k.startswith("eval_")
+                                                               for k in logs)):
+            return  # an evaluation log, or this step was already seen
+        reward = (logs or {}).get("reward")
+        n_jumps = len(self.accelerator.jumps)
+        rolled = sum(j.rolled_back for j in self.accelerator.jumps)
+        try:
+            jump = self.accelerator.step(step, reward=reward, optimizer=self.optimizer)
+        except Exception as e:  # noqa: BLE001 -- never crash the user's run because of relex
+            self._disabled = True
+            log.error("relex: disabled after an error at step %d: %s", step, e)
+            return
+        entry = {}
+        if jump is not None or len(self.accelerator.jumps) != n_jumps:
+            j = self.accelerator.jumps[-1]
+            entry.update({"relex/jump": j.size, "relex/virtual_step": j.virtual_step,
+                          "relex/explained_variance": j.explained_variance, "relex/r2": j.r2})
+        if sum(j.rolled_back for j in self.accelerator.jumps) != rolled:
+            entry.update({"relex/rollback": 1, "relex/next_jump": self.accelerator.jump})
+        if entry:
+            entry["relex/real_step"] = step
+            _log_into_history(state, entry)
+            if logs is not None:  # callbacks after this one (W&B, TensorBoard) see it too
+                logs.update(entry)
+
+    # ------------------------------------------------------------------ forecast / stop
+    def on_save(self, args, state, control, **kwargs):
+        if self._disabled or self.mode == "accelerate":
+            return
+        step = state.global_step
+        if self.mode == "stop":
+            if step < self.observe_until or self.written is not None:
+                return
+            control.should_training_stop = True
+            if state.is_world_process_zero:
+                self._guarded(self._stop, args, state)
+            return
+        if state.is_world_process_zero:
+            self._guarded(self._forecast, args, state)
+
+    def _guarded(self, fn, args, state) -> None:
+        try:
+            fn(args, state)
+        except Exception as e:  # noqa: BLE001 -- never crash the user's run because of relex
+            log.error("relex: %s at step %d: %s", self.mode, state.global_step, e)
+
+    def _forecast(self, args, state) -> None:
+        import relex
+        from relex.discover import discover
+        if len(discover(args.output_dir)) < 2:
+            return  # a line needs two checkpoints
+        out = Path(args.output_dir) / "relex-forecast"
+        summary = relex.analyze(args.output_dir, base=self.base, output=out, overwrite=True,
+                                progress=False).summary
+        bt = summary["backtest"]
+        entry = {"relex/explained_variance": summary["finding1_explained_variance"][
+                     "rank1_param_weighted_mean"],
+                 "relex/r2": summary["finding2_linearity"]["r2_mean"],
+                 "relex/verified_horizon": bt["verified_horizon_ratio"],
+                 "relex/verified_up_to_step": bt["verified_up_to_step"]}
+        if bt.get("estimated_limit_ratio") is not None:
+            last = summary["observed_steps"][-1]
+            entry["relex/predicted_limit_step"] = int(round(bt["estimated_limit_ratio"] * last))
+        self.forecasts.append(dict(entry, step=state.global_step))
+        _log_into_history(state, entry)
+
+    def _stop(self, args, state) -> None:
+        import relex
+        from relex.discover import discover
+        have = [s for s in discover(args.output_dir) if s <= self.observe_until]
+        if args.save_total_limit and len(have) < self.observe_until / max(args.save_steps, 1):
+            log.warning("relex: only %d checkpoints up to step %d are left (save_total_limit=%d "
+                        "deleted the others); the fit uses what is there", len(have),
+                        self.observe_until, args.save_total_limit)
+        out = Path(self.output or Path(args.output_dir) / "relex-extrapolated")
+        report = relex.extrapolate(args.output_dir, base=self.base,
+                                   observe_until=self.observe_until, targets=self.targets,
+                                   output=out, overwrite=True, progress=False)
+        self.written = out
+        _log_into_history(state, {"relex/observed_until": self.observe_until,
+                                  "relex/targets_written": len(report.targets)})
+        log.info("relex: wrote %s and stopped training at step %d", ", ".join(
+            str(p) for p in report.targets.values()), state.global_step)
+
+
+def _log_into_history(state, entry: dict) -> None:
+    """Merge into this step's log_history entry, or add one for the step."""
+    if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        state.log_history[-1].update(entry)
+    else:
+        state.log_history.append(dict(entry, step=state.global_step))
