@@ -20,14 +20,38 @@ def test_layouts(run_factory, layout, rel):
         assert path == run / rel.format(step)
 
 
-def test_verl_fsdp_shards_only_names_the_converter(tmp_path):
+def test_verl_fsdp_shards_are_found(tmp_path):
+    """verl FSDP rank files are read in place (formats/verl_fsdp.py): discovery returns actor/."""
     actor = tmp_path / "run" / "global_step_50" / "actor"
     (actor / "huggingface").mkdir(parents=True)
     (actor / "huggingface" / "config.json").write_text("{}")
     (actor / "model_world_size_2_rank_0.pt").write_bytes(b"x")
-    with pytest.raises(RelexError, match=r"python -m verl.model_merger merge --backend fsdp "
+    assert discover(tmp_path / "run") == {50: actor}
+
+
+def test_verl_megatron_only_names_the_converter(tmp_path):
+    actor = tmp_path / "run" / "global_step_50" / "actor"
+    (actor / "dist_ckpt").mkdir(parents=True)
+    with pytest.raises(RelexError, match=r"python -m verl.model_merger merge --backend megatron "
                                          r"--local_dir .*global_step_50/actor"):
         discover(tmp_path / "run")
+
+
+def test_accelerate_dcp_is_found(tmp_path):
+    dcp = tmp_path / "run" / "checkpoint-7" / "pytorch_model_fsdp_0"
+    dcp.mkdir(parents=True)
+    (dcp / ".metadata").write_bytes(b"x")
+    (dcp / "__0_0.distcp").write_bytes(b"x")
+    assert discover(tmp_path / "run") == {7: dcp}
+
+
+def test_openrlhf_deepspeed_is_found(tmp_path):
+    for step in (5, 10):
+        tag = tmp_path / "ckpt" / "_actor" / f"global_step{step}"
+        tag.mkdir(parents=True)
+        (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    assert discover(tmp_path / "ckpt") == {5: tmp_path / "ckpt/_actor/global_step5",
+                                           10: tmp_path / "ckpt/_actor/global_step10"}
 
 
 def test_nemo_dcp_only_names_the_converter(tmp_path):

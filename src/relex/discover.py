@@ -30,12 +30,15 @@ class Layout:
 
 _HF = r"(?:[-_]hf)?"
 LAYOUTS = (
-    Layout("verl", rf"global_step_(\d+){_HF}", ("actor/huggingface", "actor", "huggingface", "."),
+    Layout("verl", rf"global_step_(\d+){_HF}",
+           ("actor/huggingface", "actor/lora_adapter", "actor", "huggingface", "."),
            "global_step_N/actor/huggingface"),
     Layout("OpenRLHF", rf"global_step(\d+){_HF}", (".",), "global_stepN_hf"),
-    Layout("TRL / transformers Trainer / ROLL", r"checkpoint-(\d+)", (".",), "checkpoint-N"),
-    Layout("NeMo-RL", rf"step_(\d+){_HF}", (".", "policy/weights", "policy/weights/hf", "hf"),
-           "step_N (consolidated HF)"),
+    Layout("TRL / transformers Trainer / ROLL", r"checkpoint-(\d+)",
+           (".", "pytorch_model_fsdp_0"), "checkpoint-N"),
+    Layout("NeMo-RL", rf"step_(\d+){_HF}",
+           (".", "policy/weights/model/consolidated", "policy/weights/model", "policy/weights",
+            "policy/weights/hf", "hf"), "step_N/policy/weights/model"),
     Layout("plain HF directories", rf"step-(\d+){_HF}", (".",), "step-N"),
     Layout("slime / Megatron", rf"iter_(\d+){_HF}", (".",), "iter_N_hf"),
 )
@@ -63,6 +66,9 @@ def converter_hint(step_dir: Path, layout: Layout) -> str:
         return (f"python -m verl.model_merger merge --backend {backend} --local_dir {d}/actor "
                 f"--target_dir {d}/actor/huggingface  (or set checkpoint.save_contents to "
                 f"include hf_model when training)")
+    if layout.trainer.startswith("TRL") and (d / "pytorch_model_fsdp_0").exists():
+        return (f"accelerate merge-weights {d}/pytorch_model_fsdp_0 {d}-merged  (then copy "
+                f"config.json and the tokenizer from {d} into {d}-merged)")
     if layout.trainer == "OpenRLHF":
         return (f"train with --save_hf_ckpt (writes global_stepN_hf), or run DeepSpeed's "
                 f"zero_to_fp32.py on {d} and copy config.json and the tokenizer beside it")

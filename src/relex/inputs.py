@@ -8,6 +8,7 @@ from pathlib import Path
 from relex import formats
 from relex.discover import discover, parse_checkpoint_arg
 from relex.errors import RelexError
+from relex.formats import hub
 
 
 @dataclass(frozen=True)
@@ -20,12 +21,15 @@ class Inputs:
     available: dict[int, Path]
 
 
-def resolve_base(base: str | Path) -> Path:
-    """A local model directory, or a repo id already in the local Hugging Face cache."""
+def resolve_base(base: str | Path, download: bool = False) -> Path:
+    """A local model directory, or a repo id already in the local Hugging Face cache
+    (download: fetch ORG/REPO[@REV] from the hub when not cached, as for hf:// runs)."""
     path = Path(base)
     if path.is_dir():
         return path
     text = str(base)
+    if download and text.partition("@")[0].count("/") == 1 and not path.exists():
+        return hub.resolve_base(text)
     if text.count("/") == 1 and not path.exists() and not text.startswith((".", "/")):
         from huggingface_hub import snapshot_download
         try:
@@ -35,6 +39,28 @@ def resolve_base(base: str | Path) -> Path:
         raise RelexError(f"--base {text}: not a directory and not in the local Hugging Face "
                          f"cache; download it first (hf download {text}) or pass a local path")
     raise RelexError(f"--base {text}: no such model directory")
+
+
+def _wanted(observe_until, steps, later: bool, need_base: bool):
+    """Which steps of a hub run to download: the observed ones (the selection select_steps will
+    make), the later ones too when `later`, step 0 when it is the base."""
+    chosen = parse_steps(steps)
+
+    def wanted(step: int) -> bool:
+        if step == 0:
+            return need_base
+        if chosen is not None:
+            return step in chosen or (later and step > chosen[-1])
+        return observe_until is None or step <= observe_until or later
+    return wanted
+
+
+def _adapter_base(found: dict[int, Path]) -> Path | None:
+    """The local base model named by a LoRA checkpoint's adapter_config.json, if any."""
+    for path in found.values():
+        if formats.lora.detect(Path(path)):
+            return formats.lora.base_of(Path(path))
+    return None
 
 
 def parse_steps(text: str | list[int] | None) -> list[int] | None:
@@ -61,13 +87,21 @@ def parse_steps(text: str | list[int] | None) -> list[int] | None:
 def resolve_inputs(run_dir: str | Path | None = None, *, base: str | Path | None = None,
                    checkpoints: list[str] | dict[int, str | Path] | None = None,
                    observe_until: int | None = None,
-                   steps: str | list[int] | None = None) -> Inputs:
+                   steps: str | list[int] | None = None,
+                   revision_pattern: str = hub.DEFAULT_PATTERN, later: bool = False) -> Inputs:
     """Discover checkpoints under run_dir, add explicit ones, pick the base and the observed set.
 
     checkpoints: extra "STEP=PATH" strings or a {step: path} dict. observe_until keeps steps <= K;
     steps names the observed steps exactly; with neither, every checkpoint found is observed.
+    run_dir "hf://ORG/REPO": the repo's branches named like revision_pattern are the
+    checkpoints; only the observed ones (and, with later=True, the ones after them) are
+    downloaded.
     """
-    found: dict[int, Path] = dict(discover(run_dir)) if run_dir is not None else {}
+    if hub.is_hub(run_dir):
+        found = hub.checkpoints(run_dir, _wanted(observe_until, steps, later, base is None),
+                                revision_pattern)
+    else:
+        found = dict(discover(run_dir)) if run_dir is not None else {}
     pairs = (checkpoints.items() if isinstance(checkpoints, dict)
              else [parse_checkpoint_arg(c) for c in checkpoints or []])
     explicit: dict[int, Path] = {}
@@ -86,9 +120,11 @@ def resolve_inputs(run_dir: str | Path | None = None, *, base: str | Path | None
     if not found:
         raise RelexError("no checkpoints given: pass a RUN_DIR or --checkpoint STEP=PATH")
     if base is not None:
-        base_dir = resolve_base(base)
+        base_dir = resolve_base(base, download=hub.is_hub(run_dir))
     elif 0 in found:
         base_dir = found[0]
+    elif (adapter_base := _adapter_base(found)) is not None:
+        base_dir = adapter_base
     else:
         raise RelexError("no --base given and the run has no step-0 checkpoint; pass --base "
                          "BASE_DIR (the model before RL)")

@@ -16,6 +16,7 @@ import relex
 from relex.discover import discover
 from relex.errors import RelexError
 from relex.evaluation import evaluate, load_dataset
+from relex.formats import hub
 from relex.writer import atomic_directory, check_output
 
 
@@ -39,7 +40,7 @@ def sweep(run_dir: str | Path | None = None, *, targets: list[int], dataset: str
           seed: int = 0, limit: int | None = None, question_field: str | None = None,
           answer_field: str = "answer", split: str | None = None, overwrite: bool = False,
           max_memory: str | int = "512MB", device: str = "cpu",
-          progress: bool = True) -> SweepResult:
+          revision_pattern: str = hub.DEFAULT_PATTERN, progress: bool = True) -> SweepResult:
     """Extrapolate to every target (one streaming pass), score each on `dataset`, keep the best.
 
     Writes output/best -> the best step's model directory, output/summary.json, sweep.png and
@@ -53,13 +54,20 @@ def sweep(run_dir: str | Path | None = None, *, targets: list[int], dataset: str
                         split=split, limit=limit)  # fail fast, before the long pass
     metric = metric or ("accuracy" if n == 1 else f"avg@{n}")
     output = Path(output)
-    check_output(output, overwrite, [Path(p) for p in (run_dir, base) if p is not None], 0)
-    found = discover(run_dir) if (real and run_dir is not None) else {}
+    local = [p for p in (run_dir, base) if p is not None and not hub.is_hub(p)]
+    check_output(output, overwrite, [Path(p) for p in local], 0)
+    if not real or run_dir is None:
+        found = {}
+    elif hub.is_hub(run_dir):  # only the real checkpoints at the targets are downloaded
+        found = hub.checkpoints(run_dir, lambda s: s in targets, revision_pattern)
+    else:
+        found = discover(run_dir)
     with atomic_directory(output, overwrite) as tmp:
         relex.extrapolate(run_dir, targets=targets, output=tmp / "candidates", base=base,
                           checkpoints=checkpoints, observe_until=observe_until, steps=steps,
                           method=method, rank=rank, fit=fit, window=window,
-                          max_memory=max_memory, device=device, progress=progress)
+                          max_memory=max_memory, device=device,
+                          revision_pattern=revision_pattern, progress=progress)
         models = [tmp / "candidates" / f"step-{t}" for t in targets]
         reals = [found[t] for t in targets if t in found]
         common = dict(n=n, temperature=temperature, max_tokens=max_tokens, template=template,

@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from relex.errors import RelexError
-from relex.formats import hf
+from relex.formats import hf, lora, nemo
+from relex.formats import dcp, deepspeed, verl_fsdp
 from relex.formats.base import CODES, DTYPES, FLOAT_CODES, Reader, TensorMeta
 
-FORMATS = (hf,)
+FORMATS = (hf, lora, nemo, verl_fsdp, dcp, deepspeed)
 
 __all__ = ["CODES", "DTYPES", "FLOAT_CODES", "FORMATS", "Reader", "TensorMeta", "detect",
            "open_reader"]
@@ -31,10 +32,15 @@ def detect(path: str | Path):
     return None
 
 
-def open_reader(path: str | Path) -> Reader:
-    """A Reader for the checkpoint at `path`, whatever format it is in."""
+def open_reader(path: str | Path, base: str | Path | None = None) -> Reader:
+    """A Reader for the checkpoint at `path`, whatever format it is in.
+
+    base: the run's base model, for formats that store only a difference to it (LoRA)."""
     path = Path(path)
     if not path.is_dir():
         raise RelexError(f"{path}: no such checkpoint directory")
     # Nothing recognised: the HF reader's errors say best what is missing (an index, .bin...).
-    return (detect(path) or hf).reader(path)
+    fmt = detect(path) or hf
+    if getattr(fmt, "NEEDS_BASE", False):
+        return fmt.reader(path, base=base)
+    return fmt.reader(path)

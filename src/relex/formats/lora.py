@@ -1,0 +1,323 @@
+"""PEFT LoRA adapters (`checkpoint-N/adapter_model.safetensors` + `adapter_config.json`, also
+verl's `actor/lora_adapter/`), read as the merged model base + scaling * B @ A.
+
+A LoRA run saves only the adapters, and merging each checkpoint first (peft's
+`merge_and_unload`) loads the whole model and writes another full copy per step. Here a
+requested element range of a target weight is formed on the fly: only the rows of the weight the
+range touches, B[rows] @ A (r multiply-adds per element), added to the base's bytes of that range.
+Nothing bigger than one block is ever materialised, and tensors without an adapter are the base's
+own mapped bytes (delta 0, so relex copies them).
+
+The arithmetic follows peft's merge exactly, so relex's output from the adapters equals its output
+from peft's merged export: delta = (B @ A) * scaling in the adapter's dtype (float32 on the CPU
+for half-precision adapters, cast back), added to the base weight in the base's dtype;
+scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), with per-module `rank_pattern` /
+`alpha_pattern`; embeddings (`lora_embedding_A/B`) and `fan_in_fan_out` layers use the transpose;
+`lora_B.bias` is added to the base bias; full tensors in the file (`modules_to_save`, saved
+embedding layers, trained biases) replace the base's. DoRA and other PEFT methods are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from relex.errors import RelexError
+from relex.formats.base import DTYPES, MappedFiles, Reader, TensorMeta
+from relex.formats.hf import TensorInfo, read_header
+
+NAME = "lora"
+#: open_reader passes the base model to this format's reader
+NEEDS_BASE = True
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+_LORA = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\."
+                   r"(?P<param>weight|bias)")
+_EMBED = re.compile(r"(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)"
+                    r"(?:\.(?P<adapter>[^.]+))?")
+#: LoraConfig options that change what merging means; relex refuses adapters that set them
+_UNSUPPORTED = ("use_dora", "layer_replication", "target_parameters", "trainable_token_indices",
+                "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config")
+
+
+def detect(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file()
+
+
+def read_config(path: Path) -> dict:
+    file = path / ADAPTER_CONFIG
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RelexError(f"{file}: not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(cfg, dict):
+        raise RelexError(f"{file}: not a PEFT adapter config (not a JSON object); re-save it")
+    return cfg
+
+
+def base_of(path: Path) -> Path | None:
+    """The base model directory adapter_config.json names, when it is a local directory."""
+    name = read_config(Path(path)).get("base_model_name_or_path")
+    if isinstance(name, str) and name and Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    return None
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's rule for rank_pattern / alpha_pattern: the first key that matches the end of the
+    module name at a dot boundary."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One LoRA'd weight: weight[rows] += scaling * (L[rows] @ R), stored as A and B entries.
+
+    transposed: embeddings and fan_in_fan_out layers, whose weight is (B @ A)^T."""
+
+    a: TensorInfo
+    b: TensorInfo
+    scaling: float
+    transposed: bool = False
+    bias: bool = False  # a lora_B bias: bias += scaling * b (a is unused)
+
+
+class _SharedBase:
+    """One open reader per base directory, shared by every adapter checkpoint of a run (so the
+    base is mapped once, not once per checkpoint)."""
+
+    _open: ClassVar[dict[Path, list]] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def acquire(cls, path: Path) -> Reader:
+        from relex.formats import open_reader
+        key = Path(path).resolve()
+        with cls._lock:
+            if key not in cls._open:
+                cls._open[key] = [open_reader(path), 0]
+            cls._open[key][1] += 1
+            return cls._open[key][0]
+
+    @classmethod
+    def release(cls, reader: Reader) -> None:
+        with cls._lock:
+            for key, entry in list(cls._open.items()):
+                if entry[0] is reader:
+                    entry[1] -= 1
+                    if entry[1] == 0:
+                        del cls._open[key]
+                        reader.close()
+                    return
+
+
+class LoraReader(Reader):
+    """A PEFT LoRA checkpoint seen as the merged model (base + scaling * B @ A), range by range.
+
+    >>> ckpt = LoraReader("out/checkpoint-50", base="Qwen2.5-Math-1.5B")
+    >>> rows = ckpt.read("model.layers.0.self_attn.q_proj.weight", 0, 4096)  # merged, 1-D
+    """
+
+    format = "lora"
+
+    def __init__(self, path: str | Path, base: str | Path | None = None):
+        super().__init__(Path(path))
+        cfg = read_config(self.path)
+        cfg_file = self.path / ADAPTER_CONFIG
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise RelexError(f"{cfg_file}: a {cfg.get('peft_type')} adapter; relex reads LoRA "
+                             f"only: merge it with peft (merge_and_unload + save_pretrained)")
+        for key in _UNSUPPORTED:
+            if cfg.get(key) not in (None, False, {}, []):
+                raise RelexError(f"{cfg_file}: {key} is set, which relex does not merge; merge "
+                                 f"the adapters with peft (merge_and_unload + save_pretrained) "
+                                 f"and point relex at the merged directories")
+        try:
+            r0, alpha0 = int(cfg["r"]), float(cfg.get("lora_alpha", 8))  # peft's default
+            rank_pattern = dict(cfg.get("rank_pattern") or {})
+            alpha_pattern = dict(cfg.get("alpha_pattern") or {})
+        except (KeyError, TypeError, ValueError) as e:
+            raise RelexError(f"{cfg_file}: missing or invalid r / lora_alpha ({e!r}); re-save "
+                             f"the adapter") from None
+        rslora, fan_in_fan_out = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
+        if base is None:
+            base = base_of(self.path)
+            if base is None:
+                raise RelexError(f"{cfg_file}: base model "
+                                 f"'{cfg.get('base_model_name_or_path')}' is not a local "
+                                 f"directory; pass --base BASE_DIR (the model the adapter was "
+                                 f"trained on)")
+        self.base = _SharedBase.acquire(Path(base))
+        self._maps = MappedFiles()
+        try:
+            self._load(r0, alpha0, rank_pattern, alpha_pattern, rslora, fan_in_fan_out)
+        except BaseException:
+            self.close()
+            raise
+        config_dir = self.path if (self.path / "config.json").is_file() else None
+        self.meta_dir = config_dir or self.base.meta_dir
+
+    def _load(self, r0, alpha0, rank_pattern, alpha_pattern, rslora, fan_in_fan_out) -> None:
+        """Map every adapter-file entry to the base tensor it changes, checking shapes."""
+        self._file = self.path / ADAPTER_WEIGHTS
+        entries, _ = read_header(self._file)
+        self.tensors = dict(self.base.tensors)
+        self._replaced: dict[str, TensorInfo] = {}
+        self.adapters: dict[str, Adapter] = {}
+        pairs: dict[str, dict[str, TensorInfo]] = {}
+        adapter_names = set()
+        for key, info in entries.items():
+            name = key.removeprefix("base_model.model.")
+            m = _LORA.fullmatch(name) or _EMBED.fullmatch(name)
+            if m:
+                adapter_names.add(m.group("adapter"))
+                param = m.groupdict().get("param") or "weight"
+                kind = m.group("kind")[-1] + ("_bias" if param == "bias" else "")
+                pairs.setdefault(m.group("module"), {})[kind] = info
+                pairs[m.group("module")]["embedding"] = "embedding" in m.group("kind")
+                continue
+            if "lora_" in name or "trainable_tokens" in name:
+                raise RelexError(f"{self._file}: entry '{key}' is not a LoRA weight relex "
+                                 f"knows; merge with peft and point relex at the merged model")
+            target = re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", name)
+            target = target.replace(".base_layer.", ".")
+            self._replace(target, info)
+        if len(adapter_names) > 1:
+            raise RelexError(f"{self._file}: holds several adapters "
+                             f"({sorted(map(str, adapter_names))}); save one per checkpoint")
+        for module, parts in pairs.items():
+            self._add(module, parts, r0, alpha0, rank_pattern, alpha_pattern, rslora,
+                      fan_in_fan_out)
+
+    def _replace(self, name: str, info: TensorInfo) -> None:
+        """A full tensor saved in the adapter file (modules_to_save, saved embeddings, bias)."""
+        b = self.base.tensors.get(name)
+        if b is None:
+            raise RelexError(f"{self._file}: tensor '{name}' is not in the base model "
+                             f"{self.base.path}; is --base the model this adapter was trained on?")
+        if info.shape != b.shape:
+            raise RelexError(f"{self._file}: tensor '{name}' has shape {list(info.shape)} but "
+                             f"{list(b.shape)} in the base {self.base.path}; wrong --base?")
+        self._replaced[name] = info
+        self.tensors[name] = TensorMeta(name, info.dtype, info.shape)
+
+    def _add(self, module, parts, r0, alpha0, rank_pattern, alpha_pattern, rslora, fifo) -> None:
+        where = f"{self._file}: adapter for '{module}'"
+        if "A" not in parts or "B" not in parts:
+            raise RelexError(f"{where} lacks its lora_{'A' if 'A' not in parts else 'B'} "
+                             f"weight; the file is incomplete, re-save the adapter")
+        weight = f"{module}.weight"
+        b_meta = self.tensors.get(weight)
+        if b_meta is None:
+            raise RelexError(f"{where}: the base model {self.base.path} has no tensor "
+                             f"'{weight}'; is --base the model this adapter was trained on?")
+        a, b = parts["A"], parts["B"]
+        transposed = parts["embedding"] or fifo
+        if len(a.shape) != 2 or len(b.shape) != 2 or len(b_meta.shape) != 2:
+            raise RelexError(f"{where}: only 2-D (linear / embedding) LoRA weights are "
+                             f"supported; merge with peft first")
+        r = a.shape[0]
+        rows, cols = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
+        if b.shape[1] != r or (rows, cols) != b_meta.shape:
+            raise RelexError(f"{where}: A {list(a.shape)} and B {list(b.shape)} do not form the "
+                             f"base weight's shape {list(b_meta.shape)}; wrong --base?")
+        if not (a.is_float and b.is_float) or not b_meta.is_float:
+            raise RelexError(f"{where}: LoRA weights and their base weight must be float")
+        r_cfg = int(_pattern_value(rank_pattern, module, r0))
+        if r_cfg != r:
+            raise RelexError(f"{where}: rank {r} in the file but {r_cfg} in "
+                             f"{ADAPTER_CONFIG} (r / rank_pattern); re-save the adapter")
+        alpha = float(_pattern_value(alpha_pattern, module, alpha0))
+        scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.adapters[weight] = Adapter(a, b, scaling, transposed)
+        if "B_bias" in parts:
+            bias, b_bias = f"{module}.bias", parts["B_bias"]
+            if bias not in self.tensors:
+                raise RelexError(f"{where}: has a lora_B bias but the base has no '{bias}'; "
+                                 f"peft cannot merge it either")
+            if b_bias.shape != self.tensors[bias].shape:
+                raise RelexError(f"{where}: lora_B bias shape {list(b_bias.shape)} differs from "
+                                 f"the base's {list(self.tensors[bias].shape)}")
+            self.adapters[bias] = Adapter(b_bias, b_bias, scaling, bias=True)
+
+    # ------------------------------------------------------------------ reading
+    def _view(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        size = info.itemsize
+        return self._maps.view(info.file, info.offset + start * size, (stop - start) * size,
+                               DTYPES[info.dtype])
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Merged elements [start, stop): a fresh tensor for LoRA'd weights, else a view."""
+        if name in self._replaced:  # a full tensor in the adapter file (maybe LoRA'd on top)
+            base = self._view(self._replaced[name], start, stop)
+        else:
+            base = self.base.read(name, start, stop)
+        ad = self.adapters.get(name)
+        if ad is None:
+            return base
+        if ad.bias:
+            delta = self._view(ad.b, start, stop) * ad.scaling
+        else:
+            delta = self._delta(ad, self.tensors[name].shape[1], start, stop)
+        return (base + delta).to(base.dtype)  # peft's in-place add: promote, round to base
+
+    def _delta(self, ad: Adapter, cols: int, start: int, stop: int) -> torch.Tensor:
+        """scaling * (B @ A) (or its transpose) for the rows the range touches, flattened and
+        cut to [start, stop)."""
+        r0, r1 = start // cols, -(-stop // cols)
+        a_full, b_full = self._view(ad.a, 0, ad.a.numel), self._view(ad.b, 0, ad.b.numel)
+        a, b = a_full.view(ad.a.shape), b_full.view(ad.b.shape)
+        if ad.transposed:  # weight = (B @ A)^T: its rows are columns of A
+            a = a[:, r0:r1]
+        else:
+            b = b[r0:r1]
+        dtype = a.dtype
+        half = dtype in (torch.float16, torch.bfloat16)
+        if half:
+            a, b = a.float(), b.float()
+        prod = b @ a
+        if ad.transposed:
+            prod = prod.T
+        delta = prod * ad.scaling
+        if half:
+            delta = delta.to(dtype)
+        return delta.reshape(-1)[start - r0 * cols: stop - r0 * cols]
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        if name in self._replaced:
+            info = self._replaced[name]
+            self._maps.release(info.file, info.offset + start * info.itemsize,
+                               (stop - start) * info.itemsize)
+        else:
+            self.base.release(name, start, stop)
+        ad = self.adapters.get(name)
+        if ad is not None:
+            for info in {ad.a.name: ad.a, ad.b.name: ad.b}.values():
+                self._maps.release(info.file, info.offset, info.nbytes)
+
+    def files(self) -> list[Path]:
+        return [self._file, self.path / ADAPTER_CONFIG]
+
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "base": str(self.base.path.resolve())}
+
+    def close(self) -> None:
+        self._maps.close()
+        if self.base is not None:
+            _SharedBase.release(self.base)
+            self.base = None
+
+
+def reader(path: Path, base: str | Path | None = None) -> LoraReader:
+    return LoraReader(path, base)

@@ -1,0 +1,597 @@
+"""torch.save archives read without running their pickles, and tensors assembled from chunks.
+
+A `torch.save` file is a zip archive: `<prefix>/data.pkl` (a pickle of the saved object whose
+tensors point to storages by key) and one uncompressed member `<prefix>/data/<key>` per storage.
+We unpickle data.pkl with a restricted unpickler that builds inert records instead of calling
+anything, and find each storage's absolute byte offset from the zip's own headers; tensor bytes
+are then read through base.MappedFiles (zero-copy views, released as the pass goes), never
+torch.load'ed: a 7B verl rank file is 14-28 GB. The same parser reads a torch.save blob inside a
+bigger file (torch DCP `.distcp` chunks), given its [offset, offset + length).
+
+The unpickler allows exactly these globals (anything else stops with a one-line error naming the
+file and the global):
+- tensors: torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter,
+  torch._tensor._rebuild_from_type_v2, torch._utils._rebuild_wrapper_subclass (DTensor only),
+  the typed storage classes (torch.FloatStorage, torch.BFloat16Storage, ...,
+  torch.UntypedStorage) as persistent-id tags, torch.Size, torch.device, torch dtypes
+  (torch.float32, ...), torch layouts and memory formats, torch.serialization._get_layout;
+- containers: collections.OrderedDict;
+- DTensor metadata (inert records, only their fields are read): DTensor, DTensorSpec,
+  TensorMeta, ShardOrderEntry, Shard, _StridedShard, Replicate, Partial, DeviceMesh,
+  _MeshLayout, _FlatLayout from torch.distributed.tensor / torch.distributed._tensor /
+  torch.distributed.device_mesh / torch.distributed._mesh_layout (old and new module paths);
+- extra: names a caller adds (torch DCP's metadata classes, see dcp.py).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from relex.errors import RelexError
+from relex.formats.base import CODES, DTYPES, MappedFiles, numel
+
+#: data.pkl larger than this is not a state dict (a 7B DTensor state dict pickles to ~1 MB)
+MAX_PICKLE = 256 << 20
+
+
+class Record:
+    """An inert stand-in for an allowed class: keeps constructor args and pickled state."""
+
+    kind = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def get(self, field, default=None):
+        """A field of the pickled state (dict state, or (dict, slots) pairs)."""
+        state = self.state
+        if isinstance(state, tuple) and len(state) == 2:
+            merged = dict(state[1] or {})
+            merged.update(state[0] or {})
+            state = merged
+        return state.get(field, default) if isinstance(state, dict) else default
+
+    def __repr__(self):
+        return f"<{self.kind} {self.args} {self.state}>"
+
+
+def _record(kind: str) -> type:
+    return type(kind, (Record,), {"kind": kind})
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A storage of the archive: dtype, element count and absolute byte offset in `file`."""
+
+    key: str
+    dtype: torch.dtype
+    numel: int
+    file: Path
+    offset: int = -1
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor of a torch.save archive: a strided view of one storage."""
+
+    storage: Storage
+    offset: int  # in elements of the storage
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def dtype(self) -> str:
+        return CODES[self.storage.dtype]
+
+    @property
+    def numel(self) -> int:
+        return numel(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return self.storage.dtype.itemsize
+
+    @property
+    def contiguous(self) -> bool:
+        expect = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.stride)):
+            if size != 1 and stride != expect:
+                return False
+            expect *= size
+        return True
+
+    def span(self, r0: int = 0, r1: int | None = None) -> tuple[int, int]:
+        """(absolute byte offset, bytes) of the storage bytes rows [r0, r1) of dim 0 occupy."""
+        if self.numel == 0:
+            return self.storage.offset, 0
+        if not self.shape:
+            return self.storage.offset + self.offset * self.itemsize, self.itemsize
+        r1 = self.shape[0] if r1 is None else r1
+        if r1 <= r0:
+            return self.storage.offset, 0
+        rest = sum((s - 1) * st for s, st in zip(self.shape[1:], self.stride[1:])) + 1
+        first = self.offset + r0 * self.stride[0]
+        last = self.offset + (r1 - 1) * self.stride[0] + rest
+        return self.storage.offset + first * self.itemsize, (last - first) * self.itemsize
+
+    def view(self, maps: MappedFiles, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        """Rows [r0, r1) of this tensor as an N-d read-only view of the mapped file (a copy of
+        just those bytes when the storage sits at an offset its dtype cannot be viewed at)."""
+        r1 = (self.shape[0] if self.shape else 1) if r1 is None else r1
+        shape = ((r1 - r0), *self.shape[1:]) if self.shape else ()
+        start, nbytes = self.span(r0, r1)
+        dtype = self.storage.dtype
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        if start % dtype.itemsize:
+            flat = maps.view(self.storage.file, start, nbytes, torch.uint8).clone().view(dtype)
+        else:
+            flat = maps.view(self.storage.file, start, nbytes, dtype)
+        return flat.as_strided(shape, self.stride if self.shape else ())
+
+
+def _rebuild_tensor_v2(storage, offset, size, stride, *rest):
+    if not isinstance(storage, Storage):
+        raise pickle.UnpicklingError("tensor without a storage")
+    return StoredTensor(storage, int(offset), tuple(map(int, size)), tuple(map(int, stride)))
+
+
+def _rebuild_parameter(data, *rest):
+    return data  # an nn.Parameter is its data here
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    obj = func(*args)
+    if isinstance(obj, Record):
+        obj.__setstate__(state)
+    return obj
+
+
+DTensorRecord = _record("DTensor")
+
+
+def _rebuild_wrapper_subclass(cls, dtype, size, *rest):
+    if cls is not DTensorRecord:
+        raise pickle.UnpicklingError("wrapper subclass other than DTensor")
+    obj = DTensorRecord(dtype, tuple(size))
+    return obj
+
+
+def _identity(x, *rest):
+    return x
+
+
+def _storage_dtypes() -> dict[str, torch.dtype]:
+    out = {"UntypedStorage": torch.uint8}
+    for dtype in DTYPES.values():
+        name = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+                torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int",
+                torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+                torch.bool: "Bool"}.get(dtype)
+        if name:
+            out[f"{name}Storage"] = dtype
+    for name in dir(torch):
+        if name.startswith("Float8") and name.endswith("Storage"):
+            try:
+                out[name] = getattr(torch, name).dtype
+            except Exception:  # noqa: BLE001, S110 - a storage class torch only half supports
+                pass
+    return out
+
+
+_STORAGES = _storage_dtypes()
+_DT = ("torch.distributed.tensor", "torch.distributed._tensor")
+_DT_NAMES = {"DTensorSpec", "TensorMeta", "ShardOrderEntry", "Shard", "_StridedShard",
+             "Replicate", "Partial", "DeviceMesh", "_MeshLayout", "_FlatLayout"}
+
+
+class StorageTag:
+    """The class named in a storage's persistent id: only its dtype matters."""
+
+    def __init__(self, name: str, dtype: torch.dtype):
+        self.name, self.dtype = name, dtype
+
+
+def _allowed(module: str, name: str, extra: dict):
+    """The object a pickle's global resolves to, or None when it is not allowed."""
+    if (module, name) in extra:
+        return extra[module, name]
+    if module == "torch._utils":
+        return {"_rebuild_tensor_v2": _rebuild_tensor_v2,
+                "_rebuild_parameter": _rebuild_parameter,
+                "_rebuild_wrapper_subclass": _rebuild_wrapper_subclass}.get(name)
+    if module == "torch._tensor" and name == "_rebuild_from_type_v2":
+        return _rebuild_from_type_v2
+    if module == "torch.serialization" and name == "_get_layout":
+        return _identity
+    if module == "collections" and name == "OrderedDict":
+        import collections
+        return collections.OrderedDict
+    if module in ("torch", "torch.storage") and name in _STORAGES:
+        return StorageTag(name, _STORAGES[name])
+    if module == "torch":
+        if name in ("Size", "device"):
+            return _identity
+        value = getattr(torch, name, None) if re.fullmatch(r"[a-z0-9_]+", name) else None
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+            return value
+        return None
+    if name == "DTensor" and module.startswith(_DT):
+        return DTensorRecord
+    if name in _DT_NAMES and module.startswith(("torch.distributed.", )):
+        return _RECORDS.setdefault(name, _record(name))
+    return None
+
+
+_RECORDS: dict[str, type] = {}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Builds records and StoredTensors; refuses every global not listed in the module doc."""
+
+    def __init__(self, data: bytes, where: str, storages: dict[str, Storage] | None = None,
+                 extra: dict | None = None, file: Path | None = None):
+        super().__init__(io.BytesIO(data))
+        self.where, self.storages, self.extra, self.file = where, storages, extra or {}, file
+
+    def find_class(self, module, name):
+        obj = _allowed(module, name, self.extra)
+        if obj is None:
+            raise RelexError(f"{self.where}: refusing to unpickle global '{module}.{name}' "
+                             f"(relex only loads tensors and their sharding metadata); this "
+                             f"file is not a plain checkpoint: do not load it with torch.load "
+                             f"either")
+        return obj
+
+    def persistent_load(self, pid):
+        if self.storages is None:
+            raise pickle.UnpicklingError("unexpected persistent id")
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], StorageTag) and isinstance(pid[2], str)
+                and type(pid[4]) is int and pid[4] >= 0):
+            raise pickle.UnpicklingError(f"bad storage record {pid!r:.80}")
+        tag, key, count = pid[1], pid[2], pid[4]
+        if not re.fullmatch(r"[0-9A-Za-z_.-]+", key):
+            raise pickle.UnpicklingError(f"bad storage key {key!r:.40}")
+        if tag.name == "UntypedStorage":
+            dtype = torch.uint8
+        else:
+            dtype = tag.dtype
+        old = self.storages.get(key)
+        if old is not None:
+            if old.dtype.itemsize * old.numel != dtype.itemsize * count:
+                raise pickle.UnpicklingError(f"storage {key} declared with two sizes")
+            return old
+        self.storages[key] = Storage(key, dtype, count, self.file)
+        return self.storages[key]
+
+
+def restricted_loads(data: bytes, where: str, extra: dict | None = None):
+    """Unpickle `data` (no storages) with the restricted unpickler; errors name `where`."""
+    try:
+        return RestrictedUnpickler(data, where, None, extra).load()
+    except RelexError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of a damaged pickle is the same error
+        raise RelexError(f"{where}: corrupt or truncated pickle ({type(e).__name__}: "
+                         f"{str(e)[:100]}); re-copy the checkpoint") from None
+
+
+class _Slice(io.RawIOBase):
+    """Bytes [offset, offset + length) of a file as a seekable stream (for zipfile)."""
+
+    def __init__(self, f, offset: int, length: int):
+        self.f, self.base, self.length, self.pos = f, offset, length, 0
+
+    def seekable(self):
+        return True
+
+    def readable(self):
+        return True
+
+    def seek(self, pos, whence=0):
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def read(self, n=-1):
+        n = self.length - self.pos if n is None or n < 0 else min(n, self.length - self.pos)
+        if n <= 0:
+            return b""
+        data = os.pread(self.f.fileno(), n, self.base + self.pos)
+        self.pos += len(data)
+        return data
+
+    def readinto(self, b):
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def load(file: Path, offset: int = 0, length: int | None = None, where: str | None = None,
+         extra: dict | None = None):
+    """The object a torch.save archive holds, tensors as StoredTensor (no tensor data read).
+
+    file: the file; offset/length: where the archive sits in it (default: the whole file);
+    where: how errors name it; extra: more allowed globals {(module, name): object}. Every
+    storage is checked to be stored uncompressed and whole inside [offset, offset + length),
+    and every tensor to lie inside its storage."""
+    file = Path(file)
+    where = where or str(file)
+    fix = "re-copy the checkpoint or re-save it"
+    size = file.stat().st_size
+    length = size - offset if length is None else length
+    if offset < 0 or length < 0 or offset + length > size:
+        raise RelexError(f"{where}: truncated: bytes {offset}-{offset + length} are past the "
+                         f"end of the file ({size} bytes); {fix}")
+    with open(file, "rb") as f:
+        head = os.pread(f.fileno(), 4, offset)
+        if head != b"PK\x03\x04":
+            what = ("a legacy (pre-1.6, non-zip) torch.save file; re-save it with torch >= 1.6"
+                    if head[:2] == b"\x80\x02" else f"not a torch.save zip archive; {fix}")
+            raise RelexError(f"{where}: {what}")
+        try:
+            zf = zipfile.ZipFile(_Slice(f, offset, length))
+            members = {i.filename: i for i in zf.infolist()}
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+            raise RelexError(f"{where}: corrupt or truncated torch.save archive ({e}); "
+                             f"{fix}") from None
+        pkls = [n for n in members if re.fullmatch(r"[^/]+/data\.pkl", n)]
+        if len(pkls) != 1:
+            raise RelexError(f"{where}: not a torch.save archive (no single <name>/data.pkl); "
+                             f"{fix}")
+        prefix = pkls[0][: -len("data.pkl")]
+        order = members.get(prefix + "byteorder")
+        if order is not None and zf.read(order) != b"little":
+            raise RelexError(f"{where}: saved on a big-endian machine; re-save it on a "
+                             f"little-endian one")
+        info = members[pkls[0]]
+        if info.file_size > MAX_PICKLE:
+            raise RelexError(f"{where}: data.pkl is {info.file_size} bytes, too large for a "
+                             f"state dict; {fix}")
+        try:
+            data = zf.read(info)
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib_error()) as e:
+            raise RelexError(f"{where}: corrupt data.pkl ({e}); {fix}") from None
+        storages: dict[str, Storage] = {}
+        try:
+            obj = RestrictedUnpickler(data, where, storages, extra, file=file).load()
+        except RelexError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of a damaged pickle is one error
+            raise RelexError(f"{where}: corrupt pickle in data.pkl ({type(e).__name__}: "
+                             f"{str(e)[:100]}); {fix}") from None
+        placed = {}
+        for key, st in storages.items():
+            member = members.get(f"{prefix}data/{key}")
+            nbytes = st.numel * st.dtype.itemsize
+            if member is None:
+                raise RelexError(f"{where}: storage '{key}' is missing from the archive; {fix}")
+            if member.compress_type != zipfile.ZIP_STORED or member.file_size != nbytes:
+                raise RelexError(f"{where}: storage '{key}' is compressed or has "
+                                 f"{member.file_size} bytes instead of {nbytes}; {fix}")
+            local = os.pread(f.fileno(), 30, offset + member.header_offset)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise RelexError(f"{where}: corrupt zip entry for storage '{key}'; {fix}")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            start = member.header_offset + 30 + name_len + extra_len
+            if start + nbytes > length:
+                raise RelexError(f"{where}: truncated: storage '{key}' ends at byte "
+                                 f"{start + nbytes} of {length}; {fix}")
+            placed[key] = Storage(key, st.dtype, st.numel, file, offset + start)
+    return _place(obj, placed, where)
+
+
+def zlib_error():
+    import zlib
+    return zlib.error
+
+
+def _place(obj, storages: dict[str, Storage], where: str):
+    """obj with every StoredTensor pointing at its placed storage, checked against its size."""
+    memo: dict[int, object] = {}
+
+    def walk(x):
+        if id(x) in memo:
+            return memo[id(x)]
+        if isinstance(x, StoredTensor):
+            st = storages[x.storage.key]
+            t = StoredTensor(st, x.offset, x.shape, x.stride)
+            if (len(x.stride) != len(x.shape) or x.offset < 0
+                    or any(s < 0 for s in x.shape) or any(s < 0 for s in x.stride)):
+                raise RelexError(f"{where}: corrupt tensor record (shape {list(x.shape)}, "
+                                 f"stride {list(x.stride)}); re-copy the checkpoint")
+            if t.numel and t.span()[0] + t.span()[1] > st.offset + st.numel * st.dtype.itemsize:
+                raise RelexError(f"{where}: a tensor of shape {list(x.shape)} reaches past the "
+                                 f"end of its storage '{st.key}'; the file is corrupt")
+            if t.storage.dtype not in CODES:
+                raise RelexError(f"{where}: a tensor has dtype {st.dtype}, which relex does "
+                                 f"not read")
+            out = t
+        elif isinstance(x, dict):
+            out = type(x)() if type(x) is not dict else {}
+            memo[id(x)] = out
+            for k, v in x.items():
+                out[k] = walk(v)
+            return out
+        elif isinstance(x, (list, tuple)):
+            out = type(x)(walk(v) for v in x) if type(x) in (list, tuple) else x
+        elif isinstance(x, Record):
+            memo[id(x)] = x
+            x.args = tuple(walk(a) for a in x.args)
+            x.state = walk(x.state)
+            return x
+        else:
+            out = x
+        memo[id(x)] = out
+        return out
+
+    return walk(obj)
+
+
+# --------------------------------------------------------------------- chunked global tensors
+@dataclass(frozen=True)
+class Chunk:
+    """A box of a global tensor: its offsets per dim and the stored tensor holding it."""
+
+    offsets: tuple[int, ...]
+    tensor: StoredTensor
+
+
+class ChunkedTensor:
+    """A global tensor stored as N-d boxes (FSDP shards, DCP chunks), read by element range.
+
+    A range inside one chunk that covers whole rows of the global tensor (every Shard(0) shard)
+    is a zero-copy view; any other range is assembled into a new buffer, box by box.
+    """
+
+    def __init__(self, name: str, dtype: str, shape: tuple[int, ...], chunks: list[Chunk],
+                 maps: MappedFiles, where: str):
+        self.name, self.dtype, self.shape, self.maps = name, dtype, tuple(shape), maps
+        self.chunks = [c for c in chunks if c.tensor.numel]
+        fix = "the checkpoint is damaged or was written by an unsupported version"
+        for c in self.chunks:
+            t = c.tensor
+            if (len(c.offsets) != len(shape) or len(t.shape) != len(shape)
+                    or any(o < 0 or o + s > g for o, s, g in zip(c.offsets, t.shape, shape))):
+                raise RelexError(f"{where}: tensor '{name}': chunk of shape {list(t.shape)} at "
+                                 f"{list(c.offsets)} lies outside the global shape "
+                                 f"{list(shape)}; {fix}")
+            if t.dtype != dtype:
+                raise RelexError(f"{where}: tensor '{name}': chunks of different dtypes "
+                                 f"({t.dtype}, {dtype}); {fix}")
+        if sum(c.tensor.numel for c in self.chunks) != numel(shape):
+            raise RelexError(f"{where}: tensor '{name}': its chunks hold "
+                             f"{sum(c.tensor.numel for c in self.chunks)} elements, not the "
+                             f"{numel(shape)} of shape {list(shape)} (a shard is missing or "
+                             f"repeated); {fix}")
+        self.inner = numel(shape[1:]) if shape else 1
+        # chunks that are whole rows of the global tensor, by their first flat element
+        self.rows = sorted((c.offsets[0] * self.inner if shape else 0, c) for c in self.chunks
+                           if tuple(c.tensor.shape[1:]) == self.shape[1:]
+                           and c.tensor.contiguous)
+        self._starts = [s for s, _ in self.rows]
+        if len(self.rows) == len(self.chunks):  # row tiling: check no overlap / gap
+            pos = 0
+            for s, c in self.rows:
+                if s != pos:
+                    raise RelexError(f"{where}: tensor '{name}': shards overlap or leave a gap "
+                                     f"at element {min(s, pos)}; {fix}")
+                pos = s + c.tensor.numel
+
+    def _row_chunk(self, a: int, b: int) -> tuple[int, Chunk] | None:
+        import bisect
+        i = bisect.bisect_right(self._starts, a) - 1
+        if i >= 0:
+            s, c = self.rows[i]
+            if b <= s + c.tensor.numel:
+                return s, c
+        return None
+
+    def read(self, a: int, b: int) -> torch.Tensor:
+        """Elements [a, b) of the flattened global tensor, 1-D."""
+        hit = self._row_chunk(a, b)
+        if hit is not None:
+            s, c = hit
+            t = c.tensor
+            i0 = a - s
+            if t.shape:
+                r0, r1 = i0 // self.inner, -(-(b - s) // self.inner)
+                flat = t.view(self.maps, r0, r1).reshape(-1)
+                i0 -= r0 * self.inner
+                return flat[i0: i0 + b - a]
+            return t.view(self.maps).reshape(-1)[i0: i0 + b - a]
+        out = torch.empty(b - a, dtype=DTYPES[self.dtype])
+        _fill(out, self.shape, a, b, [(c.offsets, c) for c in self.chunks], self.maps)
+        return out
+
+    def _spans(self, a: int, b: int):
+        """(file, offset, nbytes) of the stored bytes elements [a, b) come from."""
+        if not self.shape:
+            for c in self.chunks:
+                yield (c.tensor.storage.file, *c.tensor.span())
+            return
+        r0, r1 = a // max(self.inner, 1), -(-b // max(self.inner, 1))
+        for c in self.chunks:
+            lo, hi = max(r0, c.offsets[0]), min(r1, c.offsets[0] + c.tensor.shape[0])
+            if lo < hi:
+                yield (c.tensor.storage.file, *c.tensor.span(lo - c.offsets[0],
+                                                              hi - c.offsets[0]))
+
+    def release(self, a: int, b: int) -> None:
+        for file, start, nbytes in self._spans(a, b):
+            self.maps.release(file, start, nbytes)
+
+    def prefetch(self, a: int, b: int) -> None:
+        if hasattr(self.maps, "prefetch"):  # MappedFiles.prefetch (newer base.py)
+            for file, start, nbytes in self._spans(a, b):
+                self.maps.prefetch(file, start, nbytes)
+
+
+def _fill(out: torch.Tensor, shape, a: int, b: int, pieces, maps) -> None:
+    """out[:] = flat elements [a, b) of a tensor of `shape` made of pieces [(offsets, src)]:
+    src is a Chunk (rows read from the map on demand) or an N-d tensor already sliced.
+
+    Whole rows are copied box by box with tensor slicing; a partial first or last row is the
+    same problem one dimension down."""
+    if a >= b:
+        return
+    if not shape:
+        src = pieces[0][1]
+        out.copy_((src.tensor.view(maps) if isinstance(src, Chunk) else src).reshape(1))
+        return
+    inner = numel(shape[1:])
+
+    def rows(src, lo, hi, o0):
+        if isinstance(src, Chunk):
+            return src.tensor.view(maps, lo - o0, hi - o0)
+        return src[lo - o0: hi - o0]
+
+    def partial(row, lo, hi, dst):
+        sub = []
+        for offs, src in pieces:
+            size0 = (src.tensor.shape if isinstance(src, Chunk) else src.shape)[0]
+            if offs[0] <= row < offs[0] + size0:
+                sub.append((offs[1:], rows(src, row, row + 1, offs[0])[0]))
+        _fill(dst, shape[1:], lo, hi, sub, maps)
+
+    row_a, row_b = a // inner, b // inner
+    if row_a == row_b:
+        end = min(b, (row_a + 1) * inner)
+        partial(row_a, a - row_a * inner, end - row_a * inner, out[: end - a])
+        return
+    first = row_a
+    if a % inner:
+        first = row_a + 1
+        partial(row_a, a % inner, inner, out[: first * inner - a])
+    if row_b > first:
+        region = out[first * inner - a: row_b * inner - a].view(row_b - first, *shape[1:])
+        for offs, src in pieces:
+            size = src.tensor.shape if isinstance(src, Chunk) else tuple(src.shape)
+            lo, hi = max(first, offs[0]), min(row_b, offs[0] + size[0])
+            if lo < hi:
+                idx = (slice(lo - first, hi - first),) + tuple(
+                    slice(o, o + s) for o, s in zip(offs[1:], size[1:]))
+                region[idx] = rows(src, lo, hi, offs[0])
+    if b % inner:
+        partial(row_b, 0, b % inner, out[row_b * inner - a:])
+

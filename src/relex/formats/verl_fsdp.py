@@ -1,0 +1,237 @@
+"""verl FSDP1/FSDP2 actor checkpoints: `model_world_size_W_rank_R.pt` rank files, read in place.
+
+Each rank file is `torch.save(model.state_dict())` on that rank: a dict of DTensors whose local
+tensors are that rank's shard (placements `Shard(d)` on a 1-D mesh, or `(Replicate(), Shard(d))`
+for HSDP), or plain tensors (a full copy on every rank). A global tensor is its shards laid end
+to end along d in mesh order (torch.chunk semantics: uneven last shards, possibly empty ones),
+as verl's own merger assembles them. Only the ranks along the sharded mesh dim are opened (the
+replicate dim holds copies); their pickles are parsed without executing them (torchfile.py) and
+tensor bytes are read from the mapped files range by range, so memory stays bounded however big
+the rank files are. Config and tokenizer come from `huggingface/` beside the rank files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from relex.errors import RelexError
+from relex.formats.base import MappedFiles, Reader, TensorMeta
+from relex.formats.torchfile import (
+    Chunk,
+    ChunkedTensor,
+    DTensorRecord,
+    Record,
+    StoredTensor,
+    load,
+)
+
+NAME = "verl_fsdp"
+RANK_FILE = re.compile(r"model_world_size_(\d+)_rank_(\d+)\.pt")
+
+
+def _hint(path: Path) -> str:
+    return (f"python -m verl.model_merger merge --backend fsdp --local_dir {path} "
+            f"--target_dir {path}/huggingface")
+
+
+def rank_files(path: Path) -> tuple[int, dict[int, Path]]:
+    """(world size, {rank: file}) of the rank files in `path`, checked for consistency."""
+    found: dict[int, dict[int, Path]] = {}
+    for f in path.iterdir():
+        m = RANK_FILE.fullmatch(f.name)
+        if m and f.is_file():
+            found.setdefault(int(m.group(1)), {})[int(m.group(2))] = f
+    if not found:
+        raise RelexError(f"{path}: no model_world_size_W_rank_R.pt files")
+    if len(found) > 1:
+        raise RelexError(f"{path}: rank files of several world sizes ({sorted(found)}); keep "
+                         f"the files of one save only")
+    (world, files), = found.items()
+    config = path / "fsdp_config.json"
+    if config.is_file():
+        try:
+            declared = json.loads(config.read_text()).get("world_size")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise RelexError(f"{config}: not valid JSON ({e}); re-copy the checkpoint") from None
+        if declared is not None and declared != world:
+            raise RelexError(f"{config}: world_size {declared} but the rank files say "
+                             f"model_world_size_{world}; the directory mixes two saves")
+    missing = [r for r in range(world) if r not in files]
+    if missing or len(files) != world:
+        first = missing[0] if missing else max(files)
+        raise RelexError(f"{path}: model_world_size_{world}_rank_{first}.pt is missing (or "
+                         f"extra); re-copy the checkpoint with all {world} rank files")
+    return world, files
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def _mesh_shape(spec: Record, world: int) -> tuple[int, ...] | None:
+    """The device mesh's shape from a DTensorSpec (old torch: a `mesh` tensor; new: a layout)."""
+    mesh = spec.get("mesh")
+    if not isinstance(mesh, Record):
+        return None
+    ranks = mesh.get("mesh")
+    if isinstance(ranks, StoredTensor):
+        return ranks.shape
+    layout = mesh.get("_layout")
+    if isinstance(layout, Record):
+        axes = layout.get("axes")
+        if isinstance(axes, tuple) and all(isinstance(a, Record) for a in axes):
+            shape = tuple(_prod(_flat(a.get("shape", ()))) for a in axes)
+            if _prod(shape) == world:
+                return shape
+    return None
+
+
+def _flat(x):
+    if isinstance(x, int):
+        return (x,)
+    return tuple(i for part in x for i in _flat(part))
+
+
+def _placements(spec: Record, where: str, name: str) -> list[tuple[str, int | None]]:
+    out = []
+    for p in spec.get("placements") or ():
+        kind = getattr(p, "kind", type(p).__name__)
+        if kind == "Shard":
+            out.append(("shard", p.get("dim")))
+        elif kind == "Replicate":
+            out.append(("replicate", None))
+        else:
+            raise RelexError(f"{where}: tensor '{name}' has a {kind} placement (FSDP with tensor "
+                             f"parallelism), which relex does not read; convert the checkpoint "
+                             f"to HF first with verl's merger")
+    if not out or sum(k == "shard" for k, _ in out) > 1:
+        raise RelexError(f"{where}: tensor '{name}' has placements {out}, which relex does not "
+                         f"read (one Shard dim at most); convert the checkpoint to HF first")
+    return out
+
+
+class VerlFSDPReader(Reader):
+    """A verl FSDP actor directory (`global_step_N/actor`), read shard by shard in place.
+
+    >>> r = VerlFSDPReader("runs/grpo/global_step_50/actor")
+    >>> r.read("model.embed_tokens.weight", 0, 4096)   # a view of rank 0's mapped file
+    """
+
+    format = NAME
+
+    def __init__(self, path):
+        super().__init__(Path(path))
+        self.world, self._all = rank_files(self.path)
+        hf = self.path / "huggingface"
+        self.meta_dir = hf if (hf / "config.json").is_file() else None
+        self._maps = MappedFiles()
+        self._states: dict[int, dict] = {}
+        self._chunked: dict[str, ChunkedTensor] = {}
+        state0 = self._state(0)
+        for name, value in state0.items():
+            self._chunked[name] = self._assemble(name, value)
+            c = self._chunked[name]
+            self.tensors[name] = TensorMeta(name, c.dtype, c.shape)
+
+    def _state(self, rank: int) -> dict:
+        if rank not in self._states:
+            file = self._all[rank]
+            state = load(file)
+            if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+                raise RelexError(f"{file}: not a model state dict (expected a dict of tensors); "
+                                 f"is this an optimizer or extra-state file renamed?")
+            for name, value in state.items():
+                if not isinstance(value, (StoredTensor, DTensorRecord)):
+                    raise RelexError(f"{file}: entry '{name}' is a {type(value).__name__}, not "
+                                     f"a tensor; not a model state dict")
+            if rank and set(state) != set(self._states[0]):
+                name = min(set(state) ^ set(self._states[0]))
+                raise RelexError(f"{file}: tensor '{name}' is in this rank file or rank 0's "
+                                 f"but not both; the rank files come from different saves")
+            self._states[rank] = state
+        return self._states[rank]
+
+    def _assemble(self, name: str, value) -> ChunkedTensor:
+        where = str(self._all[0])
+        if isinstance(value, StoredTensor):  # a plain tensor: the same full copy on every rank
+            return ChunkedTensor(name, value.dtype, value.shape,
+                                 [Chunk((0,) * len(value.shape), value)], self._maps, where)
+        spec = value.get("_spec")
+        local = value.get("_local_tensor")
+        if not isinstance(spec, Record) or not isinstance(local, StoredTensor):
+            raise RelexError(f"{where}: DTensor '{name}' without a local tensor or spec; the "
+                             f"file is corrupt or from an unsupported torch version")
+        shape = tuple(value.args[1]) if len(value.args) > 1 else None
+        placements = _placements(spec, where, name)
+        mesh = _mesh_shape(spec, self.world) or ((self.world,) if len(placements) == 1 else None)
+        if mesh is None or len(mesh) != len(placements) or _prod(mesh) != self.world:
+            raise RelexError(f"{where}: DTensor '{name}': device mesh {mesh} does not match "
+                             f"world size {self.world}; convert with: {_hint(self.path)}")
+        shard = [i for i, (k, _) in enumerate(placements) if k == "shard"]
+        if not shard:
+            return ChunkedTensor(name, local.dtype, local.shape,
+                                 [Chunk((0,) * len(local.shape), local)], self._maps, where)
+        axis, dim = shard[0], placements[shard[0]][1]
+        if shape is None or not isinstance(dim, int) or not 0 <= dim < len(shape):
+            raise RelexError(f"{where}: DTensor '{name}': bad shard dim {dim}; the file is "
+                             f"corrupt")
+        chunks, pos = [], 0
+        for coord in range(mesh[axis]):
+            # Row-major mesh: the rank whose coordinates are 0 except `coord` on the shard axis.
+            rank = coord * _prod(mesh[axis + 1:])
+            state = self._state(rank)
+            self._check_coordinate(rank, state.get(name), mesh)
+            part = state[name].get("_local_tensor") if isinstance(state[name], Record) else None
+            if not isinstance(part, StoredTensor) or len(part.shape) != len(shape) or any(
+                    s != g for i, (s, g) in enumerate(zip(part.shape, shape)) if i != dim):
+                raise RelexError(f"{self._all[rank]}: tensor '{name}': local shard of shape "
+                                 f"{list(getattr(part, 'shape', []))} does not fit global shape "
+                                 f"{list(shape)}; the rank files come from different saves")
+            offsets = [0] * len(shape)
+            offsets[dim] = pos
+            chunks.append(Chunk(tuple(offsets), part))
+            pos += part.shape[dim]
+        return ChunkedTensor(name, local.dtype, shape, chunks, self._maps, where)
+
+    def _check_coordinate(self, rank: int, value, mesh: tuple[int, ...]) -> None:
+        """A rank file's DTensors know their mesh coordinates (torch >= 2.8): check the name."""
+        spec = value.get("_spec") if isinstance(value, Record) else None
+        dmesh = spec.get("mesh") if isinstance(spec, Record) else None
+        coord = dmesh.get("_coordinate_on_dim") if isinstance(dmesh, Record) else None
+        if coord is None:
+            return
+        expect, r = [], rank
+        for size in reversed(mesh):
+            expect.append(r % size)
+            r //= size
+        if tuple(coord) != tuple(reversed(expect)):
+            raise RelexError(f"{self._all[rank]}: holds the shard of mesh coordinate "
+                             f"{tuple(coord)}, not rank {rank}'s; were the files renamed?")
+
+    def files(self) -> list[Path]:
+        return [self._all[r] for r in sorted(self._states)]
+
+    def read(self, name, start, stop):
+        return self._chunked[name].read(start, stop)
+
+    def release(self, name, start, stop):
+        self._chunked[name].release(start, stop)
+
+    def prefetch(self, name, start, stop):
+        self._chunked[name].prefetch(start, stop)
+
+    def close(self) -> None:
+        self._maps.close()
+
+
+def detect(path: Path) -> bool:
+    return path.is_dir() and any(RANK_FILE.fullmatch(f.name) for f in path.iterdir())
+
+
+def reader(path: Path) -> VerlFSDPReader:
+    return VerlFSDPReader(path)

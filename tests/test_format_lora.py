@@ -1,0 +1,207 @@
+"""LoRA adapters read as merged models: fixtures written by real peft (get_peft_model, a few real
+optimizer steps, save_pretrained per checkpoint), compared with peft's own merged exports
+(merge_and_unload + save_pretrained) of the same trajectory and with the float64 reference."""
+
+import copy
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import relex
+from conftest import assert_within_ulp, load_dir, reference, tiny_model
+from relex.cli import main
+from relex.errors import RelexError
+from relex.formats import open_reader
+
+peft = pytest.importorskip("peft")
+
+STEPS = (2, 4, 6, 8, 10)
+
+
+def lora_run(root, *, dtype=torch.float32, record_base=False, **lora_kw):
+    """Train a tiny qwen2 with LoRA for 10 Adam steps on a fixed batch; save the adapter (and
+    peft's merged export) at STEPS. Returns (adapter run, merged run, base dir)."""
+    model = tiny_model("qwen2").to(dtype)
+    base = root / "base"
+    model.save_pretrained(base)
+    cfg = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj",
+                                                                          "up_proj"], **lora_kw})
+    pm = peft.get_peft_model(model, cfg)
+    if record_base:
+        pm.peft_config["default"].base_model_name_or_path = str(base)
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=2e-3)
+    ids = torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(0))
+    for step in range(1, max(STEPS) + 1):
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step in STEPS:
+            pm.save_pretrained(root / "run" / f"checkpoint-{step}")
+            merged = copy.deepcopy(pm).merge_and_unload()
+            merged.save_pretrained(root / "merged" / f"checkpoint-{step}")
+    return root / "run", root / "merged", base
+
+
+def check_same_as_merged(tmp_path, run, merged, base, targets=(20,)):
+    """relex on the adapters == relex on peft's merged exports, both within 1 ulp of the float64
+    reference computed from the merged exports."""
+    relex.extrapolate(run, base=base, targets=list(targets), output=tmp_path / "a",
+                      progress=False)
+    relex.extrapolate(merged, base=base, targets=list(targets), output=tmp_path / "m",
+                      progress=False)
+    b = load_dir(base)
+    refs = reference(b, [load_dir(merged / f"checkpoint-{s}") for s in STEPS], STEPS, targets)
+    for target, ref in zip(targets, refs):
+        got, via_merged = load_dir(tmp_path / "a" / f"step-{target}"), \
+            load_dir(tmp_path / "m" / f"step-{target}")
+        assert set(got) == set(ref) == set(via_merged)
+        for name, t in got.items():
+            assert t.dtype == b[name].dtype, name
+            assert_within_ulp(t, ref[name], name, b[name].double().numpy())
+            assert torch.equal(t, via_merged[name]), name
+
+
+def test_lora_equals_merged_exports(tmp_path):
+    """Patterns, lora_B bias, an embedding adapter and a modules_to_save lm_head at once."""
+    run, merged, base = lora_run(
+        tmp_path, target_modules=["q_proj", "v_proj", "up_proj", "embed_tokens"],
+        rank_pattern={"v_proj": 2}, alpha_pattern={"model.layers.1.self_attn.q_proj": 3},
+        lora_bias=False, modules_to_save=["lm_head"])
+    check_same_as_merged(tmp_path, run, merged, base)
+    # every element range, unaligned to rows, is the merged weight's (peft's arithmetic)
+    with open_reader(run / "checkpoint-6", base=base) as r:
+        want = load_dir(merged / "checkpoint-6")
+        assert r.format == "lora" and len(r.adapters) == 2 * 3 + 1
+        for name in ("model.layers.0.self_attn.v_proj.weight", "model.embed_tokens.weight",
+                     "lm_head.weight", "model.layers.1.mlp.up_proj.weight"):
+            flat = want[name].reshape(-1)
+            n = flat.numel()
+            for a, b in [(0, n), (7, 45), (33, n - 20), (n - 5, n)]:
+                assert torch.equal(r.read(name, a, b), flat[a:b]), (name, a, b)
+
+
+def test_rslora_with_lora_bias_and_base_from_adapter_config(tmp_path):
+    """rsLoRA (alpha / sqrt(r)), lora_B biases on qwen2's biased q/v projections, and the base
+    found from adapter_config.json's base_model_name_or_path (no --base)."""
+    run, merged, base = lora_run(tmp_path, r=8, lora_alpha=4, use_rslora=True, lora_bias=True,
+                                 target_modules=["q_proj", "v_proj"], record_base=True)
+    check_same_as_merged(tmp_path, run, merged, base)
+    rep = relex.extrapolate(run, targets=[30], output=tmp_path / "nobase", progress=False)
+    assert rep.tensors == len(load_dir(base))
+    with open_reader(run / "checkpoint-2") as r:
+        assert r.adapters["model.layers.0.self_attn.q_proj.weight"].scaling == 4 / 8 ** 0.5
+
+
+def test_bf16_base_fp32_adapters(tmp_path):
+    """peft keeps adapters in fp32 over a bf16 base; the merge rounds into bf16."""
+    run, merged, base = lora_run(tmp_path, dtype=torch.bfloat16)
+    check_same_as_merged(tmp_path, run, merged, base)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    run, _, base = lora_run(root, target_modules=["q_proj"])
+    return run, base
+
+
+def _broken_copy(tmp_path, small_run):
+    run, base = small_run
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst, base, dst / "checkpoint-4"
+
+
+def _cli_fails(tmp_path, run, base, match, *extra):
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    args = ["extrapolate", str(run), "--target", "30", "-o", str(tmp_path / "out"), "-q"]
+    assert main(args + (["--base", str(base)] if base else []) + list(extra)) == 2
+    assert not (tmp_path / "out").exists()
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    with pytest.raises(RelexError, match=match) as e:
+        relex.extrapolate(run, base=base, targets=[30], output=tmp_path / "out", progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_adapter_for_module_the_base_lacks(tmp_path, small_run):
+    run, base, ck = _broken_copy(tmp_path, small_run)
+    f = ck / "adapter_model.safetensors"
+    t = load_file(f)
+    t = {k.replace("layers.1.", "layers.7."): v for k, v in t.items()}
+    save_file(t, f, metadata={"format": "pt"})
+    _cli_fails(tmp_path, run, base, r"checkpoint-4/adapter_model.safetensors: adapter for "
+                                    r"'model.layers.7.self_attn.q_proj'.*no tensor")
+
+
+def test_adapter_shape_mismatch_with_base(tmp_path, small_run):
+    run, base, ck = _broken_copy(tmp_path, small_run)
+    f = ck / "adapter_model.safetensors"
+    t = load_file(f)
+    key = next(k for k in t if k.endswith("lora_A.weight"))
+    t[key] = torch.zeros(4, 31)
+    save_file(t, f, metadata={"format": "pt"})
+    _cli_fails(tmp_path, run, base, "do not form the base weight's shape")
+
+
+def test_truncated_and_corrupt_adapter(tmp_path, small_run):
+    run, base, ck = _broken_copy(tmp_path, small_run)
+    f = ck / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+    _cli_fails(tmp_path, run, base, "adapter_model.safetensors: truncated")
+    (ck / "adapter_config.json").write_text("{not json")
+    _cli_fails(tmp_path, run, base, "adapter_config.json: not valid JSON")
+
+
+def test_overlapping_offsets_refused(tmp_path, small_run):
+    """The fuzzing finding: two entries sharing bytes; the strict header check refuses it."""
+    run, base, ck = _broken_copy(tmp_path, small_run)
+    f = ck / "adapter_model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    a, b = [k for k in header if k.endswith("lora_A.weight")][:2]
+    header[b]["data_offsets"] = header[a]["data_offsets"]
+    text = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    _cli_fails(tmp_path, run, base, "adapter_model.safetensors: corrupt safetensors header")
+
+
+def test_dora_refused_and_remote_base_needs_flag(tmp_path, small_run):
+    run, base, ck = _broken_copy(tmp_path, small_run)
+    cfg = json.loads((ck / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "Qwen/Qwen2.5-Math-1.5B"
+    for c in run.iterdir():
+        (c / "adapter_config.json").write_text(json.dumps(cfg))
+    _cli_fails(tmp_path, run, None, "no --base given")
+    with pytest.raises(RelexError, match=r"is not a local directory; pass --base"):
+        open_reader(ck)
+    cfg["use_dora"] = True
+    (ck / "adapter_config.json").write_text(json.dumps(cfg))
+    _cli_fails(tmp_path, run, base, "adapter_config.json: use_dora is set")
+
+
+def test_verl_lora_adapter_layout_and_mixed_with_hf(tmp_path, small_run):
+    """verl's global_step_N/actor/lora_adapter beside HF checkpoints of other steps."""
+    run, base = small_run
+    merged = tmp_path / "mixed"
+    for i, s in enumerate(STEPS):
+        src = run / f"checkpoint-{s}"
+        if i % 2:
+            shutil.copytree(src, merged / f"global_step_{s}" / "actor" / "lora_adapter")
+        else:
+            d = merged / f"global_step_{s}" / "actor" / "huggingface"
+            d.mkdir(parents=True)
+            with open_reader(src, base=base) as r:  # an HF export of the same step
+                save_file({n: r.read(n, 0, m.numel).reshape(m.shape).clone()
+                           for n, m in r.tensors.items()},
+                          d / "model.safetensors", metadata={"format": "pt"})
+            shutil.copy(base / "config.json", d)
+    relex.extrapolate(merged, base=base, targets=[20], output=tmp_path / "x", progress=False)
+    relex.extrapolate(run, base=base, targets=[20], output=tmp_path / "y", progress=False)
+    x, y = load_dir(tmp_path / "x/step-20"), load_dir(tmp_path / "y/step-20")
+    assert all(torch.equal(x[k], y[k]) for k in y)
