@@ -6,6 +6,7 @@ Measurements for issue 8 (not part of the suite): `python tests/test_trl.py SEED
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -142,6 +143,11 @@ def test_refusals_and_errors_do_not_crash(tmp_path, caplog):
     t.args.deepspeed = "ds.json"  # what a DeepSpeed launch sets
     with pytest.raises(RelexError, match="FSDP / DeepSpeed"):
         t.train()
+    # two optimizer steps per generation (num_iterations=2): a 3-step cycle would jump mid-buffer
+    t = trainer(tmp_path / "g", 4, [RelexCallback("accelerate", cycle=3, jump=4, every=1)],
+                prompts=2, num_iterations=2)
+    with pytest.raises(RelexError, match=r"multiples of the generation interval \(2"):
+        t.train()
     # an error inside relex at jump time is logged, and training goes on to max_steps
     cb = RelexCallback("accelerate", cycle=2, jump=4, every=1)
     t = trainer(tmp_path / "c", 5, [cb], prompts=2)
@@ -173,6 +179,38 @@ def test_forecast_and_stop_modes(tmp_path):
     assert json.loads((out / "relex.json").read_text())
 
 
+def test_stop_mode_failure_keeps_training_and_resume_keeps_base(tmp_path, caplog):
+    st = RelexCallback("stop", observe_until=2, targets=[8], base=tmp_path / "no-such-base")
+    t = trainer(tmp_path / "s", 4, [st], prompts=2, save_strategy="steps", save_steps=2)
+    with caplog.at_level("ERROR", logger="relex.integrations.trl"):
+        t.train()
+    assert t.state.global_step == 4, "relex failed, so the run went on to max_steps"
+    assert "wrote nothing" in caplog.text and st.written is None
+    # resuming: the saved pre-RL base is reused, never overwritten by the resumed weights
+    fc = RelexCallback("forecast")
+    t = trainer(tmp_path / "r", 2, [fc], prompts=2, save_strategy="steps", save_steps=2)
+    t.train()
+    base = tmp_path / "r" / "relex-base" / "model.safetensors"
+    before = base.read_bytes()
+    t = trainer(tmp_path / "r", 4, [RelexCallback("forecast")], prompts=2,
+                save_strategy="steps", save_steps=2)
+    t.train(resume_from_checkpoint=str(tmp_path / "r" / "checkpoint-2"))
+    assert base.read_bytes() == before
+    shutil.rmtree(tmp_path / "r" / "relex-base")
+    t = trainer(tmp_path / "r", 6, [RelexCallback("forecast")], prompts=2,
+                save_strategy="steps", save_steps=2)
+    with pytest.raises(RelexError, match="resumed at step 4 .* pass base="):
+        t.train(resume_from_checkpoint=str(tmp_path / "r" / "checkpoint-4"))
+
+
+def test_add_to_registers_ahead_of_reporting_callbacks(tmp_path):
+    reporter = Recorder()  # stands in for W&B / TensorBoard, registered before relex
+    t = trainer(tmp_path / "run", 2, [reporter], prompts=2)
+    cb = RelexCallback(mode="accelerate", cycle=2, jump=2).add_to(t)
+    order = t.callback_handler.callbacks
+    assert order[0] is cb and order.index(cb) < order.index(reporter)
+
+
 def measure(seed: int, jump: int, steps: int) -> dict:
     """Held-out accuracy after `steps` real steps, 32 prompts x 8 (jump < 0: plain TRL)."""
     torch.set_num_threads(1)
@@ -188,11 +226,3 @@ def measure(seed: int, jump: int, steps: int) -> dict:
 
 if __name__ == "__main__":
     print(json.dumps(measure(*map(int, sys.argv[1:4]))))
-
-
-def test_add_to_registers_ahead_of_reporting_callbacks(tmp_path):
-    reporter = Recorder()  # stands in for W&B / TensorBoard, registered before relex
-    t = trainer(tmp_path / "run", 2, [reporter], prompts=2)
-    cb = RelexCallback(mode="accelerate", cycle=2, jump=2).add_to(t)
-    order = t.callback_handler.callbacks
-    assert order[0] is cb and order.index(cb) < order.index(reporter)

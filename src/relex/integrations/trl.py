@@ -121,7 +121,13 @@ class RelexCallback(TrainerCallback):
             self._warn_save_limit(args)
         if self.base is None:
             self.base = Path(args.output_dir) / "relex-base"
-            if state.is_world_process_zero:
+            if state.global_step > 0:  # resumed: the model is no longer the pre-RL base
+                if not (self.base / "config.json").is_file():
+                    raise RelexError(f"RelexCallback: training resumed at step "
+                                     f"{state.global_step} and {self.base} (the model saved "
+                                     f"when training first started) is missing; pass base= "
+                                     f"the model before RL")
+            elif state.is_world_process_zero:
                 model.save_pretrained(self.base)
 
     def _check_boundaries(self, args) -> None:
@@ -189,18 +195,25 @@ class RelexCallback(TrainerCallback):
         if self.mode == "stop":
             if step < self.observe_until or self.written is not None:
                 return
-            control.should_training_stop = True
-            if state.is_world_process_zero:
-                self._guarded(self._stop, args, state)
+            ok = self._guarded(self._stop, args, state) if state.is_world_process_zero else False
+            if _agree(ok):  # stop only once the targets are written; else train on
+                control.should_training_stop = True
+            else:
+                self._disabled = True
+                log.error("relex: stop mode wrote nothing at step %d; training continues",
+                          step)
             return
         if state.is_world_process_zero:
             self._guarded(self._forecast, args, state)
 
-    def _guarded(self, fn, args, state) -> None:
+    def _guarded(self, fn, args, state) -> bool:
+        """fn(args, state); True when it ran, False (logged) when it raised."""
         try:
             fn(args, state)
+            return True
         except Exception as e:  # noqa: BLE001 -- never crash the user's run because of relex
             log.error("relex: %s at step %d: %s", self.mode, state.global_step, e)
+            return False
 
     def _forecast(self, args, state) -> None:
         import relex
@@ -239,6 +252,17 @@ class RelexCallback(TrainerCallback):
                                   "relex/targets_written": len(report.targets)})
         log.info("relex: wrote %s and stopped training at step %d", ", ".join(
             str(p) for p in report.targets.values()), state.global_step)
+
+
+def _agree(ok: bool) -> bool:
+    """Rank 0's `ok` on every rank (file work happens on rank 0 only; every rank must then
+    take the same decision, or the ranks would wait on each other forever)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [ok]
+        dist.broadcast_object_list(box, src=0)
+        return bool(box[0])
+    return ok
 
 
 def _log_into_history(state, entry: dict) -> None:
