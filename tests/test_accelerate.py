@@ -65,6 +65,7 @@ def test_jump_equals_reference_and_optimizer_state_survives(rank):
     assert not events and acc.memory_bytes() > 0
     state_before = {id(p): {k: v for k, v in opt.state[p].items()} for p in model.parameters()
                     if p.requires_grad}
+    ids = {n: id(p) for n, p in model.named_parameters()}
     history_10, events = train(model, opt, acc, 1, start=10)
     history.update(history_10)
     (j,) = events.values()
@@ -80,7 +81,7 @@ def test_jump_equals_reference_and_optimizer_state_survives(rank):
         got = p.detach().double().numpy()
         assert np.abs(got - ref).max() <= 1e-6 * max(1.0, np.abs(ref).max()), name
         assert not np.allclose(got, history[10][name].numpy()), "the jump moved the weights"
-        assert p is p
+        assert id(dict(model.named_parameters())[name]) == ids[name], "jumped in place"
     for p in model.parameters():  # same state tensors, same step counts: Adam state survives
         if p.requires_grad:
             for k, v in state_before[id(p)].items():
@@ -150,7 +151,8 @@ def test_bad_input_is_one_line():
     for kw, match in [(dict(cycle=2, every=2), "at least 2 snapshots"),
                       (dict(cycle=5, every=2), "multiple"),
                       (dict(jump=-1), "jump -1"),
-                      (dict(guard_steps=50), "guard_steps")]:
+                      (dict(guard_steps=50), "guard_steps"),
+                      (dict(guard_steps=0), "guard_steps 0")]:
         with pytest.raises(RelexError, match=match) as e:
             Accelerator(model, **kw)
         assert "\n" not in str(e.value)
@@ -159,3 +161,60 @@ def test_bad_input_is_one_line():
     model.a.weight = torch.nn.Parameter(torch.zeros(7, 6))  # resized mid-cycle
     with pytest.raises(RelexError, match="a.weight changed shape"):
         acc.step(2)
+
+
+def _cycle(model, acc, steps, live, poison=None, start=1):
+    """`steps` plain updates (+0.01 each), `poison(step)` after each, then acc.step; `live`
+    gets the weights acc.step saw last (the pre-jump weights)."""
+    for step in range(start, start + steps):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+            if poison is not None:
+                poison(step)
+        live.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        acc.step(step)
+
+
+def _unchanged(model, live):
+    return [n for n, p in model.named_parameters()
+            if not torch.allclose(p.detach(), live[n], rtol=0, atol=0, equal_nan=True)]
+
+
+def test_nan_in_a_parameter_is_named_and_no_jump_is_written():
+    model = Toy()
+    acc = Accelerator(model, cycle=4, jump=4, every=2)
+
+    def poison(step):
+        if step == 4:
+            model.b.weight[0, 0] = float("nan")  # a later parameter than a.weight / a.bias
+
+    live = {}
+    with pytest.raises(RelexError, match=r"NaN/Inf in parameter b\.weight .*no jump") as e:
+        _cycle(model, acc, 4, live, poison)
+    assert "\n" not in str(e.value)
+    assert _unchanged(model, live) == [], "a.weight / a.bias must not be jumped"
+    assert acc.jumps == [] and acc.virtual_step == 4
+
+
+def test_a_failing_jump_restores_every_parameter(monkeypatch):
+    model = Toy()
+    acc = Accelerator(model, cycle=4, jump=4, every=2)
+    combine, calls = acc._combine, []
+
+    def failing(base, rows, w):  # the 2nd parameter fails after the 1st's jump was written
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("out of memory")
+        return combine(base, rows, w)
+
+    monkeypatch.setattr(acc, "_combine", failing)
+    live = {}
+    with pytest.raises(MemoryError):
+        _cycle(model, acc, 4, live)
+    assert len(calls) == 2 and acc.jumps == []
+    assert _unchanged(model, live) == [], "no parameter left half-jumped"
+    # the failed cycle is used up; the next one jumps normally
+    monkeypatch.setattr(acc, "_combine", combine)
+    _cycle(model, acc, 4, live, start=5)
+    assert len(acc.jumps) == 1 and _unchanged(model, live) != []

@@ -205,3 +205,95 @@ def test_verl_lora_adapter_layout_and_mixed_with_hf(tmp_path, small_run):
     relex.extrapolate(run, base=base, targets=[20], output=tmp_path / "y", progress=False)
     x, y = load_dir(tmp_path / "x/step-20"), load_dir(tmp_path / "y/step-20")
     assert all(torch.equal(x[k], y[k]) for k in y)
+
+
+def test_pissa_adapter_refused_and_its_converted_save_read(tmp_path):
+    """A real PiSSA save is a delta to a base peft rewrites (W - B0 A0): refused, naming the
+    save_pretrained option that converts it; the converted save reads as peft's merge."""
+    model = tiny_model("qwen2")
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=2, init_lora_weights="pissa",
+                                                    target_modules=["q_proj"]))
+    pm.save_pretrained(tmp_path / "init")  # the initial adapter, for the conversion
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(0.01 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "pissa")
+    cfg = tmp_path / "pissa" / "adapter_config.json"
+    assert json.loads(cfg.read_text())["init_lora_weights"] == "pissa"
+    with pytest.raises(RelexError, match=r"pissa/adapter_config.json: init_lora_weights is "
+                                         r"'pissa'.*path_initial_model_for_weight_conversion"
+                       ) as e:
+        open_reader(tmp_path / "pissa", base=base)
+    assert "\n" not in str(e.value)
+    pm.save_pretrained(tmp_path / "plain",
+                       path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    want = copy.deepcopy(pm).merge_and_unload().state_dict()
+    with open_reader(tmp_path / "plain", base=base) as r:
+        name = "model.layers.0.self_attn.q_proj.weight"
+        got = r.read(name, 0, r.tensors[name].numel).reshape(r.tensors[name].shape)
+        assert torch.allclose(got, want[name], atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_4", "corda", "olora", "loftq", "lora_ga", "mica"])
+def test_inits_that_rewrite_the_base_refused(tmp_path, small_run, init):
+    _, base, ck = _broken_copy(tmp_path, small_run)
+    cfg = json.loads((ck / "adapter_config.json").read_text())
+    cfg["init_lora_weights"] = init
+    (ck / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RelexError, match=rf"adapter_config.json: init_lora_weights is '{init}'"):
+        open_reader(ck, base=base)
+    for ok in (True, False, "gaussian", "eva", "orthogonal"):  # plain LoRA deltas
+        cfg["init_lora_weights"] = ok
+        (ck / "adapter_config.json").write_text(json.dumps(cfg))
+        open_reader(ck, base=base).close()
+
+
+def _shape_case(tmp_path, fifo, shapes):
+    """A base of 2-D weights {module: shape} and a rank-2 adapter on each (A (2, in), B (out, 2),
+    in / out from the shape as nn.Linear (out, in) or Conv1D (in, out) per `shapes[m][1]`)."""
+    g = torch.Generator().manual_seed(0)
+    base, ad, want = tmp_path / "base", tmp_path / "ad", {}
+    base.mkdir()
+    ad.mkdir()
+    weights, lora = {}, {}
+    for m, (shape, conv1d) in shapes.items():
+        w = torch.randn(shape, generator=g)
+        fan_in, fan_out = shape if conv1d else shape[::-1]
+        a, b = torch.randn(2, fan_in, generator=g), torch.randn(fan_out, 2, generator=g)
+        weights[f"{m}.weight"] = w
+        lora[f"base_model.model.{m}.lora_A.weight"] = a
+        lora[f"base_model.model.{m}.lora_B.weight"] = b
+        delta = (b @ a) * 2.0  # lora_alpha 4 / r 2
+        want[f"{m}.weight"] = w + (delta.T if conv1d else delta)
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    save_file(lora, ad / "adapter_model.safetensors", metadata={"format": "pt"})
+    (ad / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "fan_in_fan_out": fifo,
+         "target_modules": sorted(shapes)}))
+    return ad, base, want
+
+
+@pytest.mark.parametrize("fifo", [True, False])
+def test_fan_in_fan_out_decided_per_layer(tmp_path, fifo):
+    """peft decides per module (nn.Linear: never, transformers Conv1D: always), whatever
+    adapter_config.json says: a GPT-2-like model has both kinds."""
+    shapes = {"h.c_attn": ((4, 12), True), "lm_head": ((10, 4), False)}
+    if not fifo:  # a square weight is an nn.Linear unless the config says fan_in_fan_out
+        shapes["h.o_proj"] = ((5, 5), False)
+    ad, base, want = _shape_case(tmp_path, fifo, shapes)
+    with open_reader(ad, base=base) as r:
+        for name, w in want.items():
+            flat = w.reshape(-1)
+            for a, b in [(0, flat.numel()), (3, 17), (5, flat.numel() - 2)]:
+                assert torch.allclose(r.read(name, a, b), flat[a:b], atol=1e-5), (name, a, b)
+
+
+def test_square_weight_with_fan_in_fan_out_refused(tmp_path):
+    ad, base, _ = _shape_case(tmp_path, True, {"h.c_proj": ((6, 6), True)})
+    with pytest.raises(RelexError, match=r"adapter for 'h.c_proj': its base weight is square.*"
+                                         r"fan_in_fan_out is true in adapter_config.json") as e:
+        open_reader(ad, base=base)
+    assert "\n" not in str(e.value)

@@ -196,3 +196,15 @@ def test_tensor_parallel_chunks_refused(tmp_path, nemo_run):
     _fails(tmp_path, run, base, "split along a dim other than 0")
     _rewrite_header(f, lambda h: h["__metadata__"].pop("DCP_SHARDING_INFO"))
     _fails(tmp_path, run, base, "no valid __metadata__\\['DCP_SHARDING_INFO'\\]")
+
+
+def test_missing_last_shard_is_suggested(tmp_path, nemo_run):
+    """Nothing in NeMo-RL's files gives the world size or global shapes: without the last rank's
+    file every tensor is short in dim 0, and the shape error says a rank file may be missing."""
+    run, base, d = _damaged(tmp_path, nemo_run)
+    (d / "shard-00002-model-00001-of-00001.safetensors").unlink()
+    with open_reader(d) as r:  # reads as a valid, smaller checkpoint
+        assert r.tensors["model.embed_tokens.weight"].shape[0] == 48
+    _fails(tmp_path, run, base, r"step_4/policy/weights/model: tensor '.*' has shape .* but the "
+                                r"base has .*dim 0 was inferred from the shard files present.*"
+                                r"shard-00002-model-\.\.\.\) may be missing")

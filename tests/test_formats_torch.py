@@ -519,3 +519,70 @@ def test_real_deepspeed_zero2_checkpoint(tmp_path):
         assert r.format == "deepspeed" and r.tensors.keys() == module.keys()
         for name, t in module.items():
             assert torch.equal(r.read(name, 0, t.numel()), t.reshape(-1)), name
+
+
+# --------------------------------------------------------------------- torchfile hardening
+def _boxes(tmp_path, boxes):
+    """A (2, 4) float32 global tensor stored as (2, 2) boxes at the given offsets."""
+    from relex.formats.base import MappedFiles
+    from relex.formats.torchfile import Chunk, ChunkedTensor, Storage, StoredTensor
+    f = tmp_path / "data.bin"
+    f.write_bytes(torch.arange(8, dtype=torch.float32).numpy().tobytes())
+    st = Storage("0", torch.float32, 8, f, 0)
+    chunks = [Chunk(offs, StoredTensor(st, 4 * i, (2, 2), (2, 1))) for i, offs in
+              enumerate(boxes)]
+    return ChunkedTensor("w", "F32", (2, 4), chunks, MappedFiles(), str(f))
+
+
+def test_overlapping_nd_chunks_refused(tmp_path):
+    """Two boxes at one offset and a gap of the same size: the element count is right, but the
+    cover is not (read would return uninitialised memory)."""
+    ct = _boxes(tmp_path, [(0, 0), (0, 2)])
+    assert torch.equal(ct.read(0, 8), torch.tensor([0., 1, 4, 5, 2, 3, 6, 7]))
+    with pytest.raises(RelexError, match=r"data\.bin: tensor 'w': chunks of shape \[2, 2\] at "
+                                         r"\[0, 0\] and \[2, 2\] at \[0, 0\] overlap") as e:
+        _boxes(tmp_path, [(0, 0), (0, 0)])
+    assert "\n" not in str(e.value)
+    with pytest.raises(RelexError, match="overlap"):
+        _boxes(tmp_path, [(0, 1), (0, 2)])  # partly overlapping; column 0 left out
+
+
+_LAZY = r"""
+import sys
+import torch
+from relex.errors import RelexError
+from relex.formats.torchfile import restricted_loads
+lazy = ("torch._dynamo", "torch.onnx")
+assert not any(m in sys.modules for m in lazy), [m for m in lazy if m in sys.modules]
+for name in ("_dynamo", "onnx", "compile"):
+    try:
+        restricted_loads(b"\x80\x02ctorch\n" + name.encode() + b"\n.", "hostile.pkl")
+    except RelexError as e:
+        assert f"refusing to unpickle global 'torch.{name}'" in str(e), e
+    else:
+        raise SystemExit(f"torch.{name} was allowed")
+assert restricted_loads(b"\x80\x02ctorch\nbfloat16\n.", "ok.pkl") is torch.bfloat16
+assert restricted_loads(b"\x80\x02ctorch\nchannels_last\n.", "ok.pkl") is torch.channels_last
+print([m for m in lazy if m in sys.modules])
+"""
+
+
+def test_refused_torch_global_imports_nothing():
+    """Refusing `torch._dynamo` must not first import it (torch's lazy module __getattr__):
+    in a fresh interpreter, so other tests' imports cannot mask it."""
+    out = subprocess.run([sys.executable, "-c", _LAZY], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+def test_deeply_nested_pickle_is_one_error(tmp_path):
+    from relex.formats.torchfile import load
+    n = 100_000
+    f = tmp_path / "deep.pt"
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02" + b"]" * n + b"a" * (n - 1) + b".")
+        z.writestr("archive/byteorder", "little")
+    with pytest.raises(RelexError, match=r"deep\.pt: data\.pkl nests too deeply") as e:
+        load(f)
+    assert "\n" not in str(e.value)

@@ -10,7 +10,9 @@ accuracy with about half the real steps; resetting the optimizer at each jump lo
 
 The guard: when the mean reward of the `guard_steps` steps after a jump falls more than
 `guard_margin` below the mean of the `guard_steps` steps before it, the pre-jump weights are
-restored, the next jump is halved, and the rollback is logged and recorded.
+restored, the next jump is halved, and the rollback is logged and recorded. A jump never
+stays half-written: on any error while writing it (NaN/Inf in the cycle raises a RelexError
+naming the parameter) every parameter is restored to the live weights and the error re-raised.
 
 Memory: the cycle's T = cycle / every snapshots plus the cycle start and the pre-jump weights,
 each a CPU copy of the trainable parameters in their own dtype: (T + 2) x model bytes (cycle 20,
@@ -88,7 +90,7 @@ class Accelerator:
                              f"and a multiple of `every` steps; use e.g. cycle=20, every=2")
         if jump < 0:
             raise RelexError(f"jump {jump}: must be >= 0 (0 observes without jumping)")
-        if not 1 <= (guard_steps or 1) <= cycle:
+        if guard_steps is not None and not 1 <= guard_steps <= cycle:
             raise RelexError(f"guard_steps {guard_steps}: must be between 1 and cycle ({cycle})")
         self.config = FitConfig(method, rank)
         self.config.check(cycle // every)
@@ -145,9 +147,10 @@ class Accelerator:
         self.snap_steps.append(k)
         if k < self.cycle:
             return None
-        jump = self._jump(step, reward, optimizer) if self.jump > 0 else None
-        self._restart(step)
-        return jump
+        try:
+            return self._jump(step, reward, optimizer) if self.jump > 0 else None
+        finally:  # the cycle is used up, jumped or not (a failed jump left the weights as is)
+            self._restart(step)
 
     def _checked_copy(self) -> dict[str, torch.Tensor]:
         snap = self._copy()
@@ -170,15 +173,24 @@ class Accelerator:
         pre = self.snapshots[-1]  # the live weights now
         evs, r2s = [], []
         with torch.no_grad():
-            for name, p in self.params:
-                base = self.base[name].reshape(-1)
-                rows = [s[name].reshape(-1) for s in self.snapshots]
-                gram = self._gram(base, rows)
-                fit = extrapolation_weights(gram, steps, target, self.config)
-                if fit.stats["r2"] is not None:
-                    evs.append(fit.stats["explained_variance"][self.config.rank - 1])
-                    r2s.append(fit.stats["r2"])
-                p.copy_(self._combine(base, rows, fit.weights[0]).view_as(p))
+            try:
+                for name, p in self.params:
+                    base = self.base[name].reshape(-1)
+                    rows = [s[name].reshape(-1) for s in self.snapshots]
+                    gram = self._gram(base, rows)
+                    if not np.isfinite(gram).all():
+                        raise RelexError(f"NaN/Inf in parameter {name} during the cycle; no "
+                                         f"jump written (lower the learning rate or check the "
+                                         f"loss for overflow)")
+                    fit = extrapolation_weights(gram, steps, target, self.config)
+                    if fit.stats["r2"] is not None:
+                        evs.append(fit.stats["explained_variance"][self.config.rank - 1])
+                        r2s.append(fit.stats["r2"])
+                    p.copy_(self._combine(base, rows, fit.weights[0]).view_as(p))
+            except BaseException:  # never leave a jump half-written: back to the live weights
+                for name, p in self.params:
+                    p.copy_(pre[name].view_as(p))
+                raise
         before = float(np.mean(self._rewards)) if self._rewards else None
         self.jumped += self.jump
         j = Jump(step, step + self.jumped, self.jump, float(np.mean(evs)) if evs else 1.0,

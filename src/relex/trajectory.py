@@ -138,9 +138,11 @@ class Trajectory:
     @staticmethod
     def _check_tensor(ckpt: Reader, base: TensorMeta, row: TensorMeta) -> None:
         if row.shape != base.shape:
+            hint = getattr(ckpt, "shape_hint", None)  # optional: how the reader knows shapes
             raise RelexError(f"{ckpt.path}: tensor '{row.name}' has shape {list(row.shape)} but "
                              f"the base has {list(base.shape)}; same architecture and vocab "
-                             f"size needed (is --base the right model?)")
+                             f"size needed (is --base the right model?)"
+                             + (f"; {hint(row.name)}" if hint else ""))
         if base.is_float != row.is_float or (not base.is_float and base.dtype != row.dtype):
             raise RelexError(f"{ckpt.path}: tensor '{row.name}' is {row.dtype} but {base.dtype} "
                              f"in the base; only float tensors may change dtype")

@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 from relex.errors import RelexError
-from relex.formats.base import CODES, MappedFiles, Reader, TensorMeta
+from relex.formats.base import CODES, numel
 from relex.formats.torchfile import (
     Chunk,
+    ChunkedReader,
     ChunkedTensor,
     Record,
     Storage,
@@ -90,7 +91,7 @@ def hf_names(fqns: list[str], planner_data) -> dict[str, str]:
     return {f: f.removeprefix("model.") for f in fqns}
 
 
-class DCPReader(Reader):
+class DCPReader(ChunkedReader):
     """A torch DCP directory, every chunk read in place from its .distcp file.
 
     >>> r = DCPReader("out/checkpoint-50/pytorch_model_fsdp_0")
@@ -117,14 +118,12 @@ class DCPReader(Reader):
             raise RelexError(f"{md_file}: DCP metadata without tensor or storage records; "
                              f"re-copy the checkpoint")
         self.meta_dir = self._meta_dir()
-        self._maps = MappedFiles()
         self._files: set[Path] = set()
         places = {}
         for key, info in storage.items():
             fqn, offs = _field(key, "fqn"), _ints(_field(key, "offset") or ())
             places[(fqn, offs)] = info
         root = self.path.resolve()
-        self._chunked: dict[str, ChunkedTensor] = {}
         # bytes entries (extra state) hold no weights
         tensors_md = {k: v for k, v in tensors_md.items()
                       if getattr(v, "kind", None) == "TensorStorageMetadata"}
@@ -147,9 +146,7 @@ class DCPReader(Reader):
                     raise RelexError(f"{md_file}: tensor '{fqn}' has a chunk at {offs} with no "
                                      f"storage record; the checkpoint is incomplete")
                 chunks.append(Chunk(offs, self._chunk(info, fqn, dtype, sizes, root, md_file)))
-            self._chunked[name] = ChunkedTensor(name, CODES[dtype], shape, chunks, self._maps,
-                                                where)
-            self.tensors[name] = TensorMeta(name, CODES[dtype], shape)
+            self._add(ChunkedTensor(name, CODES[dtype], shape, chunks, self._maps, where))
         if not self.tensors:
             raise RelexError(f"{md_file}: no tensors in this DCP checkpoint (an optimizer "
                              f"checkpoint?); point relex at the model's DCP directory")
@@ -177,9 +174,7 @@ class DCPReader(Reader):
                              f"{_field(info, 'transform_descriptors')} (compression?), which "
                              f"relex does not read; convert with: {HINT.format(path=self.path)}")
         self._files.add(file)
-        n = 1
-        for s in sizes:
-            n *= s
+        n = numel(sizes)
         where = f"{file} (bytes {offset}-{offset + length}, tensor '{fqn}')"
         if length == n * dtype.itemsize:  # raw bytes (safetensors serialization format)
             size = file.stat().st_size
@@ -197,18 +192,6 @@ class DCPReader(Reader):
 
     def files(self) -> list[Path]:
         return sorted(self._files)
-
-    def read(self, name, start, stop):
-        return self._chunked[name].read(start, stop)
-
-    def release(self, name, start, stop):
-        self._chunked[name].release(start, stop)
-
-    def prefetch(self, name, start, stop):
-        self._chunked[name].prefetch(start, stop)
-
-    def close(self) -> None:
-        self._maps.close()
 
 
 def detect(path: Path) -> bool:

@@ -18,8 +18,14 @@ import re
 from pathlib import Path
 
 from relex.errors import RelexError
-from relex.formats.base import MappedFiles, Reader, TensorMeta
-from relex.formats.torchfile import Chunk, ChunkedTensor, StoredTensor, _record, load
+from relex.formats.torchfile import (
+    Chunk,
+    ChunkedReader,
+    ChunkedTensor,
+    StoredTensor,
+    _record,
+    load,
+)
 
 NAME = "deepspeed"
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -43,7 +49,7 @@ def _stage(state: dict) -> int | None:
     return stage if isinstance(stage, int) else None
 
 
-class DeepSpeedReader(Reader):
+class DeepSpeedReader(ChunkedReader):
     """A DeepSpeed ZeRO-1/2 checkpoint tag directory, "module" read in place.
 
     >>> r = DeepSpeedReader("ckpt/_actor/global_step50")
@@ -76,34 +82,18 @@ class DeepSpeedReader(Reader):
                              f"states file (or saved with exclude_frozen_parameters); convert "
                              f"it: {zero_to_fp32_command(self.path)}")
         self._file = file
-        self._maps = MappedFiles()
-        self._chunked: dict[str, ChunkedTensor] = {}
         for name, t in module.items():
             if not isinstance(name, str) or not isinstance(t, StoredTensor):
                 raise RelexError(f"{file}: module entry {name!r:.60} is "
                                  f"{type(t).__name__}, not a tensor; the file is corrupt")
-            self._chunked[name] = ChunkedTensor(name, t.dtype, t.shape,
-                                                [Chunk((0,) * len(t.shape), t)], self._maps,
-                                                str(file))
-            self.tensors[name] = TensorMeta(name, t.dtype, t.shape)
+            self._add(ChunkedTensor(name, t.dtype, t.shape, [Chunk((0,) * len(t.shape), t)],
+                                    self._maps, str(file)))
         # OpenRLHF / Trainer keep config.json beside or above the tag dir only sometimes
         self.meta_dir = next((d for d in (self.path, self.path.parent)
                               if (d / "config.json").is_file()), None)
 
     def files(self) -> list[Path]:
         return [self._file]
-
-    def read(self, name, start, stop):
-        return self._chunked[name].read(start, stop)
-
-    def release(self, name, start, stop):
-        self._chunked[name].release(start, stop)
-
-    def prefetch(self, name, start, stop):
-        self._chunked[name].prefetch(start, stop)
-
-    def close(self) -> None:
-        self._maps.close()
 
 
 def detect(path: Path) -> bool:

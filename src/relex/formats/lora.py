@@ -12,9 +12,12 @@ The arithmetic follows peft's merge exactly, so relex's output from the adapters
 from peft's merged export: delta = (B @ A) * scaling in the adapter's dtype (float32 on the CPU
 for half-precision adapters, cast back), added to the base weight in the base's dtype;
 scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), with per-module `rank_pattern` /
-`alpha_pattern`; embeddings (`lora_embedding_A/B`) and `fan_in_fan_out` layers use the transpose;
-`lora_B.bias` is added to the base bias; full tensors in the file (`modules_to_save`, saved
-embedding layers, trained biases) replace the base's. DoRA and other PEFT methods are refused.
+`alpha_pattern`; embeddings (`lora_embedding_A/B`) and layers whose base weight is stored
+(in, out) (transformers Conv1D, where peft sets `fan_in_fan_out`) use the transpose, decided per
+layer from the shapes as peft decides per layer from the module type; `lora_B.bias` is added to
+the base bias; full tensors in the file (`modules_to_save`, saved embedding layers, trained
+biases) replace the base's. DoRA, other PEFT methods and adapters whose initialisation rewrote
+the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, MiCA) are refused.
 """
 
 from __future__ import annotations
@@ -46,6 +49,17 @@ _EMBED = re.compile(r"(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B
 #: LoraConfig options that change what merging means; relex refuses adapters that set them
 _UNSUPPORTED = ("use_dora", "layer_replication", "target_parameters", "trainable_token_indices",
                 "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config")
+
+
+#: init_lora_weights values whose adapters hold a delta to a rewritten base (peft subtracts the
+#: initial adapter from the base weights when creating or loading them): prefixes and exact values
+_REWRITES_BASE = (("pissa", "corda"), ("olora", "loftq", "lora_ga", "mica"))
+
+
+def rewrites_base(init) -> bool:
+    """Whether an adapter with this `init_lora_weights` is a delta to a modified base."""
+    return isinstance(init, str) and (init.startswith(_REWRITES_BASE[0])
+                                      or init in _REWRITES_BASE[1])
 
 
 def detect(path: Path) -> bool:
@@ -143,6 +157,13 @@ class LoraReader(Reader):
                 raise RelexError(f"{cfg_file}: {key} is set, which relex does not merge; merge "
                                  f"the adapters with peft (merge_and_unload + save_pretrained) "
                                  f"and point relex at the merged directories")
+        init = cfg.get("init_lora_weights")
+        if rewrites_base(init):
+            raise RelexError(f"{cfg_file}: init_lora_weights is '{init}', whose adapters are "
+                             f"deltas to a base peft rewrites on loading, not to the base "
+                             f"model; re-save them as plain LoRA with peft's "
+                             f"save_pretrained(..., path_initial_model_for_weight_conversion="
+                             f"<the initial adapter's dir>) (LoftQ: merge with peft instead)")
         try:
             r0, alpha0 = int(cfg["r"]), float(cfg.get("lora_alpha", 8))  # peft's default
             rank_pattern = dict(cfg.get("rank_pattern") or {})
@@ -223,15 +244,27 @@ class LoraReader(Reader):
             raise RelexError(f"{where}: the base model {self.base.path} has no tensor "
                              f"'{weight}'; is --base the model this adapter was trained on?")
         a, b = parts["A"], parts["B"]
-        transposed = parts["embedding"] or fifo
         if len(a.shape) != 2 or len(b.shape) != 2 or len(b_meta.shape) != 2:
             raise RelexError(f"{where}: only 2-D (linear / embedding) LoRA weights are "
                              f"supported; merge with peft first")
         r = a.shape[0]
-        rows, cols = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
-        if b.shape[1] != r or (rows, cols) != b_meta.shape:
+        plain, flipped = (b.shape[0], a.shape[1]), (a.shape[1], b.shape[0])
+        if b.shape[1] != r or b_meta.shape not in (plain, flipped) or (
+                parts["embedding"] and b_meta.shape != flipped):
             raise RelexError(f"{where}: A {list(a.shape)} and B {list(b.shape)} do not form the "
                              f"base weight's shape {list(b_meta.shape)}; wrong --base?")
+        if parts["embedding"]:  # peft's Embedding: weight = (B @ A)^T, always
+            transposed = True
+        elif plain != flipped:  # (out, in): nn.Linear; (in, out): Conv1D (fan_in_fan_out)
+            transposed = b_meta.shape == flipped
+        elif fifo:
+            raise RelexError(f"{where}: its base weight is square, so whether it is a "
+                             f"transformers Conv1D (fan_in_fan_out) or an nn.Linear cannot be "
+                             f"told from shapes, and fan_in_fan_out is true in "
+                             f"{ADAPTER_CONFIG}; merge with peft (merge_and_unload + "
+                             f"save_pretrained) and point relex at the merged model")
+        else:
+            transposed = False
         if not (a.is_float and b.is_float) or not b_meta.is_float:
             raise RelexError(f"{where}: LoRA weights and their base weight must be float")
         r_cfg = int(_pattern_value(rank_pattern, module, r0))

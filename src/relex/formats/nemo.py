@@ -7,22 +7,30 @@ chunk of every tensor under its HF name; `__metadata__["DCP_SHARDING_INFO"]` is 
 {name: {"saved_offsets": [o_0, o_1, ...]}} giving each chunk's place in the global tensor, whose
 shape is max(offset + size) per dim. There is no `.metadata` file; config.json sits in
 `.hf_metadata/`; a tied lm_head is not saved. FSDP2 shards dim 0 (`Shard(0)`), so a tensor is a
-stack of row ranges: an element range maps to byte ranges of one or two files, read through
-MappedFiles like an HF directory. Chunks split along another dim (tensor parallel) are refused.
+stack of row ranges (torchfile.ChunkedTensor, read through MappedFiles like every format).
+Chunks split along another dim (tensor parallel) are refused.
+
+Nothing records the world size or the global shapes (the file names count ranks, the `-of-`
+number counts output files), so a missing *last* rank file cannot be seen: every tensor is then
+short in dim 0. `shape_hint` says so when such a tensor's shape disagrees with the base.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from relex.errors import RelexError
-from relex.formats.base import DTYPES, MappedFiles, Reader, TensorMeta, numel
+from relex.formats.base import DTYPES
 from relex.formats.hf import TensorInfo, read_header
+from relex.formats.torchfile import (
+    Chunk,
+    ChunkedReader,
+    ChunkedTensor,
+    Storage,
+    StoredTensor,
+)
 
 NAME = "nemo"
 SHARD = re.compile(r"shard-(\d+)-model-(\d+)-of-(\d+)\.safetensors")
@@ -40,15 +48,17 @@ def detect(path: Path) -> bool:
     return bool(shard_files(path))
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """Rows [row, row + info.shape[0]) of a tensor, stored as `info` in one shard file."""
+def _stored(info: TensorInfo) -> StoredTensor:
+    """A safetensors entry as a contiguous StoredTensor of its file."""
+    stride, step = [], 1
+    for size in reversed(info.shape):
+        stride.insert(0, step)
+        step *= size
+    storage = Storage(info.name, DTYPES[info.dtype], info.numel, info.file, info.offset)
+    return StoredTensor(storage, 0, tuple(info.shape), tuple(stride))
 
-    row: int
-    info: TensorInfo
 
-
-class NemoReader(Reader):
+class NemoReader(ChunkedReader):
     """A NeMo-RL DTensor v2 checkpoint: per-rank safetensors shards assembled by row ranges.
 
     >>> ckpt = NemoReader("results/grpo/step_50/policy/weights/model")
@@ -63,7 +73,7 @@ class NemoReader(Reader):
         if not self._files:
             raise RelexError(f"{self.path}: no shard-*-model-*-of-*.safetensors files")
         self._check_ranks()
-        chunks: dict[str, list[Chunk]] = {}
+        chunks: dict[str, list[tuple[int, TensorInfo]]] = {}
         dims: dict[str, tuple[str, int]] = {}
         for file in self._files:
             entries, meta = read_header(file)
@@ -86,29 +96,29 @@ class NemoReader(Reader):
                         (entry.dtype, entry.shape[1:]):
                     raise RelexError(f"{file}: chunk of '{name}' is {entry.dtype} "
                                      f"{list(entry.shape)}, other shards disagree; {_FIX}")
-                chunks.setdefault(name, []).append(Chunk(offsets[0], entry))
+                chunks.setdefault(name, []).append((offsets[0], entry))
             extra = set(info) - set(entries)
             if extra:
                 raise RelexError(f"{file}: {SHARDING_KEY} names '{min(extra)}', which the "
                                  f"file does not hold; {_FIX}")
-        self._chunks: dict[str, list[Chunk]] = {}
         for name, parts in chunks.items():
-            parts.sort(key=lambda c: c.row)
+            parts.sort(key=lambda c: c[0])
             pos = 0
-            for c in parts:
-                if c.row != pos:
-                    what = "overlap" if c.row < pos else f"rows {pos}-{c.row - 1} are missing"
+            for row, entry in parts:
+                if row != pos:
+                    what = "overlap" if row < pos else f"rows {pos}-{row - 1} are missing"
                     raise RelexError(f"{self.path}: tensor '{name}': shard chunks {what} (is a "
                                      f"shard file missing or damaged?); {_FIX}")
-                pos += c.info.shape[0]
+                pos += entry.shape[0]
             code, tail = dims[name]
-            self.tensors[name] = TensorMeta(name, code, (pos, *tail))
-            self._chunks[name] = parts
+            shape = (pos, *tail)  # inferred: see shape_hint
+            self._add(ChunkedTensor(name, code, shape,
+                                    [Chunk((row, *[0] * len(tail)), _stored(entry))
+                                     for row, entry in parts], self._maps, str(self.path)))
         meta_dir = self.path / METADATA_DIR
         # config + tokenizer for the output: .hf_metadata when it has both, else the base's
         has_tok = any(meta_dir.glob("tokenizer*")) or (meta_dir / "tokenizer").is_dir()
         self.meta_dir = meta_dir if (meta_dir / "config.json").is_file() and has_tok else None
-        self._maps = MappedFiles()
 
     def _check_ranks(self) -> None:
         """Every rank's file present: shard-00001 .. shard-W of each model-i-of-n."""
@@ -136,31 +146,15 @@ class NemoReader(Reader):
                              f"{SHARDING_KEY} (one non-negative int per dim); {_FIX}")
         return offsets
 
-    def _pieces(self, name: str, start: int, stop: int):
-        """(chunk, first element, last element) of each chunk overlapping [start, stop)."""
-        row = numel(self.tensors[name].shape[1:])
-        for c in self._chunks[name]:
-            a, b = c.row * row, c.row * row + c.info.numel
-            if a < stop and b > start:
-                yield c, max(start, a) - a, min(stop, b) - a
-
-    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop): a zero-copy view when one chunk holds them, else a copy."""
-        views = [self._maps.view(c.info.file, c.info.offset + a * c.info.itemsize,
-                                 (b - a) * c.info.itemsize, DTYPES[c.info.dtype])
-                 for c, a, b in self._pieces(name, start, stop)]
-        return views[0] if len(views) == 1 else torch.cat(views)
-
-    def release(self, name: str, start: int, stop: int) -> None:
-        for c, a, b in self._pieces(name, start, stop):
-            size = c.info.itemsize
-            self._maps.release(c.info.file, c.info.offset + a * size, (b - a) * size)
+    def shape_hint(self, name: str) -> str:
+        """Why `name` may have the wrong shape (used when it differs from the base's)."""
+        last = max(int(SHARD.fullmatch(f.name).group(1)) for f in self._files)
+        return (f"NeMo-RL records no global shape, so its dim 0 was inferred from the shard "
+                f"files present: if the base is right, the last rank's file (shard-"
+                f"{last + 1:05d}-model-...) may be missing; {_FIX}")
 
     def files(self) -> list[Path]:
         return list(self._files)
-
-    def close(self) -> None:
-        self._maps.close()
 
 
 def reader(path: Path) -> NemoReader:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from relex.errors import RelexError
-from relex.formats.base import CODES, DTYPES, MappedFiles, numel
+from relex.formats.base import CODES, DTYPES, MappedFiles, Reader, TensorMeta, numel
 
 #: data.pkl larger than this is not a state dict (a 7B DTensor state dict pickles to ~1 MB)
 MAX_PICKLE = 256 << 20
@@ -197,6 +197,11 @@ def _storage_dtypes() -> dict[str, torch.dtype]:
 
 
 _STORAGES = _storage_dtypes()
+#: the torch.<name> values a pickle may name (dtypes, layouts, memory formats), read from the
+#: module's own dict once: an untrusted name is looked up here, never with getattr(torch, name),
+#: which would run torch's lazy imports (torch._dynamo, torch.onnx, ...) before refusing it
+_TORCH_VALUES = {k: v for k, v in vars(torch).items()
+                 if isinstance(v, (torch.dtype, torch.layout, torch.memory_format))}
 _DT = ("torch.distributed.tensor", "torch.distributed._tensor")
 _DT_NAMES = {"DTensorSpec", "TensorMeta", "ShardOrderEntry", "Shard", "_StridedShard",
              "Replicate", "Partial", "DeviceMesh", "_MeshLayout", "_FlatLayout"}
@@ -227,12 +232,7 @@ def _allowed(module: str, name: str, extra: dict):
     if module in ("torch", "torch.storage") and name in _STORAGES:
         return StorageTag(name, _STORAGES[name])
     if module == "torch":
-        if name in ("Size", "device"):
-            return _identity
-        value = getattr(torch, name, None) if re.fullmatch(r"[a-z0-9_]+", name) else None
-        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
-            return value
-        return None
+        return _identity if name in ("Size", "device") else _TORCH_VALUES.get(name)
     if name == "DTensor" and module.startswith(_DT):
         return DTensorRecord
     if name in _DT_NAMES and module.startswith(("torch.distributed.", )):
@@ -398,7 +398,12 @@ def load(file: Path, offset: int = 0, length: int | None = None, where: str | No
                 raise RelexError(f"{where}: truncated: storage '{key}' ends at byte "
                                  f"{start + nbytes} of {length}; {fix}")
             placed[key] = Storage(key, st.dtype, st.numel, file, offset + start)
-    return _place(obj, placed, where)
+    try:
+        return _place(obj, placed, where)
+    except (RecursionError, MemoryError) as e:
+        raise RelexError(f"{where}: data.pkl nests too deeply or is too large for a state dict "
+                         f"({type(e).__name__}); the file is corrupt or not a checkpoint: "
+                         f"{fix}") from None
 
 
 def zlib_error():
@@ -461,7 +466,9 @@ class ChunkedTensor:
     """A global tensor stored as N-d boxes (FSDP shards, DCP chunks), read by element range.
 
     A range inside one chunk that covers whole rows of the global tensor (every Shard(0) shard)
-    is a zero-copy view; any other range is assembled into a new buffer, box by box.
+    is a zero-copy view; any other range is assembled into a new buffer, box by box. The chunks
+    are checked to cover the shape exactly: each in bounds, pairwise disjoint, and together as
+    many elements as the shape.
     """
 
     def __init__(self, name: str, dtype: str, shape: tuple[int, ...], chunks: list[Chunk],
@@ -484,19 +491,19 @@ class ChunkedTensor:
                              f"{sum(c.tensor.numel for c in self.chunks)} elements, not the "
                              f"{numel(shape)} of shape {list(shape)} (a shard is missing or "
                              f"repeated); {fix}")
+        # in bounds + as many elements as the shape + pairwise disjoint = an exact cover
+        overlap = _overlapping(self.chunks)
+        if overlap is not None:
+            c, d = overlap
+            raise RelexError(f"{where}: tensor '{name}': chunks of shape {list(c.tensor.shape)} "
+                             f"at {list(c.offsets)} and {list(d.tensor.shape)} at "
+                             f"{list(d.offsets)} overlap (so others leave a gap); {fix}")
         self.inner = numel(shape[1:]) if shape else 1
         # chunks that are whole rows of the global tensor, by their first flat element
         self.rows = sorted((c.offsets[0] * self.inner if shape else 0, c) for c in self.chunks
                            if tuple(c.tensor.shape[1:]) == self.shape[1:]
                            and c.tensor.contiguous)
         self._starts = [s for s, _ in self.rows]
-        if len(self.rows) == len(self.chunks):  # row tiling: check no overlap / gap
-            pos = 0
-            for s, c in self.rows:
-                if s != pos:
-                    raise RelexError(f"{where}: tensor '{name}': shards overlap or leave a gap "
-                                     f"at element {min(s, pos)}; {fix}")
-                pos = s + c.tensor.numel
 
     def _row_chunk(self, a: int, b: int) -> tuple[int, Chunk] | None:
         import bisect
@@ -545,6 +552,50 @@ class ChunkedTensor:
         if hasattr(self.maps, "prefetch"):  # MappedFiles.prefetch (newer base.py)
             for file, start, nbytes in self._spans(a, b):
                 self.maps.prefetch(file, start, nbytes)
+
+
+class ChunkedReader(Reader):
+    """A Reader whose tensors are ChunkedTensors over one MappedFiles (verl FSDP, DCP,
+    DeepSpeed, NeMo-RL): subclasses build them and register each with `_add`."""
+
+    def __init__(self, path):
+        super().__init__(Path(path))
+        self._maps = MappedFiles()
+        self._chunked: dict[str, ChunkedTensor] = {}
+
+    def _add(self, tensor: ChunkedTensor) -> None:
+        self._chunked[tensor.name] = tensor
+        self.tensors[tensor.name] = TensorMeta(tensor.name, tensor.dtype, tensor.shape)
+
+    def read(self, name, start, stop):
+        return self._chunked[name].read(start, stop)
+
+    def release(self, name, start, stop):
+        self._chunked[name].release(start, stop)
+
+    def prefetch(self, name, start, stop):
+        self._chunked[name].prefetch(start, stop)
+
+    def close(self) -> None:
+        self._maps.close()
+
+
+def _overlapping(chunks: list[Chunk]) -> tuple[Chunk, Chunk] | None:
+    """Two (non-empty) chunks whose boxes share an element, or None: a sweep along dim 0, so
+    row shards cost O(n log n) and only boxes with overlapping row ranges are compared (a 0-d
+    tensor's single chunk is checked by the element count)."""
+    if len(chunks) < 2 or not chunks[0].offsets:
+        return None
+    boxes = sorted(chunks, key=lambda c: c.offsets[0])
+    for i, c in enumerate(boxes):
+        end = c.offsets[0] + c.tensor.shape[0]
+        for d in boxes[i + 1:]:
+            if d.offsets[0] >= end:
+                break
+            if all(o < p + t and p < o + s for o, s, p, t in
+                   zip(c.offsets, c.tensor.shape, d.offsets, d.tensor.shape)):
+                return c, d
+    return None
 
 
 def _fill(out: torch.Tensor, shape, a: int, b: int, pieces, maps) -> None:

@@ -17,9 +17,10 @@ import re
 from pathlib import Path
 
 from relex.errors import RelexError
-from relex.formats.base import MappedFiles, Reader, TensorMeta
+from relex.formats.base import numel
 from relex.formats.torchfile import (
     Chunk,
+    ChunkedReader,
     ChunkedTensor,
     DTensorRecord,
     Record,
@@ -66,13 +67,6 @@ def rank_files(path: Path) -> tuple[int, dict[int, Path]]:
     return world, files
 
 
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
-
-
 def _mesh_shape(spec: Record, world: int) -> tuple[int, ...] | None:
     """The device mesh's shape from a DTensorSpec (old torch: a `mesh` tensor; new: a layout)."""
     mesh = spec.get("mesh")
@@ -85,8 +79,8 @@ def _mesh_shape(spec: Record, world: int) -> tuple[int, ...] | None:
     if isinstance(layout, Record):
         axes = layout.get("axes")
         if isinstance(axes, tuple) and all(isinstance(a, Record) for a in axes):
-            shape = tuple(_prod(_flat(a.get("shape", ()))) for a in axes)
-            if _prod(shape) == world:
+            shape = tuple(numel(_flat(a.get("shape", ()))) for a in axes)
+            if numel(shape) == world:
                 return shape
     return None
 
@@ -115,7 +109,7 @@ def _placements(spec: Record, where: str, name: str) -> list[tuple[str, int | No
     return out
 
 
-class VerlFSDPReader(Reader):
+class VerlFSDPReader(ChunkedReader):
     """A verl FSDP actor directory (`global_step_N/actor`), read shard by shard in place.
 
     >>> r = VerlFSDPReader("runs/grpo/global_step_50/actor")
@@ -129,14 +123,9 @@ class VerlFSDPReader(Reader):
         self.world, self._all = rank_files(self.path)
         hf = self.path / "huggingface"
         self.meta_dir = hf if (hf / "config.json").is_file() else None
-        self._maps = MappedFiles()
         self._states: dict[int, dict] = {}
-        self._chunked: dict[str, ChunkedTensor] = {}
-        state0 = self._state(0)
-        for name, value in state0.items():
-            self._chunked[name] = self._assemble(name, value)
-            c = self._chunked[name]
-            self.tensors[name] = TensorMeta(name, c.dtype, c.shape)
+        for name, value in self._state(0).items():
+            self._add(self._assemble(name, value))
 
     def _state(self, rank: int) -> dict:
         if rank not in self._states:
@@ -169,7 +158,7 @@ class VerlFSDPReader(Reader):
         shape = tuple(value.args[1]) if len(value.args) > 1 else None
         placements = _placements(spec, where, name)
         mesh = _mesh_shape(spec, self.world) or ((self.world,) if len(placements) == 1 else None)
-        if mesh is None or len(mesh) != len(placements) or _prod(mesh) != self.world:
+        if mesh is None or len(mesh) != len(placements) or numel(mesh) != self.world:
             raise RelexError(f"{where}: DTensor '{name}': device mesh {mesh} does not match "
                              f"world size {self.world}; convert with: {_hint(self.path)}")
         shard = [i for i, (k, _) in enumerate(placements) if k == "shard"]
@@ -183,7 +172,7 @@ class VerlFSDPReader(Reader):
         chunks, pos = [], 0
         for coord in range(mesh[axis]):
             # Row-major mesh: the rank whose coordinates are 0 except `coord` on the shard axis.
-            rank = coord * _prod(mesh[axis + 1:])
+            rank = coord * numel(mesh[axis + 1:])
             state = self._state(rank)
             self._check_coordinate(rank, state.get(name), mesh)
             part = state[name].get("_local_tensor") if isinstance(state[name], Record) else None
@@ -215,18 +204,6 @@ class VerlFSDPReader(Reader):
 
     def files(self) -> list[Path]:
         return [self._all[r] for r in sorted(self._states)]
-
-    def read(self, name, start, stop):
-        return self._chunked[name].read(start, stop)
-
-    def release(self, name, start, stop):
-        self._chunked[name].release(start, stop)
-
-    def prefetch(self, name, start, stop):
-        self._chunked[name].prefetch(start, stop)
-
-    def close(self) -> None:
-        self._maps.close()
 
 
 def detect(path: Path) -> bool:
