@@ -1,15 +1,22 @@
-"""Benchmark `relex extrapolate` on a synthetic 100M-parameter Qwen2 run (30 bf16 checkpoints).
+"""Benchmark `relex extrapolate` on synthetic Qwen2 runs, against floors measured in the same run.
 
-Prints wall time, peak RSS, bytes read, the floors measured in the same run (a plain read of
-every input file, and the Gram matmuls alone), relex's ratio to those floors, and optionally
-the "precompute fp16 deltas, then SVD" pipeline of the paper's scripts for comparison.
+Prints, per round, relex's wall time and peak RSS, a plain sequential read of the same input
+files, optionally the "precompute fp16 deltas, then SVD" pipeline of the paper's scripts
+(--baseline) and relex under torchrun (--torchrun N); then medians and the median of the
+per-round ratios. Rounds alternate the commands, so drift of this machine's disk and load hits
+all of them alike; compare only figures of one invocation.
 
-    python benchmarks/bench_extrapolate.py                 # relex + floors (~2 min first time)
-    python benchmarks/bench_extrapolate.py --baseline      # + the delta-file pipeline (~2 min)
-    python benchmarks/bench_extrapolate.py --data /big/disk/relex-bench --checkpoints 30
+    python benchmarks/bench_extrapolate.py                            # 97.7M x 30, cached
+    python benchmarks/bench_extrapolate.py --baseline --repeat 3      # + delta-file pipeline
+    python benchmarks/bench_extrapolate.py --checkpoints 75           # the paper's window
+    python benchmarks/bench_extrapolate.py --params 0.5b --drop-caches --torchrun 2
+                                                                      # 29 GB, beyond RAM
 
-The model is generated once into --data (5.6 GB) from a transformers config, never downloaded:
-theta_t = theta_0 + (a t) v + noise per tensor, saved in bf16 with safetensors.
+The models are generated once into --data (default bench-data/<params>; 100m x 75: 14 GB,
+0.5b x 30: 29 GB) from a transformers config, never downloaded: theta_t = theta_0 + (a t) v +
+noise per tensor, saved in bf16 with safetensors; fewer --checkpoints than generated use the
+first ones (a directory of symlinks). --drop-caches (root) runs `sync` and drops the page cache
+before every timed command, so inputs come from disk.
 """
 
 from __future__ import annotations
@@ -28,38 +35,72 @@ import torch
 from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent
-CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-              num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True,
-              max_position_embeddings=2048)
+#: model shapes (transformers Qwen2 configs); "0.5b" is Qwen2.5-0.5B's (494M, vocab 151936, tied)
+CONFIGS = {
+    "100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True,
+                 max_position_embeddings=2048),
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                 num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 tie_word_embeddings=True, max_position_embeddings=32768),
+}
+CONFIG = CONFIGS["100m"]
 
 
-def generate(data: Path, checkpoints: int, every: int = 2) -> None:
-    """Base model + `checkpoints` bf16 checkpoints (steps every, 2*every, ...) in data/."""
+def generate(data: Path, checkpoints: int, every: int = 2, params: str = "100m") -> None:
+    """Base model + `checkpoints` bf16 checkpoints (steps every, 2*every, ...) in data/.
+
+    Noise comes from one pool per tensor read at a shifted offset per checkpoint (a view, no
+    new random numbers): the 0.5B x 30 set (29 GB) is then disk-bound to write."""
     from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    if (data / "done.json").is_file() and json.loads((data / "done.json").read_text()) == {
-            "checkpoints": checkpoints, "config": CONFIG}:
+    config = CONFIGS[params]
+    want = {"checkpoints": checkpoints, "config": config, "noise": "pool"}
+    if (data / "done.json").is_file() and json.loads((data / "done.json").read_text()) == want:
         return
     shutil.rmtree(data, ignore_errors=True)
-    print(f"generating {checkpoints} checkpoints of a 100M Qwen2 model in {data} ...",
+    print(f"generating {checkpoints} checkpoints of a {params} Qwen2 model in {data} ...",
           flush=True)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**CONFIG)).to(torch.bfloat16)
+    model = Qwen2ForCausalLM(Qwen2Config(**config)).to(torch.bfloat16)
     model.save_pretrained(data / "base")
-    base = {k: v.float() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    base = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    del model
     g = torch.Generator().manual_seed(1)
-    direction = {k: torch.randn(v.shape, generator=g) * v.std().clamp_min(1e-3) * 1e-3
-                 for k, v in base.items()}
+    direction, noise = {}, {}
+    for k, v in base.items():
+        std = v.float().std().clamp_min(1e-3) if v.numel() > 1 else torch.tensor(1e-3)
+        direction[k] = (torch.randn(v.numel(), generator=g) * std * 1e-3).to(torch.bfloat16)
+        noise[k] = (torch.randn(v.numel() + 4099, generator=g) * std * 1e-4).to(torch.bfloat16)
     for i in range(1, checkpoints + 1):
         step = every * i
         out = data / "run" / f"checkpoint-{step}"
         out.mkdir(parents=True)
-        tensors = {k: (v + step * direction[k] + 1e-4 * v.std().clamp_min(1e-3)
-                       * torch.randn(v.shape, generator=g)).to(torch.bfloat16)
+        shift = (i * 131) % 4099
+        tensors = {k: (v.float().view(-1) + step * direction[k].float()
+                       + noise[k][shift: shift + v.numel()].float()
+                       ).to(torch.bfloat16).view(v.shape)
                    for k, v in base.items()}
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        del tensors
         shutil.copy(data / "base" / "config.json", out / "config.json")
-    (data / "done.json").write_text(json.dumps({"checkpoints": checkpoints, "config": CONFIG}))
+    (data / "done.json").write_text(json.dumps(want))
+
+
+def subset(data: Path, checkpoints: int) -> Path:
+    """A run directory with the first `checkpoints` checkpoints of data/run (symlinks)."""
+    run = data / f"run{checkpoints}"
+    if not run.is_dir():
+        tmp = data / f".run{checkpoints}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        ckpts = sorted((data / "run").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))
+        if len(ckpts) < checkpoints:
+            sys.exit(f"{data}/run has only {len(ckpts)} checkpoints")
+        for c in ckpts[:checkpoints]:
+            (tmp / c.name).symlink_to(c.resolve())
+        tmp.rename(run)
+    return run
 
 
 # A small launcher process runs the command: a child forked straight from this (large) process
@@ -70,29 +111,25 @@ t = time.perf_counter()
 p = subprocess.Popen(sys.argv[1:])
 _, status, usage = os.wait4(p.pid, 0)
 print(json.dumps({"wall": time.perf_counter() - t, "rss": usage.ru_maxrss * 1024,
+                  "cpu": usage.ru_utime + usage.ru_stime,
                   "code": os.waitstatus_to_exitcode(status)}))
 """
 
 
+#: CPU seconds (user + system) of the last timed_child command and its children
+LAST_CPU = [0.0]
+
+
 def timed_child(cmd: list[str]) -> tuple[float, int, str]:
-    """Run a command; return (wall seconds, peak RSS bytes, its output)."""
+    """Run a command; return (wall seconds, peak RSS bytes, its output); LAST_CPU[0] gets its
+    CPU seconds (on a shared machine, wall time over CPU time shows how much it waited)."""
     proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     info = json.loads(lines[-1]) if lines else {"code": 1}
     if info["code"] != 0:
         sys.exit(f"command failed: {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+    LAST_CPU[0] = info["cpu"]
     return info["wall"], info["rss"], "\n".join(lines[:-1])
-
-
-def read_floor(files: list[Path]) -> tuple[float, int]:
-    """Seconds to read every input file once (warm page cache), 16 MiB at a time."""
-    buf = bytearray(16 << 20)
-    total, start = 0, time.perf_counter()
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while n := fh.readinto(buf):
-                total += n
-    return time.perf_counter() - start, total
 
 
 def gram_floor(numel: int, t: int) -> dict[str, float]:
@@ -117,73 +154,152 @@ def _numel(shape) -> int:
     return n
 
 
+def drop_caches() -> None:
+    """sync, then drop the page cache (root only), so the next command reads from disk."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as e:
+        sys.exit(f"--drop-caches: cannot drop the page cache ({e}); run as root or leave "
+                 f"the flag out (inputs then come from the page cache)")
+
+
+def cat_floor(files: list[Path]) -> float:
+    """Seconds for `cat` to read every input file once, sequentially."""
+    start = time.perf_counter()
+    subprocess.run(["sh", "-c", 'cat "$@" > /dev/null', "cat", *map(str, files)], check=True)
+    return time.perf_counter() - start
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=HERE.parent / "bench-data",
-                   help="where the synthetic run lives (generated once)")
+    p.add_argument("--params", choices=sorted(CONFIGS), default="100m",
+                   help="model shape: 100m (97.7M) or 0.5b (Qwen2.5-0.5B, 494M)")
+    p.add_argument("--data", type=Path, help="where the synthetic run lives (generated once; "
+                                             "default bench-data/<params>)")
     p.add_argument("--checkpoints", type=int, default=30)
     p.add_argument("--target", type=int, default=500)
     p.add_argument("--baseline", action="store_true",
-                   help="also time the precompute-deltas-then-SVD pipeline")
-    p.add_argument("--repeat", type=int, default=3, help="relex runs (best and median shown)")
+                   help="also time the precompute-deltas-then-SVD pipeline each round")
+    p.add_argument("--torchrun", type=int, metavar="N",
+                   help="also time `torchrun --nproc-per-node N -m relex` each round")
+    p.add_argument("--drop-caches", action="store_true",
+                   help="sync and drop the page cache before every timed command (root)")
+    p.add_argument("--max-memory", help="passed to relex (default: relex's own default)")
+    p.add_argument("--prefetch-modes", metavar="M1,M2",
+                   help="also time relex with these RELEX_PREFETCH modes (off, madvise, "
+                        "fadvise = the default) each round")
+    p.add_argument("--repeat", type=int, default=3, help="rounds (medians shown)")
+    p.add_argument("--gram-floor", action="store_true", help="also time the Gram matmuls alone")
     args = p.parse_args()
 
-    generate(args.data, args.checkpoints)
-    files = sorted(args.data.rglob("*.safetensors"))
-    with safe_open(str(args.data / "base" / "model.safetensors"), "pt") as f:
+    data = args.data or HERE.parent / "bench-data" / args.params
+    done = data / "done.json"
+    have = json.loads(done.read_text()) if done.is_file() else {}
+    if have.get("config") != CONFIGS[args.params] or have.get("checkpoints", 0) < args.checkpoints:
+        generate(data, args.checkpoints, params=args.params)
+        have = json.loads(done.read_text())
+    run = data / "run" if have["checkpoints"] == args.checkpoints else subset(data,
+                                                                             args.checkpoints)
+    subprocess.run(["sync"], check=True)  # let writeback of generated data finish first
+    files = [data / "base" / "model.safetensors"] + [
+        c / "model.safetensors" for c in sorted(run.iterdir()) if c.name.startswith("checkpoint-")]
+    in_bytes = sum(f.stat().st_size for f in files)
+    with safe_open(str(files[0]), "pt") as f:
         numel = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-    read_floor(files)  # the second read is the warm-cache number
-    read_s, read_bytes = read_floor(files)
-    grams = gram_floor(numel, args.checkpoints)
+    mem = ["--max-memory", args.max_memory] if args.max_memory else []
 
-    with tempfile.TemporaryDirectory(dir=args.data) as tmp:
-        before = set(args.data.rglob("*"))
-        runs = []
+    def relex_cmd(out: Path, torchrun: int | None = None) -> list[str]:
+        launch = [sys.executable, "-m", "relex"] if not torchrun else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(torchrun), "-m", "relex"]
+        return launch + ["extrapolate", str(run), "--base", str(data / "base"), "--target",
+                         str(args.target), "--output", str(out), "--quiet", *mem]
+
+    rows: dict[str, list] = {"read": [], "relex": []}
+    if args.baseline:
+        rows["baseline"] = []
+    if args.torchrun:
+        rows["torchrun"] = []
+    modes = args.prefetch_modes.split(",") if args.prefetch_modes else []
+    for m in modes:
+        rows[f"relex[{m}]"] = []
+    state = "page cache dropped before each" if args.drop_caches else "warm page cache"
+    print(f"{args.params} Qwen2 shape ({numel / 1e6:.1f}M parameters) x {args.checkpoints} bf16 "
+          f"checkpoints, {in_bytes / 1e9:.2f} GB of inputs, {state}; {os.cpu_count()} cores, "
+          f"torch {torch.__version__}", flush=True)
+    if not args.drop_caches:
+        cat_floor(files)  # warm the cache once
+    with tempfile.TemporaryDirectory(dir=data) as tmp:
         for i in range(args.repeat):
-            out = Path(tmp) / f"out{i}"
-            wall, rss, log = timed_child([
-                sys.executable, "-m", "relex.cli", "extrapolate", str(args.data / "run"),
-                "--base", str(args.data / "base"), "--target", str(args.target),
-                "--output", str(out), "--quiet"])
-            prov = json.loads((out / f"step-{args.target}" / "relex.json").read_text())
-            runs.append((wall, rss, prov["summary"]["seconds"], prov["summary"]["bytes_read"]))
-            # relex may create nothing but its output directory
-            extra = [f for f in set(args.data.rglob("*")) - before
-                     if not f.is_relative_to(tmp)] + [f for f in Path(tmp).iterdir() if f != out]
-            shutil.rmtree(out)
-        baseline = None
-        if args.baseline:
-            out = Path(tmp) / "baseline"
-            wall, rss, log = timed_child([
-                sys.executable, str(HERE / "baseline_delta_files.py"), str(args.data / "run"),
-                str(args.data / "base"), str(out), str(args.target)])
-            baseline = (wall, rss, json.loads(log.strip().splitlines()[-1]))
+            if args.drop_caches:
+                drop_caches()
+            rows["read"].append((cat_floor(files), 0, in_bytes))
+            print(f"  round {i + 1}: read {rows['read'][-1][0]:.2f} s", end="", flush=True)
+            kinds = ["relex"] + [f"relex[{m}]" for m in modes] + (
+                ["torchrun"] if args.torchrun else []) + (["baseline"] if args.baseline else [])
+            if i % 2:  # alternate the order of the commands between rounds
+                kinds = kinds[::-1]
+            for kind in kinds:
+                out = Path(tmp) / f"{kind}{i}"
+                if args.drop_caches:
+                    drop_caches()
+                if kind == "baseline":
+                    cmd = [sys.executable, str(HERE / "baseline_delta_files.py"), str(run),
+                           str(data / "base"), str(out), str(args.target)]
+                else:
+                    cmd = relex_cmd(out, args.torchrun if kind == "torchrun" else None)
+                if kind.startswith("relex["):
+                    os.environ["RELEX_PREFETCH"] = kind[6:-1]
+                try:
+                    wall, rss, _ = timed_child(cmd)
+                finally:
+                    os.environ.pop("RELEX_PREFETCH", None)
+                read = 0
+                if kind != "baseline":
+                    prov = json.loads((out / f"step-{args.target}" / "relex.json").read_text())
+                    read = prov["summary"]["bytes_read"]
+                rows[kind].append((wall, rss, read, LAST_CPU[0]))
+                print(f", {kind} {wall:.2f} s ({LAST_CPU[0]:.0f} CPU s, {rss / 2**20:.0f} MiB)",
+                      end="", flush=True)
+                shutil.rmtree(out)
+            print(flush=True)
 
-    runs.sort()
-    best, median = runs[0], runs[len(runs) // 2]
-    floor = read_s + min(grams.values())
-    print(f"\nrelex extrapolate: {args.checkpoints} bf16 checkpoints of a "
-          f"{numel / 1e6:.0f}M-parameter Qwen2 model ({read_bytes / 1e9:.2f} GB of inputs), "
-          f"1 target, {os.cpu_count()} cores, torch {torch.__version__}")
-    rows = [
-        ("relex wall, end to end (best / median)", f"{best[0]:.2f} s / {median[0]:.2f} s"),
-        ("relex in-process (best / median)", f"{best[2]:.2f} s / {median[2]:.2f} s"),
-        ("relex peak RSS (max of runs)", f"{max(r[1] for r in runs) / 2**20:.0f} MiB"),
-        ("bytes read by relex", f"{best[3] / 1e9:.2f} GB"),
-        ("intermediate files left or created", f"{len(extra)}"),
-        ("floor: plain read of all inputs (warm)", f"{read_s:.2f} s"),
-    ] + [(f"floor: Gram matmuls alone, {k}", f"{v:.2f} s") for k, v in grams.items()] + [
-        ("relex end to end / (read + best Gram floor)", f"{best[0] / floor:.2f}x"),
-        ("relex in-process / (read + best Gram floor)", f"{best[2] / floor:.2f}x"),
-    ]
-    if baseline:
-        wall, rss, info = baseline
-        rows += [("baseline (fp16 delta files, then SVD) wall", f"{wall:.2f} s"),
-                 ("baseline peak RSS", f"{rss / 2**20:.0f} MiB"),
-                 ("baseline intermediate files", f"{info['delta_bytes'] / 1e9:.2f} GB"),
-                 ("speed-up of relex (end to end, best)", f"{wall / best[0]:.1f}x")]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
+    def med(kind: str) -> float:
+        return median([r[0] for r in rows[kind]])
+
+    def ratio(a: str, b: str) -> str:
+        rs = [x[0] / y[0] for x, y in zip(rows[a], rows[b])]
+        return f"median {median(rs):.2f}x (rounds: {', '.join(f'{r:.2f}' for r in rs)})"
+
+    out = [("plain sequential read (cat), median", f"{med('read'):.2f} s"),
+           ("relex wall, median", f"{med('relex'):.2f} s"),
+           ("relex peak RSS (max)", f"{max(r[1] for r in rows['relex']) / 2**20:.0f} MiB"),
+           ("relex bytes read", f"{rows['relex'][0][2] / 1e9:.2f} GB"),
+           ("relex CPU seconds (user + sys), median", f"{median([r[3] for r in rows['relex']]):.1f} s"),
+           ("relex / read", ratio("relex", "read"))]
+    for m in modes:
+        out += [(f"relex RELEX_PREFETCH={m}, median", f"{med(f'relex[{m}]'):.2f} s"),
+                (f"relex RELEX_PREFETCH={m} / relex", ratio(f"relex[{m}]", "relex"))]
+    if args.torchrun:
+        out += [(f"torchrun x{args.torchrun} wall, median", f"{med('torchrun'):.2f} s"),
+                (f"torchrun x{args.torchrun} / relex", ratio("torchrun", "relex"))]
+    if args.baseline:
+        out += [("baseline (fp16 delta files, then SVD), median", f"{med('baseline'):.2f} s"),
+                ("baseline peak RSS (max)",
+                 f"{max(r[1] for r in rows['baseline']) / 2**20:.0f} MiB"),
+                ("speed-up: baseline / relex", ratio("baseline", "relex"))]
+    if args.gram_floor:
+        out += [(f"Gram matmuls alone, {k}", f"{v:.2f} s")
+                for k, v in gram_floor(numel, args.checkpoints).items()]
+    width = max(len(k) for k, _ in out)
+    for k, v in out:
         print(f"  {k:<{width}}  {v}")
 
 

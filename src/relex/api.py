@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from relex import __version__
+from relex import __version__, distributed
 from relex.formats import DTYPES, open_reader
 from relex.engine import Engine
 from relex.errors import RelexError
@@ -34,6 +36,8 @@ MODEL_FILES = re.compile(
     r"(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|"
     r"added_tokens\.json|vocab\..*|merges\.txt|.*\.tiktoken|chat_template\..*|"
     r"preprocessor_config\.json|processor_config\.json|(configuration|modeling|tokenization)_.*\.py)")
+#: the smallest default --max-memory (bytes)
+MIN_DEFAULT_BUDGET = 512 * 10**6
 _TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
@@ -93,10 +97,11 @@ def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
                 targets: int | list[int], base: str | Path | None = None,
                 checkpoints: list[str] | dict[int, str | Path] | None = None,
                 observe_until: int | None = None, steps: str | list[int] | None = None,
+                revision_pattern: str = "step_{N}",
                 method: str = "relex", rank: int = 1, fit: str = "linear",
                 window: int | None = None, dtype: str | None = None,
                 allow_interpolation: bool = False, overwrite: bool = False,
-                max_memory: str | int = "512MB", max_shard_size: str | int = "5GB",
+                max_memory: str | int | None = None, max_shard_size: str | int = "5GB",
                 device: str = "cpu", threads: int | None = None,
                 from_fit: str | Path | None = None, progress: bool = True) -> Report:
     """Write the model of each target step, predicted from the observed checkpoints.
@@ -117,7 +122,8 @@ def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
     else:
         saved = None
         inputs = resolve_inputs(run_dir, base=base, checkpoints=checkpoints,
-                                observe_until=observe_until, steps=steps)
+                                observe_until=observe_until, steps=steps,
+                                revision_pattern=revision_pattern)
     observed = list(inputs.observed)
     config.check(len(observed))
     if not allow_interpolation and targets[0] <= observed[-1]:
@@ -146,8 +152,9 @@ def reconstruct(run_dir: str | Path | None = None, *, output: str | Path,
                 base: str | Path | None = None,
                 checkpoints: list[str] | dict[int, str | Path] | None = None,
                 observe_until: int | None = None, steps: str | list[int] | None = None,
+                revision_pattern: str = "step_{N}",
                 rank: int = 1, dtype: str | None = None, overwrite: bool = False,
-                max_memory: str | int = "512MB", max_shard_size: str | int = "5GB",
+                max_memory: str | int | None = None, max_shard_size: str | int = "5GB",
                 device: str = "cpu", threads: int | None = None,
                 progress: bool = True) -> Report:
     """Write the rank-`rank` projection of every observed checkpoint (is the run rank-r?).
@@ -158,7 +165,8 @@ def reconstruct(run_dir: str | Path | None = None, *, output: str | Path,
     """
     config = FitConfig("relex", rank, 1, None)
     inputs = resolve_inputs(run_dir, base=base, checkpoints=checkpoints,
-                            observe_until=observe_until, steps=steps)
+                            observe_until=observe_until, steps=steps,
+                            revision_pattern=revision_pattern)
     targets = list(inputs.observed)
     if len(targets) < rank:
         raise RelexError(f"--rank {rank} needs at least {rank} observed checkpoints, got "
@@ -179,7 +187,7 @@ def reconstruct(run_dir: str | Path | None = None, *, output: str | Path,
 
 def _open(inputs, dtype) -> Trajectory:
     base = open_reader(inputs.base)
-    ckpts = [open_reader(p) for p in inputs.observed.values()]
+    ckpts = [open_reader(p, base=inputs.base) for p in inputs.observed.values()]
     return Trajectory(base, ckpts, list(inputs.observed), dtype)
 
 
@@ -202,48 +210,127 @@ def _check_grams(grams: dict[str, np.ndarray], traj: Trajectory, path: Path) -> 
         raise RelexError(f"--from-fit {path}: Gram matrix of '{bad[0]}' is not {traj.T}x{traj.T}")
 
 
+def default_budget(local_processes: int = 1) -> int:
+    """--max-memory when none is given: a quarter of the RAM available now (shared by the
+    processes of this node under torchrun), at least 512 MB."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(MIN_DEFAULT_BUDGET, avail // 4 // max(1, local_processes))
+
+
+def _budget(max_memory, local_processes: int = 1) -> int:
+    return default_budget(local_processes) if max_memory is None else parse_size(max_memory)
+
+
+def _attempt(group, what: str, fn):
+    """fn() on every rank; under torchrun an error on any rank stops all of them (one line)."""
+    if group.size == 1:
+        return fn()
+    out, error = None, None
+    try:
+        out = fn()
+    except RelexError as e:
+        error = f"rank {group.rank}: {e}"
+    except Exception as e:  # noqa: BLE001 - reported on every rank, one line
+        error = f"rank {group.rank}: {type(e).__name__}: {e}".splitlines()[0]
+    group.check(error, what)
+    return out
+
+
 def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitConfig,
            output, overwrite: bool, max_memory, max_shard_size, device: str,
            threads: int | None, progress: bool, grams: dict | None, mode: str,
            from_fit=None) -> Report:
+    """Stream, write and finalize; under torchrun each rank does its share (distributed.py)."""
     output = Path(output)
+    group = distributed.group(device)
+    device = distributed.device_of(device, group)
+    distributed.check_same(group, {
+        "mode": mode, "targets": targets, "config": repr(config), "output": str(output.resolve()),
+        "overwrite": overwrite, "max_memory": max_memory, "max_shard_size": max_shard_size,
+        "device": device.split(":")[0], "from_fit": str(from_fit), "grams": grams is not None,
+        "inputs": traj.fingerprint(), "plans": [(p.name, p.out_dtype) for p in traj.plans]})
     out_bytes = sum(p.numel * DTYPES[p.out_dtype].itemsize for p in traj.plans)
-    check_output(output, overwrite,
-                 [inputs.base, *inputs.observed.values()], out_bytes * len(targets))
+    if group.leader:
+        _attempt(group, "checking the output", lambda: check_output(
+            output, overwrite, [inputs.base, *inputs.observed.values()], out_bytes * len(targets)))
+    else:
+        _attempt(group, "checking the output", lambda: None)
     if threads:
         torch.set_num_threads(threads)
-    budget, shard = parse_size(max_memory), parse_size(max_shard_size)
+    shard = parse_size(max_shard_size)
+    budget = _budget(max_memory, group.local_size)
     started = time.perf_counter()
     engine = Engine(traj, len(targets), budget, device)
+    owner = distributed.split([sum(i.nbytes for i in (p.sources if p.moves else (p.base,)))
+                               for p in traj.plans], group.size)
+    engine.plans = [p for p, r in zip(traj.plans, owner) if r == group.rank]
+    owned = {p.name for p in engine.plans}
     specs = [(p.name, p.out_dtype, p.shape) for p in traj.plans]
     meta_src = _metadata_source(traj)
-    with atomic_directory(output, overwrite) as tmp:
+    with (atomic_directory(output, overwrite) if group.leader else nullcontext()) as tmp:
+        tmp = Path(group.broadcast(str(tmp) if group.leader else None))
         dirs = {s: tmp / f"step-{s}" for s in targets}
         writers = []
-        try:
+
+        def open_writers(create: bool) -> None:
             for d in dirs.values():
-                d.mkdir()
-                writers.append(ModelWriter(d, specs, shard))
-            with tqdm(total=engine.bytes_to_read(grams), unit="B", unit_scale=True,
-                      unit_divisor=1024, desc=f"relex {mode}", disable=None if progress else True,
-                      leave=False) as bar:
-                result = engine.run(weights, writers, grams, progress=bar.update)
-            for w in writers:
-                w.close()
+                if create:
+                    d.mkdir()
+                writers.append(ModelWriter(d, specs, shard, create=create, owned=owned))
+
+        try:
+            if group.leader:
+                _attempt(group, "creating the output", lambda: open_writers(True))
+                _attempt(group, "opening the output", lambda: None)
+            else:
+                _attempt(group, "creating the output", lambda: None)
+                _attempt(group, "opening the output", lambda: open_writers(False))
+
+            def stream():
+                with tqdm(total=engine.bytes_to_read(grams), unit="B", unit_scale=True,
+                          unit_divisor=1024, desc=f"relex {mode}", leave=False,
+                          disable=None if progress and group.leader else True) as bar:
+                    result = engine.run(weights, writers, grams, progress=bar.update)
+                for w in writers:
+                    w.close()
+                return result
+
+            result = _attempt(group, "computing its tensors", stream)
         finally:
             for w in writers:
                 w.abort()
-        save_fit(tmp / FIT_FILE, list(map(int, traj.steps)), traj.fingerprint(),
-                 grams if grams is not None else result.grams,
-                 {p.name: p.numel for p in traj.plans})
+        if group.size > 1:  # rank 0 gathers every rank's Gram matrices and statistics
+            parts = group.all_gather((result.grams, result.stats, result.bytes_read))
+            merged = {k: v for part in parts for k, v in part[0].items()}
+            stats = {k: v for part in parts for k, v in part[1].items()}
+            result.grams = {p.name: merged[p.name] for p in traj.plans if p.name in merged}
+            result.stats = {p.name: stats[p.name] for p in traj.plans if p.name in stats}
+            result.bytes_read = sum(part[2] for part in parts)
         report = Report(output, {s: output / f"step-{s}" for s in targets},
                         list(map(int, traj.steps)), len(traj.plans),
                         sum(p.moves for p in traj.plans), sum(not p.moves for p in traj.plans),
                         traj.dropped, result.bytes_read, time.perf_counter() - started,
                         result.stats, config.rank)
-        for step, d in dirs.items():
-            _copy_model_files(meta_src, d, traj)
-            _write_provenance(d / "relex.json", report, traj, config, step, mode, from_fit)
+
+        def finalize():
+            if not group.leader:
+                return
+            save_fit(tmp / FIT_FILE, list(map(int, traj.steps)), traj.fingerprint(),
+                     grams if grams is not None else result.grams,
+                     {p.name: p.numel for p in traj.plans})
+            for step, d in dirs.items():
+                _copy_model_files(meta_src, d, traj)
+                _write_provenance(d / "relex.json", report, traj, config, step, mode, from_fit)
+
+        _attempt(group, "finalizing the output", finalize)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -313,9 +400,10 @@ def analyze(run_dir: str | Path | None = None, *, output: str | Path,
             base: str | Path | None = None,
             checkpoints: list[str] | dict[int, str | Path] | None = None,
             observe_until: int | None = None, steps: str | list[int] | None = None,
+            revision_pattern: str = "step_{N}",
             rank: int = 1, fit: str = "linear", window: int | None = None,
             from_fit: str | Path | None = None, overwrite: bool = False,
-            max_memory: str | int = "512MB", device: str = "cpu", threads: int | None = None,
+            max_memory: str | int | None = None, device: str = "cpu", threads: int | None = None,
             progress: bool = True) -> Analysis:
     """Measure a run's geometry and backtest its extrapolation; write output/report.html.
 
@@ -324,6 +412,9 @@ def analyze(run_dir: str | Path | None = None, *, output: str | Path,
     Gram matrix over all of them (saved as output/relex-fit.safetensors, reusable by
     `extrapolate --from-fit` and `analyze --from-fit`, which then reads no weights at all).
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RelexError("analyze runs in one process; torchrun is for extrapolate and "
+                         "reconstruct")
     from relex.analysis import RunAnalysis, analyze_tensor
     from relex.report import write_report
     config = FitConfig("relex", rank, parse_fit(fit), window)
@@ -341,17 +432,19 @@ def analyze(run_dir: str | Path | None = None, *, output: str | Path,
                                                      if c["step"] in all_steps])
     else:
         inputs = resolve_inputs(run_dir, base=base, checkpoints=checkpoints,
-                                observe_until=observe_until, steps=steps)
+                                observe_until=observe_until, steps=steps,
+                                revision_pattern=revision_pattern, later=True)
         observed = list(inputs.observed)
         all_steps = observed + [s for s in inputs.available if s > observed[-1]]
         config.check(len(observed))
         check_output(output, overwrite, [inputs.base, *inputs.available.values()], 0)
         traj = Trajectory(open_reader(inputs.base),
-                          [open_reader(inputs.available[s]) for s in all_steps], all_steps)
+                          [open_reader(inputs.available[s], base=inputs.base)
+                           for s in all_steps], all_steps)
         try:
             if threads:
                 torch.set_num_threads(threads)
-            engine = Engine(traj, 0, parse_size(max_memory), device)
+            engine = Engine(traj, 0, _budget(max_memory), device)
             with tqdm(total=engine.bytes_to_read(gram_only=True), unit="B", unit_scale=True,
                       unit_divisor=1024, desc="relex analyze",
                       disable=None if progress else True, leave=False) as bar:

@@ -7,13 +7,14 @@ on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import relex
 from relex.errors import RelexError
 
 EPILOG = """examples:
-  relex demo                                    # a real GRPO run on this CPU, ~2 minutes
+  relex demo                                    # a real GRPO run on this CPU, ~4 minutes
   relex extrapolate runs/grpo --base Qwen2.5-Math-1.5B --observe-until 75 \\
         --target 500 --target 750 --output out
   relex analyze runs/grpo --base Qwen2.5-Math-1.5B --observe-until 75 --output report
@@ -22,6 +23,8 @@ EPILOG = """examples:
   relex eval out/step-500 --dataset math500 --n 8 --temperature 0.6 --output eval
   relex extrapolate --from-fit out --target 1000 --output out-1000
 
+many processes / nodes: torchrun --nproc-per-node N [--nnodes M ...] -m relex extrapolate ...
+
 RUN_DIR layouts read: verl global_step_N/actor/huggingface, TRL/ROLL checkpoint-N,
 OpenRLHF global_stepN_hf, NeMo-RL step_N (consolidated HF), plain step-N / step_N."""
 
@@ -29,9 +32,14 @@ OpenRLHF global_stepN_hf, NeMo-RL step_N (consolidated HF), plain step-N / step_
 def _inputs(p: argparse.ArgumentParser, run_dir_required: bool = False) -> None:
     g = p.add_argument_group("inputs")
     g.add_argument("run_dir", nargs=None if run_dir_required else "?", metavar="RUN_DIR",
-                   help="training output directory holding the step checkpoints")
+                   help="training output directory holding the step checkpoints, or "
+                        "hf://ORG/REPO (its step_N branches)")
     g.add_argument("--base", metavar="DIR",
-                   help="the model before RL (step 0); default: the run's step-0 checkpoint")
+                   help="the model before RL (step 0); default: the run's step-0 checkpoint "
+                        "(or ORG/REPO[@REV] on the hub)")
+    g.add_argument("--revision-pattern", default="step_{N}", metavar="PATTERN",
+                   help="with hf://ORG/REPO: the branch names of the checkpoints, {N} the step "
+                        "(default step_{N})")
     g.add_argument("--checkpoint", action="append", default=[], metavar="STEP=PATH",
                    help="add a checkpoint explicitly (repeatable)")
     sel = g.add_mutually_exclusive_group()
@@ -47,8 +55,10 @@ def _output(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     g.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp64"],
                    help="output dtype of float tensors (default: the base model's)")
-    g.add_argument("--max-memory", default="512MB", metavar="SIZE",
-                   help="buffer budget; larger tensors are streamed twice (default 512MB)")
+    g.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="buffer budget per process; tensors whose delta rows do not fit are "
+                        "streamed twice (default: a quarter of the available RAM, at least "
+                        "512MB; under torchrun shared by the processes of a node)")
     g.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest output safetensors shard (default 5GB)")
     g.add_argument("--device", default="cpu", help="where to compute: cpu (default) or cuda")
@@ -114,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = an.add_argument_group("output and resources")
     g.add_argument("--output", "-o", required=True, metavar="DIR", help="report directory")
     g.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    g.add_argument("--max-memory", default="512MB", metavar="SIZE", help="buffer budget")
+    g.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="buffer budget (default: a quarter of the available RAM, at least 512MB)")
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     g.add_argument("--threads", type=int, metavar="N", help="torch threads")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
@@ -157,6 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--max-memory", default="512MB", metavar="SIZE")
     sw.add_argument("--device", default="cpu")
 
+    wa = sub.add_parser("watch", help="follow a live run directory (verl, OpenRLHF, ...): "
+                                      "analyze each new checkpoint, write the target once "
+                                      "verified",
+                        description="Poll RUN_DIR; at each new complete checkpoint rerun the "
+                                    "analysis (explained variance, R^2, backtest horizon) and "
+                                    "say whether --target lies inside the verified horizon. "
+                                    "Checkpoints still being written are never read.")
+    wa.add_argument("run_dir", metavar="RUN_DIR", help="the live training output directory")
+    wa.add_argument("--base", required=True, metavar="DIR", help="the model before RL")
+    wa.add_argument("--target", type=int, required=True, metavar="S", help="step to predict")
+    wa.add_argument("--write-when-verified", action="store_true",
+                    help="write OUTPUT/step-S once the backtest verifies S, then exit")
+    wa.add_argument("--output", "-o", metavar="DIR", help="where the target model goes")
+    wa.add_argument("--report", metavar="DIR",
+                    help="keep the latest analysis and watch.json here (default: temporary)")
+    wa.add_argument("--interval", type=float, default=60.0, metavar="SEC",
+                    help="seconds between polls (default 60)")
+    wa.add_argument("--once", action="store_true", help="poll once and exit")
+    wa.add_argument("--timeout", type=float, metavar="SEC", help="stop after SEC seconds")
+    wa.add_argument("--rank", type=int, default=1, help="subspace rank (default 1)")
+
     dm = sub.add_parser("demo", help="a real GRPO run on this CPU, extrapolated and checked",
                         description="Train a 0.4M-parameter Llama with GRPO on 3-digit addition "
                                     "(a few minutes on 2 cores), observe the first 15%% of the "
@@ -168,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--observe-until", type=int, metavar="K",
                     help="steps relex observes (default 15%% of --steps)")
     dm.add_argument("--seed", type=int, default=0, help="GRPO sampling seed (default 0)")
+    dm.add_argument("--cycle", type=int, default=20,
+                    help="accelerated run: real steps per relex cycle (default 20)")
+    dm.add_argument("--jump", type=int, default=40,
+                    help="accelerated run: steps jumped after each cycle (default 40; 0 skips "
+                         "the accelerated run)")
     dm.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     dm.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return parser
@@ -232,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "watch":
+            return _watch(args)
         common = dict(base=args.base, checkpoints=args.checkpoint, steps=args.steps,
+                      revision_pattern=args.revision_pattern,
                       observe_until=args.observe_until, output=args.output, dtype=args.dtype,
                       overwrite=args.overwrite, max_memory=args.max_memory,
                       max_shard_size=args.max_shard_size, device=args.device,
@@ -253,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("relex: interrupted; nothing was written", file=sys.stderr)
         return 130
-    if not args.quiet:
+    if not args.quiet and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
         print(f"relex {args.command}: wrote {report.output}")
         print(_table(report))
     return 0
@@ -263,6 +303,7 @@ def _analyze(args) -> int:
     res = relex.analyze(args.run_dir, output=args.output, base=args.base,
                         checkpoints=args.checkpoint, observe_until=args.observe_until,
                         steps=args.steps, rank=args.rank, fit=args.fit, window=args.window,
+                        revision_pattern=args.revision_pattern,
                         from_fit=args.from_fit, overwrite=args.overwrite,
                         max_memory=args.max_memory, device=args.device, threads=args.threads,
                         progress=not args.quiet)
@@ -326,7 +367,8 @@ def _sweep(args) -> int:
                 max_tokens=args.max_tokens, template=args.template, backend=args.backend,
                 seed=args.seed, limit=args.limit, question_field=args.question_field,
                 answer_field=args.answer_field, split=args.split, overwrite=args.overwrite,
-                max_memory=args.max_memory, device=args.device, progress=not args.quiet)
+                max_memory=args.max_memory, device=args.device,
+                revision_pattern=args.revision_pattern, progress=not args.quiet)
     print(f"relex sweep: {res.metric} on the dev set by target step")
     print(f"  {'step':>6} {'extrapolated':>13} {'real':>7}")
     for t, v in res.scores.items():
@@ -351,10 +393,24 @@ def _metrics_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _watch(args) -> int:
+    from relex.watch import watch
+    try:
+        res = watch(args.run_dir, base=args.base, target=args.target,
+                    write_when_verified=args.write_when_verified, output=args.output,
+                    report=args.report, interval=args.interval,
+                    max_polls=1 if args.once else None, timeout=args.timeout, rank=args.rank)
+    except KeyboardInterrupt:  # outputs are atomic: nothing half-written is left
+        print("relex watch: interrupted", file=sys.stderr)
+        return 130
+    return 0 if res.written is not None or not args.write_when_verified else 1
+
+
 def _demo(args) -> int:
     from relex.demo import run_demo, table
     result = run_demo(args.output, steps=args.steps, observe_until=args.observe_until,
-                      seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+                      seed=args.seed, overwrite=args.overwrite, progress=not args.quiet,
+                      cycle=args.cycle, jump=args.jump)
     print(f"relex demo: GRPO for {result.steps} steps, relex observed the first "
           f"{result.observe_until}; held-out accuracy (500 problems, greedy):\n")
     print(table(result))

@@ -17,6 +17,11 @@ thread with 2-way intra-op parallelism, whose spinning OpenMP workers fought the
 - A larger tensor (a 150k x 4k embedding, or any 7B+ layer) is split across all workers block
   by block and read twice, right after itself, so the second read hits the page cache.
 - With a saved fit there is no Gram step and every tensor is read once.
+
+Reading overlaps computing: a Prefetcher asks the readers (Reader.prefetch) for each file's next
+ranges, 8 MiB per file and request, up to 512 MiB ahead of the furthest worker, so the kernel
+reads in large sequential requests while the workers compute. Under torchrun each rank runs an
+Engine over its share of the tensors (`plans`; see distributed.py).
 """
 
 from __future__ import annotations
@@ -44,7 +49,62 @@ MIN_BLOCK = 1 << 12
 #: resident set; releasing after every block cost 2 s of TLB shootdowns on the 100M benchmark)
 RELEASE_BYTES = 32 << 20
 
+#: fewest elements per block: --max-memory must hold one block of this size per worker
+TINY_BLOCK = 64
+#: bytes of each source file asked ahead of use in one request (PREFETCH_WINDOW: how far ahead,
+#: in bytes of all sources together); see Prefetcher. Measured on the 0.5B x 30 run (30.6 GB,
+#: beyond RAM, page cache dropped; CPU-bound on this shared 2-core machine): RELEX_PREFETCH=off
+#: took 0.96x and 1.40x the time with prefetch in two rounds; free (no RSS), so kept.
+PREFETCH_CHUNK = 8 << 20
+PREFETCH_WINDOW = 512 << 20
+
 WeightsFn = Callable[[TensorPlan, np.ndarray], TensorFit]
+
+
+class Prefetcher:
+    """Asks the readers for the input ranges the pass will need next, ahead of use.
+
+    The engine reads tensors in a known order (each one once, or twice when its delta rows do
+    not fit); the readers' prefetch() starts reading each file's next range in large requests
+    while the current blocks are computed, so reading overlaps computing. Workers report how far
+    they got (advance); requests stay PREFETCH_WINDOW bytes ahead of the furthest worker.
+    """
+
+    def __init__(self, traj: Trajectory, passes: list[tuple[TensorPlan, int]],
+                 chunk: int = PREFETCH_CHUNK, window: int = PREFETCH_WINDOW):
+        self.traj, self.window = traj, window
+        self._start: dict[tuple[str, int], int] = {}
+        self._todo: list[tuple[int, TensorPlan, int, int]] = []  # (end byte, plan, a, b)
+        pos = 0
+        for plan, npass in passes:
+            srcs = plan.sources if plan.moves else (plan.base,)
+            per_elem = sum(i.itemsize for i in srcs)
+            step = max(1, chunk // max(i.itemsize for i in srcs))
+            for k in range(npass):
+                self._start[(plan.name, k)] = pos
+                for a in range(0, plan.numel, step):
+                    b = min(a + step, plan.numel)
+                    self._todo.append((pos + b * per_elem, plan, a, b))
+                pos += plan.numel * per_elem
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def advance(self, plan: TensorPlan, npass: int, element: int) -> None:
+        """A worker reached `element` of `plan` in pass `npass`: request what lies ahead."""
+        start = self._start.get((plan.name, npass))
+        if start is None:
+            return
+        per_elem = sum(i.itemsize for i in (plan.sources if plan.moves else (plan.base,)))
+        horizon = start + element * per_elem + self.window
+        with self._lock:
+            first = self._next
+            while self._next < len(self._todo) and self._todo[self._next][0] <= horizon:
+                self._next += 1
+            todo = self._todo[first: self._next]
+        readers = (self.traj.base, *self.traj.checkpoints)
+        for _, p, a, b in todo:
+            for reader in readers[: len(p.sources) if p.moves else 1]:
+                reader.prefetch(p.name, a, b)
 
 
 @dataclass
@@ -74,7 +134,13 @@ class Engine:
         self.item = 8 if any(p.compute_dtype == torch.float64 for p in traj.plans) else 4
         # Per worker and block element: delta rows, base, K outputs, K casts (<= 8 bytes each).
         per_elem = (t + 1 + self.k) * self.item + self.k * 8
-        self.block = int(min(block, max(MIN_BLOCK, budget // (2 * self.workers * per_elem))))
+        #: the smallest budget that holds one block per worker (buffers + its mapped inputs)
+        self.min_budget = self.workers * TINY_BLOCK * (2 * per_elem + (t + 1) * 8)
+        if budget < self.min_budget:
+            raise RelexError(f"--max-memory {budget} bytes is below what one block needs here "
+                             f"({t} checkpoints, {self.workers} threads): give at least "
+                             f"{-(-self.min_budget // 1000)}KB")
+        self.block = int(min(block, max(TINY_BLOCK, budget // (2 * self.workers * per_elem))))
         # Mapped input pages count as resident memory until released: part of the budget.
         self.release_bytes = max(self.block * (t + 1) * 8, min(RELEASE_BYTES, budget // 16))
         left = budget - self.workers * (self.block * per_elem + self.release_bytes)
@@ -83,6 +149,9 @@ class Engine:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._progress: Callable[[int], None] | None = None
+        self._prefetch: Prefetcher | None = None
+        #: tensors run() handles (all by default; a rank's share under torchrun)
+        self.plans: list[TensorPlan] = list(traj.plans)
 
     # ------------------------------------------------------------------ planning
     def _single(self, plan: TensorPlan) -> bool:
@@ -95,11 +164,17 @@ class Engine:
         size = min(self.block, max(MIN_BLOCK, -(-n // parts)))
         return [(a, min(a + size, n)) for a in range(0, n, size)]
 
+    def _passes(self, plan: TensorPlan, grams, gram_only: bool = False) -> int:
+        """How many times run() reads a tensor's inputs (2: over the budget, without grams)."""
+        if gram_only:
+            return 1 if plan.moves else 0
+        return 2 if (grams is None and not self._single(plan)) else 1
+
     def bytes_to_read(self, grams: dict | None = None, gram_only: bool = False) -> int:
         """Bytes run() will read (tensors over the memory budget count twice without grams;
         gram_only: the Gram step alone, every moving tensor once)."""
         total = 0
-        for plan in self.traj.plans:
+        for plan in self.plans:
             if gram_only:
                 total += sum(i.nbytes for i in plan.sources) if plan.moves else 0
                 continue
@@ -125,7 +200,12 @@ class Engine:
             init()
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="relex", initializer=init)
         self._progress = progress
-        plans = self.traj.plans
+        plans = self.plans
+        self._twice = grams is None and weights is not None
+        self._prefetch = Prefetcher(self.traj, [(p, self._passes(p, grams, weights is None))
+                                                for p in plans])
+        if plans:
+            self._prefetch.advance(plans[0], 0, 0)
         try:
             # numpy's BLAS threads (the fits) spin after each call; on the 100M benchmark they
             # stole 2 s from the workers: keep them to one thread.
@@ -232,26 +312,38 @@ class Engine:
         full = getattr(loc, "full", None)
         if full is None or full[1].numel() < n or full[1].dtype != dt:
             loc.full = None
-            biggest = max(p.numel for p in self.traj.plans
+            biggest = max(p.numel for p in self.plans
                           if p.moves and p.numel <= self.capacity and p.compute_dtype == dt)
             loc.full = full = (torch.empty(self.traj.T * biggest, dtype=dt, device=self.device),
                                torch.empty(biggest, dtype=dt, device=self.device))
-        return full[0][: self.traj.T * n].view(self.traj.T, n), full[1][:n]
+        # Block-major: block [a, b) holds its T rows contiguously at [T a, T b), so every
+        # block is a contiguous (T, b - a) matrix (see _rows).
+        return full[0][: self.traj.T * n], full[1][:n]
+
+    def _rows(self, full, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (delta rows, base) of block [a, b) of a resident tensor, both contiguous.
+
+        Contiguous matters: numpy hands a non-contiguous matrix to BLAS only after copying it,
+        and then as gemm instead of syrk."""
+        t = self.traj.T
+        return full[0][t * a: t * b].view(t, b - a), full[1][a:b]
 
     def _local_buffers(self, dt: torch.dtype, m: int):
         """This worker's (delta rows, base, output) buffers of dtype dt, m columns each."""
         bufs = self._local.__dict__.setdefault("blocks", {})
         if dt not in bufs:
             cols, dev = self.block, self.device
-            bufs[dt] = (torch.empty(self.traj.T, cols, dtype=dt, device=dev),
+            bufs[dt] = (torch.empty(self.traj.T * cols, dtype=dt, device=dev),
                         torch.empty(cols, dtype=dt, device=dev),
                         torch.empty(max(self.k, 1) * cols, dtype=dt, device=dev))
         d, base, out = bufs[dt]
-        return d[:, :m], base[:m], out[: self.k * m].view(self.k, m)
+        return (d[: self.traj.T * m].view(self.traj.T, m), base[:m],  # contiguous: see _rows
+                out[: self.k * m].view(self.k, m))
 
     # ------------------------------------------------------------------ per block (workers)
-    def _fill(self, plan, a, b, d, base, result) -> None:
+    def _fill(self, plan, a, b, d, base, result, npass: int = 0) -> None:
         """d = rows - base for elements [a, b), read through the checkpoints' readers."""
+        self._prefetch.advance(plan, npass, a)
         base.copy_(self.traj.read(plan, 0, a, b))
         rows = [self.traj.read(plan, s, a, b) for s in range(1, len(plan.sources))]
         if self.cpu and hasattr(torch, "_foreach_copy_"):
@@ -270,24 +362,32 @@ class Engine:
 
     def _gram_block(self, plan, a, b, full, result) -> torch.Tensor:
         if full is not None:
-            d, base = full[0][:, a:b], full[1][a:b]
+            d, base = self._rows(full, a, b)
         else:
             d, base, _ = self._local_buffers(plan.compute_dtype, b - a)
         self._fill(plan, a, b, d, base, result)
+        if self.cpu:
+            # numpy hands x @ x.T to BLAS syrk (one triangle: half the multiply-adds of torch's
+            # gemm); one thread, T=75 x 2^17 columns: 0.043 s against torch's 0.068-0.076 s,
+            # T=30: 0.008-0.016 s against 0.016-0.021 s. Same float32 accumulation.
+            x = d.numpy()
+            return torch.from_numpy(np.dot(x, x.T)).to(torch.float64)
         return (d @ d.T).to(torch.float64)
 
     def _emit_block(self, plan, a, b, full, w, writers, result) -> None:
         d, base, out = self._local_buffers(plan.compute_dtype, b - a)
         if full is not None:
-            d, base = full[0][:, a:b], full[1][a:b]
+            d, base = self._rows(full, a, b)
         else:
-            self._fill(plan, a, b, d, base, result)
+            self._fill(plan, a, b, d, base, result,
+                       1 if self._twice and not self._single(plan) else 0)
         torch.addmm(base, w, d, out=out)
         code = DTYPES[plan.out_dtype]
         for k, writer in enumerate(writers):
             writer.write_at(plan.name, a, out[k].to(code))
 
     def _copy_block(self, plan, a, b, writers, result) -> None:
+        self._prefetch.advance(plan, 0, a)
         row = self.traj.read(plan, 0, a, b)
         for writer in writers:
             writer.write_at(plan.name, a, row)

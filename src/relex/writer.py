@@ -53,10 +53,17 @@ class ModelWriter:
 
     >>> w = ModelWriter(d, [("a", "BF16", (4, 8))], max_shard_size=5 * 10**9)
     >>> w.write_at("a", 16, x[2:]); w.write_at("a", 0, x[:2]); w.close()
+
+    Under torchrun every rank plans the same shards: the creator (rank 0, create=True) makes the
+    files and writes headers and index; the others (create=False) open the existing files and
+    write only the tensors named in `owned`, whose completeness their close() checks.
     """
 
     def __init__(self, directory: Path, specs: list[tuple[str, str, tuple[int, ...]]],
-                 max_shard_size: int, metadata: dict[str, str] | None = None):
+                 max_shard_size: int, metadata: dict[str, str] | None = None,
+                 create: bool = True, owned: set[str] | None = None):
+        self.create = create
+        self.owned = set(owned) if owned is not None else None
         self.directory = Path(directory)
         self.specs = {name: (code, tuple(shape)) for name, code, shape in specs}
         self.sizes = {name: DTYPES[code].itemsize * _numel(shape)
@@ -80,10 +87,15 @@ class ModelWriter:
             header["__metadata__"] = metadata
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as safetensors does
-            fd = os.open(self.directory / file_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            self._fds.append(fd)
-            os.write(fd, len(raw).to_bytes(8, "little") + raw)
-            os.ftruncate(fd, 8 + len(raw) + offset)
+            if create:
+                fd = os.open(self.directory / file_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             0o666)
+                self._fds.append(fd)
+                os.write(fd, len(raw).to_bytes(8, "little") + raw)
+                os.ftruncate(fd, 8 + len(raw) + offset)
+            else:
+                fd = os.open(self.directory / file_name, os.O_WRONLY)
+                self._fds.append(fd)
             for name in names:
                 begin = header[name]["data_offsets"][0]
                 self._where[name] = (fd, 8 + len(raw) + begin)
@@ -110,11 +122,12 @@ class ModelWriter:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
-        short = [n for n, size in self.sizes.items() if self._written[n] != size]
+        short = [n for n, size in self.sizes.items() if self._written[n] != size
+                 and (self.owned is None or n in self.owned)]
         if short:
             raise RuntimeError(f"tensor {short[0]} got {self._written[short[0]]} of "
                                f"{self.sizes[short[0]]} bytes")
-        if self.split.is_sharded:
+        if self.split.is_sharded and self.create:
             index = {"metadata": {"total_parameters": sum(_numel(s) for _, s in
                                                           self.specs.values()),
                                   **self.split.metadata},

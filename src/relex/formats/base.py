@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -102,6 +103,10 @@ class Reader:
     def release(self, name: str, start: int, stop: int) -> None:
         """Hint that elements [start, stop) will not be read again soon (bounds RSS)."""
 
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        """Hint that elements [start, stop) will be read soon: start reading them in the
+        background (readers on MappedFiles: MappedFiles.prefetch). Default: nothing."""
+
     def files(self) -> list[Path]:
         """The data files this checkpoint's tensors come from (for fingerprints)."""
         return []
@@ -135,6 +140,9 @@ class Reader:
         return f"{type(self).__name__}({str(self.path)!r}, {len(self.tensors)} tensors)"
 
 
+#: how MappedFiles.prefetch asks for data ahead: "fadvise" (posix_fadvise WILLNEED on the file),
+#: "madvise" (madvise WILLNEED on the mapping) or "off"; env RELEX_PREFETCH, for measuring
+PREFETCH = os.environ.get("RELEX_PREFETCH", "fadvise")
 #: mapped ranges are handed back in whole MiB (see MappedFiles.release)
 RELEASE_ALIGN = 1 << 20
 
@@ -153,6 +161,7 @@ class MappedFiles:
 
     def __init__(self):
         self._maps: dict[Path, tuple[mmap.mmap, torch.Tensor]] = {}
+        self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
 
     def _map(self, file: Path) -> tuple[mmap.mmap, torch.Tensor]:
@@ -169,6 +178,31 @@ class MappedFiles:
         """Bytes [offset, offset + nbytes) of `file` as a read-only 1-D tensor of `dtype`."""
         _, data = self._map(file)
         return data[offset: offset + nbytes].view(dtype)
+
+    def prefetch(self, file: Path, offset: int, nbytes: int) -> None:
+        """Start reading bytes [offset, offset + nbytes) of `file` into the page cache in the
+        background (one large request; returns at once), so a later view() of them does not
+        wait on the disk. Maps nothing into this process: it costs no resident memory."""
+        if nbytes <= 0:
+            return
+        if PREFETCH == "fadvise":
+            fd = self._fd(file)
+            if fd is not None:
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        elif PREFETCH == "madvise":
+            mm, _ = self._map(file)
+            begin = offset - offset % mmap.PAGESIZE
+            mm.madvise(mmap.MADV_WILLNEED, begin, min(len(mm), offset + nbytes) - begin)
+
+    def _fd(self, file: Path) -> int | None:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                try:
+                    fd = self._fds[file] = os.open(file, os.O_RDONLY)
+                except OSError:  # view() will report it
+                    return None
+            return fd
 
     def release(self, file: Path, offset: int, nbytes: int) -> None:
         """Drop bytes [offset, offset + nbytes) of `file` from this process's mapped memory.
@@ -192,3 +226,6 @@ class MappedFiles:
                 except BufferError:  # a view is still alive somewhere; the GC will unmap it
                     pass
             self._maps.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

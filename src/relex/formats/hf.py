@@ -184,6 +184,11 @@ class HFReader(Reader):
         size = info.itemsize
         self._maps.release(info.file, info.offset + start * size, (stop - start) * size)
 
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        info = self.tensors[name]
+        size = info.itemsize
+        self._maps.prefetch(info.file, info.offset + start * size, (stop - start) * size)
+
     def close(self) -> None:
         self._maps.close()
 

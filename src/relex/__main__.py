@@ -1,0 +1,13 @@
+"""`python -m relex ...` and `torchrun --nproc-per-node N -m relex extrapolate ...`."""
+
+import sys
+
+from relex import distributed
+from relex.cli import main
+
+if __name__ == "__main__":
+    try:
+        code = main()
+    finally:
+        distributed.reset()
+    sys.exit(code)

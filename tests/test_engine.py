@@ -1,0 +1,88 @@
+"""Engine internals: read-ahead covers exactly what the pass reads, in order; budget floor;
+the default budget; every prefetch mode gives the same bytes."""
+
+import os
+
+import pytest
+import torch
+
+import relex
+from conftest import load_dir
+from relex import api
+from relex.engine import Engine
+from relex.errors import RelexError
+from relex.formats import base as fbase
+from relex.formats import open_reader
+from relex.trajectory import Trajectory
+
+
+def _traj(run, base):
+    steps = sorted(int(p.name.split("-")[1]) for p in run.iterdir())
+    return Trajectory(open_reader(base), [open_reader(run / f"checkpoint-{s}") for s in steps],
+                      steps)
+
+
+def test_prefetch_asks_for_every_range_of_every_source_once_per_pass(run_factory, tmp_path):
+    run, base = run_factory(base_dtype=torch.bfloat16)
+    traj = _traj(run, base)
+    calls = []
+    for reader in (traj.base, *traj.checkpoints):
+        reader.prefetch = (lambda r: lambda name, a, b: calls.append((r, name, a, b)))(reader)
+    try:
+        # a budget small enough that some tensors are read twice (two passes)
+        engine = Engine(traj, 1, 200_000, workers=2)
+        twice = [p for p in traj.plans if p.moves and not engine._single(p)]
+        assert twice, "the budget must force a second pass somewhere"
+        from relex.fit import FitConfig, extrapolation_weights
+        import numpy as np
+        cfg = FitConfig()
+
+        def weights(plan, gram):
+            return extrapolation_weights(gram, traj.steps.astype(float), np.array([30.0]), cfg)
+
+        class Sink:
+            def write_at(self, *a):
+                pass
+        engine.run(weights, [Sink()])
+    finally:
+        traj.close()
+    for plan in traj.plans:
+        srcs = (traj.base, *traj.checkpoints)[: len(plan.sources) if plan.moves else 1]
+        for r in srcs:
+            spans = sorted((a, b) for rr, n, a, b in calls if rr is r and n == plan.name)
+            passes = 2 if plan in twice else 1
+            covered = sum(b - a for a, b in spans)
+            assert covered == passes * plan.numel, (plan.name, spans)
+
+
+def test_prefetch_modes_give_identical_bytes(run_factory, tmp_path, monkeypatch):
+    run, base = run_factory(base_dtype=torch.bfloat16)
+    outs = {}
+    for mode in ("off", "madvise", "fadvise"):
+        monkeypatch.setattr(fbase, "PREFETCH", mode)
+        relex.extrapolate(run, base=base, targets=[30], output=tmp_path / mode, progress=False,
+                          max_memory="1MB")
+        outs[mode] = load_dir(tmp_path / mode / "step-30")
+    for name, t in outs["off"].items():
+        assert torch.equal(t, outs["madvise"][name]) and torch.equal(t, outs["fadvise"][name])
+
+
+def test_budget_below_one_block_says_the_minimum(run_factory, tmp_path):
+    run, base = run_factory()
+    with pytest.raises(RelexError, match=r"below what one block needs.*at least \d+KB"):
+        relex.extrapolate(run, base=base, targets=[30], output=tmp_path / "o", progress=False,
+                          max_memory="5KB")
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_budget_is_a_quarter_of_available_ram():
+    b = api.default_budget()
+    assert b >= api.MIN_DEFAULT_BUDGET
+    avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert b <= max(api.MIN_DEFAULT_BUDGET, avail // 4)
+    assert api.default_budget(4) <= max(api.MIN_DEFAULT_BUDGET, b // 4 + 1)
+
+
+def test_reader_prefetch_defaults_to_nothing(tmp_path):
+    r = fbase.Reader(tmp_path)
+    assert r.prefetch("x", 0, 10) is None
