@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(sw)
     sw.add_argument("--output", "-o", required=True, metavar="DIR")
     sw.add_argument("--overwrite", action="store_true")
-    sw.add_argument("--max-memory", default="512MB", metavar="SIZE")
+    sw.add_argument("--max-memory", metavar="SIZE",
+                    help="buffer budget (default: a quarter of the available RAM, at least 512MB)")
     sw.add_argument("--device", default="cpu")
 
     wa = sub.add_parser("watch", help="follow a live run directory (verl, OpenRLHF, ...): "

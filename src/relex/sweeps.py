@@ -39,7 +39,7 @@ def sweep(run_dir: str | Path | None = None, *, targets: list[int], dataset: str
           max_tokens: int = 1024, template: str = "auto", backend: str = "auto",
           seed: int = 0, limit: int | None = None, question_field: str | None = None,
           answer_field: str = "answer", split: str | None = None, overwrite: bool = False,
-          max_memory: str | int = "512MB", device: str = "cpu",
+          max_memory: str | int | None = None, device: str = "cpu",
           revision_pattern: str = hub.DEFAULT_PATTERN, progress: bool = True) -> SweepResult:
     """Extrapolate to every target (one streaming pass), score each on `dataset`, keep the best.
 
