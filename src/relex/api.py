@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from relex import __version__, distributed
-from relex.formats import DTYPES, open_reader
+from relex.formats import DTYPES, hub, open_reader
 from relex.engine import Engine
 from relex.errors import RelexError
 from relex.fit import FitConfig, TensorFit, extrapolation_weights, reconstruction_weights
@@ -97,7 +97,7 @@ def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
                 targets: int | list[int], base: str | Path | None = None,
                 checkpoints: list[str] | dict[int, str | Path] | None = None,
                 observe_until: int | None = None, steps: str | list[int] | None = None,
-                revision_pattern: str = "step_{N}",
+                revision_pattern: str = hub.DEFAULT_PATTERN,
                 method: str = "relex", rank: int = 1, fit: str = "linear",
                 window: int | None = None, dtype: str | None = None,
                 allow_interpolation: bool = False, overwrite: bool = False,
@@ -129,7 +129,7 @@ def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
     if not allow_interpolation and targets[0] <= observed[-1]:
         raise RelexError(f"--target {targets[0]} is not after the last observed step "
                          f"{observed[-1]}; pass --allow-interpolation to predict inside the window")
-    traj = _open(inputs, dtype)
+    traj = _open(inputs.base, inputs.observed, dtype)
     try:
         if saved is not None:
             check_fingerprint(saved, traj.fingerprint())
@@ -152,7 +152,7 @@ def reconstruct(run_dir: str | Path | None = None, *, output: str | Path,
                 base: str | Path | None = None,
                 checkpoints: list[str] | dict[int, str | Path] | None = None,
                 observe_until: int | None = None, steps: str | list[int] | None = None,
-                revision_pattern: str = "step_{N}",
+                revision_pattern: str = hub.DEFAULT_PATTERN,
                 rank: int = 1, dtype: str | None = None, overwrite: bool = False,
                 max_memory: str | int | None = None, max_shard_size: str | int = "5GB",
                 device: str = "cpu", threads: int | None = None,
@@ -171,7 +171,7 @@ def reconstruct(run_dir: str | Path | None = None, *, output: str | Path,
     if len(targets) < rank:
         raise RelexError(f"--rank {rank} needs at least {rank} observed checkpoints, got "
                          f"{len(targets)}")
-    traj = _open(inputs, dtype)
+    traj = _open(inputs.base, inputs.observed, dtype)
     try:
         steps_arr = traj.steps.astype(np.float64)
         indices = list(range(len(targets)))
@@ -185,10 +185,10 @@ def reconstruct(run_dir: str | Path | None = None, *, output: str | Path,
         traj.close()
 
 
-def _open(inputs, dtype) -> Trajectory:
-    base = open_reader(inputs.base)
-    ckpts = [open_reader(p, base=inputs.base) for p in inputs.observed.values()]
-    return Trajectory(base, ckpts, list(inputs.observed), dtype)
+def _open(base: Path, checkpoints: dict[int, Path], dtype: str | None = None) -> Trajectory:
+    """The Trajectory of `base` and the {step: path} checkpoints (LoRA ones read over `base`)."""
+    return Trajectory(open_reader(base), [open_reader(p, base=base) for p in checkpoints.values()],
+                      list(checkpoints), dtype)
 
 
 def _load_fit_alone(from_fit, run_dir, checkpoints):
@@ -229,21 +229,6 @@ def _budget(max_memory, local_processes: int = 1) -> int:
     return default_budget(local_processes) if max_memory is None else parse_size(max_memory)
 
 
-def _attempt(group, what: str, fn):
-    """fn() on every rank; under torchrun an error on any rank stops all of them (one line)."""
-    if group.size == 1:
-        return fn()
-    out, error = None, None
-    try:
-        out = fn()
-    except RelexError as e:
-        error = f"rank {group.rank}: {e}"
-    except Exception as e:  # noqa: BLE001 - reported on every rank, one line
-        error = f"rank {group.rank}: {type(e).__name__}: {e}".splitlines()[0]
-    group.check(error, what)
-    return out
-
-
 def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitConfig,
            output, overwrite: bool, max_memory, max_shard_size, device: str,
            threads: int | None, progress: bool, grams: dict | None, mode: str,
@@ -258,11 +243,9 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
         "device": device.split(":")[0], "from_fit": str(from_fit), "grams": grams is not None,
         "inputs": traj.fingerprint(), "plans": [(p.name, p.out_dtype) for p in traj.plans]})
     out_bytes = sum(p.numel * DTYPES[p.out_dtype].itemsize for p in traj.plans)
-    if group.leader:
-        _attempt(group, "checking the output", lambda: check_output(
-            output, overwrite, [inputs.base, *inputs.observed.values()], out_bytes * len(targets)))
-    else:
-        _attempt(group, "checking the output", lambda: None)
+    group.attempt("checking the output", lambda: check_output(
+        output, overwrite, [inputs.base, *inputs.observed.values()], out_bytes * len(targets))
+        if group.leader else None)
     if threads:
         torch.set_num_threads(threads)
     shard = parse_size(max_shard_size)
@@ -287,12 +270,11 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
                 writers.append(ModelWriter(d, specs, shard, create=create, owned=owned))
 
         try:
-            if group.leader:
-                _attempt(group, "creating the output", lambda: open_writers(True))
-                _attempt(group, "opening the output", lambda: None)
-            else:
-                _attempt(group, "creating the output", lambda: None)
-                _attempt(group, "opening the output", lambda: open_writers(False))
+            # rank 0 creates the shard files before the other ranks open them
+            group.attempt("creating the output",
+                          lambda: open_writers(True) if group.leader else None)
+            group.attempt("opening the output",
+                          lambda: None if group.leader else open_writers(False))
 
             def stream():
                 with tqdm(total=engine.bytes_to_read(grams), unit="B", unit_scale=True,
@@ -303,7 +285,7 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
                     w.close()
                 return result
 
-            result = _attempt(group, "computing its tensors", stream)
+            result = group.attempt("computing its tensors", stream)
         finally:
             for w in writers:
                 w.abort()
@@ -330,7 +312,7 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
                 _copy_model_files(meta_src, d, traj)
                 _write_provenance(d / "relex.json", report, traj, config, step, mode, from_fit)
 
-        _attempt(group, "finalizing the output", finalize)
+        group.attempt("finalizing the output", finalize)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -400,7 +382,7 @@ def analyze(run_dir: str | Path | None = None, *, output: str | Path,
             base: str | Path | None = None,
             checkpoints: list[str] | dict[int, str | Path] | None = None,
             observe_until: int | None = None, steps: str | list[int] | None = None,
-            revision_pattern: str = "step_{N}",
+            revision_pattern: str = hub.DEFAULT_PATTERN,
             rank: int = 1, fit: str = "linear", window: int | None = None,
             from_fit: str | Path | None = None, overwrite: bool = False,
             max_memory: str | int | None = None, device: str = "cpu", threads: int | None = None,
@@ -438,9 +420,7 @@ def analyze(run_dir: str | Path | None = None, *, output: str | Path,
         all_steps = observed + [s for s in inputs.available if s > observed[-1]]
         config.check(len(observed))
         check_output(output, overwrite, [inputs.base, *inputs.available.values()], 0)
-        traj = Trajectory(open_reader(inputs.base),
-                          [open_reader(inputs.available[s], base=inputs.base)
-                           for s in all_steps], all_steps)
+        traj = _open(inputs.base, {s: inputs.available[s] for s in all_steps})
         try:
             if threads:
                 torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ import sys
 
 import relex
 from relex.errors import RelexError
+from relex.formats import hub
 
 EPILOG = """examples:
   relex demo                                    # a real GRPO run on this CPU, ~4 minutes
@@ -37,7 +38,7 @@ def _inputs(p: argparse.ArgumentParser, run_dir_required: bool = False) -> None:
     g.add_argument("--base", metavar="DIR",
                    help="the model before RL (step 0); default: the run's step-0 checkpoint "
                         "(or ORG/REPO[@REV] on the hub)")
-    g.add_argument("--revision-pattern", default="step_{N}", metavar="PATTERN",
+    g.add_argument("--revision-pattern", default=hub.DEFAULT_PATTERN, metavar="PATTERN",
                    help="with hf://ORG/REPO: the branch names of the checkpoints, {N} the step "
                         "(default step_{N})")
     g.add_argument("--checkpoint", action="append", default=[], metavar="STEP=PATH",

@@ -64,6 +64,21 @@ class Group:
             r, s = bad[0]
             raise RelexError(s if r == self.rank else f"rank {r} failed {what}: {s}")
 
+    def attempt(self, what: str, fn):
+        """fn() on every rank; an error on any rank stops all of them with one line (a group
+        of one just runs fn)."""
+        if self.size == 1:
+            return fn()
+        out, error = None, None
+        try:
+            out = fn()
+        except RelexError as e:
+            error = f"rank {self.rank}: {e}"
+        except Exception as e:  # noqa: BLE001 - reported on every rank, one line
+            error = f"rank {self.rank}: {type(e).__name__}: {_first_line(e)}"
+        self.check(error, what)
+        return out
+
     def broadcast(self, obj, src: int = 0):
         return self.all_gather(obj)[src] if self.size > 1 else obj
 
