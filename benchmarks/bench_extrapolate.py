@@ -120,10 +120,11 @@ print(json.dumps({"wall": time.perf_counter() - t, "rss": usage.ru_maxrss * 1024
 LAST_CPU = [0.0]
 
 
-def timed_child(cmd: list[str]) -> tuple[float, int, str]:
+def timed_child(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
     """Run a command; return (wall seconds, peak RSS bytes, its output); LAST_CPU[0] gets its
     CPU seconds (on a shared machine, wall time over CPU time shows how much it waited)."""
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True,
+                          env=env)
     lines = proc.stdout.strip().splitlines()
     info = json.loads(lines[-1]) if lines else {"code": 1}
     if info["code"] != 0:
@@ -192,9 +193,9 @@ def main() -> None:
     p.add_argument("--drop-caches", action="store_true",
                    help="sync and drop the page cache before every timed command (root)")
     p.add_argument("--max-memory", help="passed to relex (default: relex's own default)")
-    p.add_argument("--prefetch-modes", metavar="M1,M2",
-                   help="also time relex with these RELEX_PREFETCH modes (off, madvise, "
-                        "fadvise = the default) each round")
+    p.add_argument("--variant", action="append", default=[], metavar="VAR=VALUE",
+                   help="also time relex with this environment setting each round, e.g. "
+                        "RELEX_GRAM=numpy (BLAS Gram) or RELEX_PREFETCH=off|madvise; repeatable")
     p.add_argument("--repeat", type=int, default=3, help="rounds (medians shown)")
     p.add_argument("--gram-floor", action="store_true", help="also time the Gram matmuls alone")
     args = p.parse_args()
@@ -227,8 +228,10 @@ def main() -> None:
         rows["baseline"] = []
     if args.torchrun:
         rows["torchrun"] = []
-    modes = args.prefetch_modes.split(",") if args.prefetch_modes else []
+    modes = args.variant
     for m in modes:
+        if "=" not in m:
+            sys.exit(f"--variant {m}: expected VAR=VALUE")
         rows[f"relex[{m}]"] = []
     state = "page cache dropped before each" if args.drop_caches else "warm page cache"
     print(f"{args.params} Qwen2 shape ({numel / 1e6:.1f}M parameters) x {args.checkpoints} bf16 "
@@ -255,12 +258,11 @@ def main() -> None:
                            str(data / "base"), str(out), str(args.target)]
                 else:
                     cmd = relex_cmd(out, args.torchrun if kind == "torchrun" else None)
+                env = dict(os.environ)
                 if kind.startswith("relex["):
-                    os.environ["RELEX_PREFETCH"] = kind[6:-1]
-                try:
-                    wall, rss, _ = timed_child(cmd)
-                finally:
-                    os.environ.pop("RELEX_PREFETCH", None)
+                    var, value = kind[6:-1].split("=", 1)
+                    env[var] = value
+                wall, rss, _ = timed_child(cmd, env)
                 read = 0
                 if kind != "baseline":
                     prov = json.loads((out / f"step-{args.target}" / "relex.json").read_text())
@@ -285,8 +287,8 @@ def main() -> None:
            ("relex CPU seconds (user + sys), median", f"{median([r[3] for r in rows['relex']]):.1f} s"),
            ("relex / read", ratio("relex", "read"))]
     for m in modes:
-        out += [(f"relex RELEX_PREFETCH={m}, median", f"{med(f'relex[{m}]'):.2f} s"),
-                (f"relex RELEX_PREFETCH={m} / relex", ratio(f"relex[{m}]", "relex"))]
+        out += [(f"relex {m}, median", f"{med(f'relex[{m}]'):.2f} s"),
+                (f"relex {m} / relex", ratio(f"relex[{m}]", "relex"))]
     if args.torchrun:
         out += [(f"torchrun x{args.torchrun} wall, median", f"{med('torchrun'):.2f} s"),
                 (f"torchrun x{args.torchrun} / relex", ratio("torchrun", "relex"))]

@@ -8,9 +8,11 @@ D D^T; the partials are summed in block order in float64, so results do not depe
 timing. The fit then gives W (targets x T), and each output block is base + W @ D[:, block],
 cast to the output dtype and written at its place in every output file.
 
-Work runs on a pool of worker threads, each calling single-threaded torch kernels on buffers
-small enough to stay in cache (torch releases the GIL inside kernels). On 2 cores this beat one
-thread with 2-way intra-op parallelism, whose spinning OpenMP workers fought the I/O.
+Work runs on a pool of worker threads, each calling single-threaded kernels on buffers small
+enough to stay in cache (torch and numba release the GIL inside them). On 2 cores this beat one
+thread with 2-way intra-op parallelism, whose spinning OpenMP workers fought the I/O. On CPU,
+bf16 and fp32 inputs are converted, subtracted and multiplied in one compiled pass over each
+block (kernels.delta_gram); other dtypes, float64 and GPUs go through torch.
 
 - A tensor whose delta rows fit a worker's share of the memory budget is one task: that worker
   reads it once, keeps its delta rows, fits and writes it, while other workers do other tensors.
@@ -26,6 +28,7 @@ Engine over its share of the tensors (`plans`; see distributed.py).
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from relex import kernels
 from relex.formats import DTYPES
 from relex.errors import RelexError
 from relex.fit import TensorFit
@@ -57,6 +61,9 @@ TINY_BLOCK = 64
 #: took 0.96x and 1.40x the time with prefetch in two rounds; free (no RSS), so kept.
 PREFETCH_CHUNK = 8 << 20
 PREFETCH_WINDOW = 512 << 20
+
+#: input dtypes the compiled kernel converts itself (kernels.delta_gram)
+_STAGED = (torch.bfloat16, torch.float32)
 
 WeightsFn = Callable[[TensorPlan, np.ndarray], TensorFit]
 
@@ -132,8 +139,9 @@ class Engine:
         self.k = n_targets
         t = traj.T
         self.item = 8 if any(p.compute_dtype == torch.float64 for p in traj.plans) else 4
-        # Per worker and block element: delta rows, base, K outputs, K casts (<= 8 bytes each).
-        per_elem = (t + 1 + self.k) * self.item + self.k * 8
+        # Per worker and block element: delta rows, base, K outputs, K casts (<= 8 bytes each),
+        # the staged input rows of the compiled kernel (<= 4 bytes each).
+        per_elem = (t + 1 + self.k) * self.item + self.k * 8 + t * 4
         #: the smallest budget that holds one block per worker (buffers + its mapped inputs)
         self.min_budget = self.workers * TINY_BLOCK * (2 * per_elem + (t + 1) * 8)
         if budget < self.min_budget:
@@ -195,6 +203,11 @@ class Engine:
         """
         result = EngineResult()
         threads = torch.get_num_threads()
+        # The pass makes many short-lived tensor views; Python's cyclic collector then kept
+        # walking every object torch created at import (6% of the CPU time of the 100M
+        # benchmark). Nothing here creates cycles worth collecting before the pass ends.
+        collecting = gc.isenabled()
+        gc.disable()
         init = (lambda: torch.set_num_threads(1)) if self.cpu else None
         if init:
             init()
@@ -227,6 +240,8 @@ class Engine:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(threads)
+            if collecting:
+                gc.enable()
         return result
 
     def _record(self, plan, gram, fit, grams, result) -> None:
@@ -341,18 +356,48 @@ class Engine:
                 out[: self.k * m].view(self.k, m))
 
     # ------------------------------------------------------------------ per block (workers)
-    def _fill(self, plan, a, b, d, base, result, npass: int = 0) -> None:
-        """d = rows - base for elements [a, b), read through the checkpoints' readers."""
+    def _fill(self, plan, a, b, d, base, result, npass: int = 0, gram: bool = False,
+              keep: bool = True) -> torch.Tensor | None:
+        """d = rows - base for elements [a, b), read through the checkpoints' readers; returns
+        the Gram matrix of d (float64) if gram. keep=False: d's values are not needed after
+        (the compiled kernel then works chunk by chunk in a scratch buffer)."""
         self._prefetch.advance(plan, npass, a)
         base.copy_(self.traj.read(plan, 0, a, b))
         rows = [self.traj.read(plan, s, a, b) for s in range(1, len(plan.sources))]
+        self._count(sum(i.itemsize for i in plan.sources) * (b - a), result)
+        stage = self._stage(plan, rows, b - a)
+        if stage is not None:
+            # CPU, float32 arithmetic, bf16 or fp32 inputs: copy the rows side by side (a
+            # memcpy), then convert, subtract and multiply in one pass (kernels.delta_gram)
+            torch._foreach_copy_(list(stage.unbind(0)), rows)
+            bf16 = stage.dtype == torch.bfloat16
+            g = kernels.delta_gram((stage.view(torch.uint16) if bf16 else stage).numpy(),
+                                   base.numpy(), d.numpy() if keep else None, gram, bf16)
+            return torch.from_numpy(g) if gram else None
         if self.cpu and hasattr(torch, "_foreach_copy_"):
             torch._foreach_copy_(list(d.unbind(0)), rows)  # one call converts every row
         else:
             for t, row in enumerate(rows):
                 d[t].copy_(row)
         d.sub_(base)
-        self._count(sum(i.itemsize for i in plan.sources) * (b - a), result)
+        if not gram:
+            return None
+        if self.cpu:
+            return torch.from_numpy(kernels.gram(d.numpy()))
+        return (d @ d.T).to(torch.float64)
+
+    def _stage(self, plan: TensorPlan, rows: list[torch.Tensor], m: int):
+        """This worker's (T, m) buffer for the rows as read, when the compiled kernel takes
+        them (else None: torch converts and subtracts, e.g. fp16 inputs, float64 or a GPU)."""
+        dt = rows[0].dtype
+        if (not self.cpu or plan.compute_dtype != torch.float32 or dt not in _STAGED
+                or any(r.dtype != dt for r in rows) or not kernels.available()):
+            return None
+        loc = self._local
+        stage = getattr(loc, "stage", None)
+        if stage is None or stage.dtype != dt:
+            loc.stage = stage = torch.empty(self.traj.T * self.block, dtype=dt)
+        return stage[: self.traj.T * m].view(self.traj.T, m)
 
     def _count(self, nbytes: int, result: EngineResult) -> None:
         with self._lock:
@@ -365,14 +410,7 @@ class Engine:
             d, base = self._rows(full, a, b)
         else:
             d, base, _ = self._local_buffers(plan.compute_dtype, b - a)
-        self._fill(plan, a, b, d, base, result)
-        if self.cpu:
-            # numpy hands x @ x.T to BLAS syrk (one triangle: half the multiply-adds of torch's
-            # gemm); one thread, T=75 x 2^17 columns: 0.043 s against torch's 0.068-0.076 s,
-            # T=30: 0.008-0.016 s against 0.016-0.021 s. Same float32 accumulation.
-            x = d.numpy()
-            return torch.from_numpy(np.dot(x, x.T)).to(torch.float64)
-        return (d @ d.T).to(torch.float64)
+        return self._fill(plan, a, b, d, base, result, gram=True, keep=full is not None)
 
     def _emit_block(self, plan, a, b, full, w, writers, result) -> None:
         d, base, out = self._local_buffers(plan.compute_dtype, b - a)

@@ -1,0 +1,223 @@
+"""The Gram kernel of the CPU pass, compiled with numba because the BLAS ones are slow at its shape.
+
+A block's Gram matrix D D^T has a tiny output (T x T, T = 30-75 checkpoints) and a long inner
+dimension (the block's elements). BLAS libraries tune for square-ish products: on one core of
+the 2-core Xeon (Cascade Lake, AVX-512) this was measured on, numpy's OpenBLAS syrk ran it at
+11-17 useful GFLOP/s for T=30 and torch's MKL gemm at 9-11; the loop below, 4 x 4 register
+tiles over cache-sized column chunks, ran at 27-43 (T=30) and 33-44 (T=75)
+(`python benchmarks/bench_gram.py` prints the table). That is the Gram step of every CPU run,
+so it is written here; everything else stays on torch/numpy.
+
+Each chunk of CHUNK columns is summed in float32 (as BLAS does over the whole block) and added
+into a float64 result, so long blocks lose less than with BLAS. The order of additions is fixed
+by the code, so results do not depend on threads. Without numba (not installed, or a platform
+it does not support) `gram` falls back to numpy's syrk with identical semantics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: columns summed in float32 before adding into the float64 result; 4 rows x 2 x CHUNK x 4 bytes
+#: (32 KiB) stay in L1 while a tile is computed. 1024 beat 256 and 4096 at T=30 and 75.
+CHUNK = 1024
+#: floats between the starts of two rows in the chunk buffer (padding them by a cache line
+#: against 4 KiB set aliasing measured no faster)
+STRIDE = CHUNK
+
+
+
+def _tiles(buf, t, n, g):
+    """g += X @ X.T on and above the diagonal's 4 x 4 tiles, X = the (t, n) rows of buf at
+    stride STRIDE (rows past the end repeat the last row; their products are not stored)."""
+    last = t - 1
+    for i0 in range(0, t, 4):
+        i1 = min(i0 + 1, last) * STRIDE
+        i2 = min(i0 + 2, last) * STRIDE
+        i3 = min(i0 + 3, last) * STRIDE
+        r0 = buf[i0 * STRIDE: i0 * STRIDE + n]
+        r1 = buf[i1: i1 + n]
+        r2 = buf[i2: i2 + n]
+        r3 = buf[i3: i3 + n]
+        for j0 in range(i0, t, 4):
+            j1 = min(j0 + 1, last) * STRIDE
+            j2 = min(j0 + 2, last) * STRIDE
+            j3 = min(j0 + 3, last) * STRIDE
+            s0 = buf[j0 * STRIDE: j0 * STRIDE + n]
+            s1 = buf[j1: j1 + n]
+            s2 = buf[j2: j2 + n]
+            s3 = buf[j3: j3 + n]
+            z = np.float32(0.0)
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = z
+            a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = z
+            # The loop the compiler vectorizes: 16 independent float32 sums of products.
+            for k in range(n):
+                x0 = r0[k]
+                x1 = r1[k]
+                x2 = r2[k]
+                x3 = r3[k]
+                y0 = s0[k]
+                y1 = s1[k]
+                y2 = s2[k]
+                y3 = s3[k]
+                a00 += x0 * y0
+                a01 += x0 * y1
+                a02 += x0 * y2
+                a03 += x0 * y3
+                a10 += x1 * y0
+                a11 += x1 * y1
+                a12 += x1 * y2
+                a13 += x1 * y3
+                a20 += x2 * y0
+                a21 += x2 * y1
+                a22 += x2 * y2
+                a23 += x2 * y3
+                a30 += x3 * y0
+                a31 += x3 * y1
+                a32 += x3 * y2
+                a33 += x3 * y3
+            acc = (a00, a01, a02, a03, a10, a11, a12, a13,
+                   a20, a21, a22, a23, a30, a31, a32, a33)
+            for p in range(4):
+                for q in range(4):
+                    i = i0 + p
+                    j = j0 + q
+                    if i <= last and j <= last:
+                        g[i, j] += acc[4 * p + q]
+
+
+def _mirror(g):
+    """Copy the (exact) upper triangle down."""
+    for i in range(g.shape[0]):
+        for j in range(i + 1, g.shape[0]):
+            g[j, i] = g[i, j]
+    return g
+
+
+def _gram_f32(x):
+    """x @ x.T in float64 for a C-contiguous float32 (t, m) matrix."""
+    t, m = x.shape
+    g = np.zeros((t, t), np.float64)
+    buf = np.empty(t * STRIDE, np.float32)
+    for c0 in range(0, m, CHUNK):
+        n = min(CHUNK, m - c0)
+        for r in range(t):
+            src = x[r, c0:c0 + n]
+            row = buf[r * STRIDE: r * STRIDE + n]
+            for k in range(n):  # explicit loops: numba's slice assignment ran at half speed
+                row[k] = src[k]
+        _tiles(buf, t, n, g)
+    return _mirror(g)
+
+
+def _delta_gram(bf16, rows16, rows32, base, d, keep, want, buf, bits):
+    """d = rows - base chunk by chunk into buf, then the chunk's Gram matrix while it is in
+    cache (want) and its copy into d (keep). The rows are rows16 (bfloat16 bit patterns as
+    uint16: bfloat16 -> float32 is a 16-bit shift, written through bits, buf's uint32 view) if
+    bf16, else rows32 (float32); the other is a placeholder."""
+    t = d.shape[0] if keep else (rows16.shape[0] if bf16 else rows32.shape[0])
+    m = base.shape[0]
+    g = np.zeros((t, t), np.float64)
+    for c0 in range(0, m, CHUNK):
+        n = min(CHUNK, m - c0)
+        b = base[c0:c0 + n]
+        for r in range(t):
+            row = buf[r * STRIDE: r * STRIDE + n]
+            if bf16:
+                src16 = rows16[r, c0:c0 + n]
+                out = bits[r * STRIDE: r * STRIDE + n]
+                for k in range(n):
+                    out[k] = np.uint32(src16[k]) << np.uint32(16)
+                for k in range(n):
+                    row[k] -= b[k]
+            else:
+                src32 = rows32[r, c0:c0 + n]
+                for k in range(n):
+                    row[k] = src32[k] - b[k]
+            if keep:
+                dst = d[r, c0:c0 + n]
+                for k in range(n):
+                    dst[k] = row[k]
+        if want:
+            _tiles(buf, t, n, g)
+    return _mirror(g)
+
+
+#: "numpy" (env RELEX_GRAM) uses numpy's BLAS for every Gram matrix: for comparing, or to sidestep
+#: a numba problem
+USE = os.environ.get("RELEX_GRAM", "kernel") != "numpy"
+_compiled = None  # True once the kernels are compiled, False where numba cannot be used
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used (numba is imported on first use: its import and
+    loading the cached machine code take ~0.6 s, which commands without a Gram step skip)."""
+    global _compiled
+    with _lock:
+        if _compiled is None:
+            _compiled = False
+            if USE:
+                try:  # numba is a dependency, but relex must still run where it cannot load
+                    import numba
+                    # reassoc lets the compiler vectorize the sums; no flag that assumes no
+                    # NaN/Inf: a diverged checkpoint must show up as a non-finite Gram entry.
+                    jit = numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+                    here = globals()
+                    for name in ("_tiles", "_mirror", "_gram_f32", "_delta_gram"):
+                        here[name] = jit(here[name])
+                    _compiled = True
+                except Exception as exc:  # noqa: BLE001 (ImportError, or a broken llvmlite)
+                    log.warning("numba unavailable (%s): the Gram step uses torch and numpy "
+                                "(slower)", exc)
+    return _compiled
+
+
+def gram(x: np.ndarray) -> np.ndarray:
+    """x @ x.T in float64 for a (t, m) float32 or float64 matrix (C-contiguous rows).
+
+    float32 goes through the compiled kernel (numpy without numba); float64 through numpy's
+    BLAS, which is accurate and not the bottleneck there."""
+    if x.dtype == np.float32 and x.flags.c_contiguous and available():
+        return _gram_f32(x)
+    return np.dot(x, x.T).astype(np.float64, copy=False)
+
+
+#: row dtypes delta_gram takes (bfloat16 as its uint16 bit patterns)
+DELTA_DTYPES = ("bfloat16", "float32")
+
+
+def delta_gram(rows: np.ndarray, base: np.ndarray, d: np.ndarray | None, want_gram: bool,
+               bf16: bool) -> np.ndarray | None:
+    """d = rows - base in float32, fused with the Gram matrix of d (float64, (t, t)) if wanted.
+
+    rows: (t, m) C-contiguous float32, or bfloat16 bit patterns as uint16 (bf16=True);
+    base: (m,) float32; d: (t, m) float32 output, or None when only the Gram matrix is wanted.
+    Callers check available(). Converting and multiplying a chunk while it is in cache saves
+    the extra passes over memory of torch's convert, then subtract, then Gram.
+    """
+    t = rows.shape[0]
+    buf = _scratch(t)
+    keep = d is not None
+    d = d if keep else np.empty((1, 1), np.float32)
+    none16, none32 = np.empty((1, 1), np.uint16), np.empty((1, 1), np.float32)
+    g = _delta_gram(bf16, rows if bf16 else none16, none32 if bf16 else rows, base, d, keep,
+                    want_gram, buf, buf.view(np.uint32))
+    return g if want_gram else None
+
+
+_local = threading.local()
+
+
+def _scratch(t: int) -> np.ndarray:
+    """This thread's chunk buffer (t rows at stride STRIDE)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < t * STRIDE:
+        _local.buf = buf = np.empty(t * STRIDE, np.float32)
+    return buf[: t * STRIDE]
