@@ -86,3 +86,26 @@ def test_default_budget_is_a_quarter_of_available_ram():
 def test_reader_prefetch_defaults_to_nothing(tmp_path):
     r = fbase.Reader(tmp_path)
     assert r.prefetch("x", 0, 10) is None
+
+
+@pytest.mark.parametrize("where", ["setup", "fit"])
+def test_a_failing_pass_restores_the_collector_and_threads(run_factory, monkeypatch, where):
+    """run() pauses Python's cyclic GC and pins torch to one thread per worker; an error while
+    setting up the pass (the read-ahead) or in its middle (the fit) must leave both as they
+    were."""
+    import gc
+    from relex import engine as engine_module
+    run, base = run_factory(base_dtype=torch.bfloat16)
+    traj = _traj(run, base)
+    threads = torch.get_num_threads()
+
+    def fail(*a, **k):
+        raise RelexError(f"{where} failed")
+    if where == "setup":
+        monkeypatch.setattr(engine_module, "Prefetcher", fail)
+    try:
+        with pytest.raises(RelexError, match=f"{where} failed"):
+            Engine(traj, 1, 1 << 30, workers=2).run(fail, [])
+    finally:
+        traj.close()
+    assert gc.isenabled() and torch.get_num_threads() == threads

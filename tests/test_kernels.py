@@ -8,7 +8,8 @@ import relex
 from relex import kernels
 from test_extrapolate import STEPS, check_outputs
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not kernels.available(),
+                                reason="compiled kernels unavailable (no numba, or RELEX_GRAM=numpy)")
 
 
 def _ref(d: np.ndarray) -> np.ndarray:
@@ -39,7 +40,7 @@ def test_delta_gram_equals_torch_subtraction(bf16, t, m):
     dt = torch.bfloat16 if bf16 else torch.float32
     rows, base = rows.to(dt), base.to(dt).float()
     want = rows.float() - base  # what the torch path computes
-    raw = (rows.view(torch.uint16) if bf16 else rows).numpy()
+    raw = rows.view(torch.int16).numpy().view(np.uint16) if bf16 else rows.numpy()
     d = np.full((t, m), np.nan, np.float32)
     g = kernels.delta_gram(raw, base.numpy(), d, True, bf16)
     np.testing.assert_array_equal(d, want.numpy())
@@ -59,6 +60,11 @@ def test_non_finite_values_reach_the_gram(bad):
     g = kernels.gram(x)
     assert not np.isfinite(g[4, 4]) and not np.isfinite(g[0, 4])
     assert np.isfinite(g[0, 0])
+    for bf16 in (True, False):  # and through the fused path, from a checkpoint's rows
+        rows = torch.from_numpy(x).to(torch.bfloat16 if bf16 else torch.float32)
+        raw = (rows.view(torch.int16).numpy().view(np.uint16) if bf16 else rows.numpy())
+        g = kernels.delta_gram(raw, np.zeros(3000, np.float32), None, True, bf16)
+        assert not np.isfinite(g[4, 4]) and not np.isfinite(g[0, 4]) and np.isfinite(g[0, 0])
 
 
 def test_pass_without_kernels_is_within_one_ulp(run_factory, tmp_path, monkeypatch):
@@ -67,3 +73,25 @@ def test_pass_without_kernels_is_within_one_ulp(run_factory, tmp_path, monkeypat
     monkeypatch.setattr(kernels, "_compiled", False)
     relex.extrapolate(run, base=base, targets=[30], output=tmp_path / "out", progress=False)
     check_outputs(tmp_path / "out", base, run, STEPS, [30])
+
+
+def test_a_compile_failure_falls_back_with_a_warning(monkeypatch, caplog):
+    """Where numba imports but cannot compile (an unusual platform), relex warns once and uses
+    numpy instead of failing inside a worker thread."""
+    import numba
+
+    def broken(**_):
+        def wrap(fn):
+            def call(*a, **k):
+                raise RuntimeError("LLVM ERROR: simulated")
+            return call
+        return wrap
+    for name in ("_tiles", "_mirror", "_gram_f32", "_delta_gram"):
+        monkeypatch.setitem(kernels.__dict__, name, kernels.__dict__[name])
+    monkeypatch.setattr(numba, "njit", broken)
+    monkeypatch.setattr(kernels, "_compiled", None)
+    with caplog.at_level("WARNING", logger="relex.kernels"):
+        assert kernels.available() is False
+    assert "simulated" in caplog.text
+    x = np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32)
+    np.testing.assert_allclose(kernels.gram(x), _ref(x), rtol=1e-5)

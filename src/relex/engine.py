@@ -140,8 +140,9 @@ class Engine:
         t = traj.T
         self.item = 8 if any(p.compute_dtype == torch.float64 for p in traj.plans) else 4
         # Per worker and block element: delta rows, base, K outputs, K casts (<= 8 bytes each),
-        # the staged input rows of the compiled kernel (<= 4 bytes each).
-        per_elem = (t + 1 + self.k) * self.item + self.k * 8 + t * 4
+        # and on CPU in float32 the input rows staged for the compiled kernel (<= 4 bytes each).
+        staged = t * 4 if self.cpu and self.item == 4 else 0
+        per_elem = (t + 1 + self.k) * self.item + self.k * 8 + staged
         #: the smallest budget that holds one block per worker (buffers + its mapped inputs)
         self.min_budget = self.workers * TINY_BLOCK * (2 * per_elem + (t + 1) * 8)
         if budget < self.min_budget:
@@ -207,19 +208,21 @@ class Engine:
         # walking every object torch created at import (6% of the CPU time of the 100M
         # benchmark). Nothing here creates cycles worth collecting before the pass ends.
         collecting = gc.isenabled()
-        gc.disable()
         init = (lambda: torch.set_num_threads(1)) if self.cpu else None
-        if init:
-            init()
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="relex", initializer=init)
-        self._progress = progress
-        plans = self.plans
-        self._twice = grams is None and weights is not None
-        self._prefetch = Prefetcher(self.traj, [(p, self._passes(p, grams, weights is None))
-                                                for p in plans])
-        if plans:
-            self._prefetch.advance(plans[0], 0, 0)
+        pool = None
         try:
+            gc.disable()
+            if init:
+                init()
+            pool = ThreadPoolExecutor(self.workers, thread_name_prefix="relex",
+                                      initializer=init)
+            self._progress = progress
+            plans = self.plans
+            self._twice = grams is None and weights is not None
+            self._prefetch = Prefetcher(self.traj, [(p, self._passes(p, grams, weights is None))
+                                                    for p in plans])
+            if plans:
+                self._prefetch.advance(plans[0], 0, 0)
             # numpy's BLAS threads (the fits) spin after each call; on the 100M benchmark they
             # stole 2 s from the workers: keep them to one thread.
             with threadpool_limits(limits=1, user_api="blas"):
@@ -238,7 +241,8 @@ class Engine:
                         self._shared(plans[i], pool, weights, writers, grams, result)
                         i += 1
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(threads)
             if collecting:
                 gc.enable()
@@ -371,7 +375,9 @@ class Engine:
             # memcpy), then convert, subtract and multiply in one pass (kernels.delta_gram)
             torch._foreach_copy_(list(stage.unbind(0)), rows)
             bf16 = stage.dtype == torch.bfloat16
-            g = kernels.delta_gram((stage.view(torch.uint16) if bf16 else stage).numpy(),
+            # int16, not uint16: torch < 2.3 has no uint16 (numpy reinterprets the bits)
+            raw = stage.view(torch.int16).numpy().view(np.uint16) if bf16 else stage.numpy()
+            g = kernels.delta_gram(raw,
                                    base.numpy(), d.numpy() if keep else None, gram, bf16)
             return torch.from_numpy(g) if gram else None
         if self.cpu and hasattr(torch, "_foreach_copy_"):
@@ -391,11 +397,13 @@ class Engine:
         them (else None: torch converts and subtracts, e.g. fp16 inputs, float64 or a GPU)."""
         dt = rows[0].dtype
         if (not self.cpu or plan.compute_dtype != torch.float32 or dt not in _STAGED
-                or any(r.dtype != dt for r in rows) or not kernels.available()):
+                or any(r.dtype != dt for r in rows) or not hasattr(torch, "_foreach_copy_")
+                or not kernels.available()):
             return None
         loc = self._local
         stage = getattr(loc, "stage", None)
         if stage is None or stage.dtype != dt:
+            loc.stage = None  # free the other dtype's buffer first
             loc.stage = stage = torch.empty(self.traj.T * self.block, dtype=dt)
         return stage[: self.traj.T * m].view(self.traj.T, m)
 

@@ -166,14 +166,25 @@ def available() -> bool:
             if USE:
                 try:  # numba is a dependency, but relex must still run where it cannot load
                     import numba
+                    if numba.config.DISABLE_JIT:  # the loops would run as Python: hours
+                        raise RuntimeError("NUMBA_DISABLE_JIT is set")
                     # reassoc lets the compiler vectorize the sums; no flag that assumes no
                     # NaN/Inf: a diverged checkpoint must show up as a non-finite Gram entry.
                     jit = numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
                     here = globals()
                     for name in ("_tiles", "_mirror", "_gram_f32", "_delta_gram"):
                         here[name] = jit(here[name])
+                    # Compile (or load from numba's cache) now, with the types of the real
+                    # calls: a failure is a fallback here, not a crash in a worker, and the
+                    # other workers wait on the lock instead of compiling the same code.
+                    f32 = np.zeros((2, 3), np.float32)
+                    buf = np.zeros(2 * STRIDE, np.float32)
+                    here["_gram_f32"](f32)
+                    here["_delta_gram"](True, np.zeros((2, 3), np.uint16), f32, f32[0], f32,
+                                        True, True, buf, buf.view(np.uint32))
                     _compiled = True
-                except Exception as exc:  # noqa: BLE001 (ImportError, or a broken llvmlite)
+                except Exception as exc:  # noqa: BLE001 (ImportError, a broken llvmlite, or
+                    # a compile error on an unusual platform)
                     log.warning("numba unavailable (%s): the Gram step uses torch and numpy "
                                 "(slower)", exc)
     return _compiled
