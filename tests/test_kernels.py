@@ -86,7 +86,7 @@ def test_a_compile_failure_falls_back_with_a_warning(monkeypatch, caplog):
                 raise RuntimeError("LLVM ERROR: simulated")
             return call
         return wrap
-    for name in ("_tiles", "_mirror", "_gram_f32", "_delta_gram"):
+    for name in ("_tiles", "_mirror", "_delta_gram"):
         monkeypatch.setitem(kernels.__dict__, name, kernels.__dict__[name])
     monkeypatch.setattr(numba, "njit", broken)
     monkeypatch.setattr(kernels, "_compiled", None)

@@ -27,29 +27,27 @@ log = logging.getLogger(__name__)
 #: columns summed in float32 before adding into the float64 result; 4 rows x 2 x CHUNK x 4 bytes
 #: (32 KiB) stay in L1 while a tile is computed. 1024 beat 256 and 4096 at T=30 and 75.
 CHUNK = 1024
-#: floats between the starts of two rows in the chunk buffer (padding them by a cache line
-#: against 4 KiB set aliasing measured no faster)
-STRIDE = CHUNK
-
+# (the chunk buffer's rows are CHUNK floats apart: padding them by a cache line against 4 KiB
+# set aliasing measured no faster)
 
 
 def _tiles(buf, t, n, g):
     """g += X @ X.T on and above the diagonal's 4 x 4 tiles, X = the (t, n) rows of buf at
-    stride STRIDE (rows past the end repeat the last row; their products are not stored)."""
+    stride CHUNK (rows past the end repeat the last row; their products are not stored)."""
     last = t - 1
     for i0 in range(0, t, 4):
-        i1 = min(i0 + 1, last) * STRIDE
-        i2 = min(i0 + 2, last) * STRIDE
-        i3 = min(i0 + 3, last) * STRIDE
-        r0 = buf[i0 * STRIDE: i0 * STRIDE + n]
+        i1 = min(i0 + 1, last) * CHUNK
+        i2 = min(i0 + 2, last) * CHUNK
+        i3 = min(i0 + 3, last) * CHUNK
+        r0 = buf[i0 * CHUNK: i0 * CHUNK + n]
         r1 = buf[i1: i1 + n]
         r2 = buf[i2: i2 + n]
         r3 = buf[i3: i3 + n]
         for j0 in range(i0, t, 4):
-            j1 = min(j0 + 1, last) * STRIDE
-            j2 = min(j0 + 2, last) * STRIDE
-            j3 = min(j0 + 3, last) * STRIDE
-            s0 = buf[j0 * STRIDE: j0 * STRIDE + n]
+            j1 = min(j0 + 1, last) * CHUNK
+            j2 = min(j0 + 2, last) * CHUNK
+            j3 = min(j0 + 3, last) * CHUNK
+            s0 = buf[j0 * CHUNK: j0 * CHUNK + n]
             s1 = buf[j1: j1 + n]
             s2 = buf[j2: j2 + n]
             s3 = buf[j3: j3 + n]
@@ -100,22 +98,6 @@ def _mirror(g):
     return g
 
 
-def _gram_f32(x):
-    """x @ x.T in float64 for a C-contiguous float32 (t, m) matrix."""
-    t, m = x.shape
-    g = np.zeros((t, t), np.float64)
-    buf = np.empty(t * STRIDE, np.float32)
-    for c0 in range(0, m, CHUNK):
-        n = min(CHUNK, m - c0)
-        for r in range(t):
-            src = x[r, c0:c0 + n]
-            row = buf[r * STRIDE: r * STRIDE + n]
-            for k in range(n):  # explicit loops: numba's slice assignment ran at half speed
-                row[k] = src[k]
-        _tiles(buf, t, n, g)
-    return _mirror(g)
-
-
 def _delta_gram(bf16, rows16, rows32, base, d, keep, want, buf, bits):
     """d = rows - base chunk by chunk into buf, then the chunk's Gram matrix while it is in
     cache (want) and its copy into d (keep). The rows are rows16 (bfloat16 bit patterns as
@@ -128,10 +110,10 @@ def _delta_gram(bf16, rows16, rows32, base, d, keep, want, buf, bits):
         n = min(CHUNK, m - c0)
         b = base[c0:c0 + n]
         for r in range(t):
-            row = buf[r * STRIDE: r * STRIDE + n]
+            row = buf[r * CHUNK: r * CHUNK + n]
             if bf16:
                 src16 = rows16[r, c0:c0 + n]
-                out = bits[r * STRIDE: r * STRIDE + n]
+                out = bits[r * CHUNK: r * CHUNK + n]
                 for k in range(n):
                     out[k] = np.uint32(src16[k]) << np.uint32(16)
                 for k in range(n):
@@ -172,14 +154,13 @@ def available() -> bool:
                     # NaN/Inf: a diverged checkpoint must show up as a non-finite Gram entry.
                     jit = numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
                     here = globals()
-                    for name in ("_tiles", "_mirror", "_gram_f32", "_delta_gram"):
+                    for name in ("_tiles", "_mirror", "_delta_gram"):
                         here[name] = jit(here[name])
                     # Compile (or load from numba's cache) now, with the types of the real
                     # calls: a failure is a fallback here, not a crash in a worker, and the
                     # other workers wait on the lock instead of compiling the same code.
                     f32 = np.zeros((2, 3), np.float32)
-                    buf = np.zeros(2 * STRIDE, np.float32)
-                    here["_gram_f32"](f32)
+                    buf = np.zeros(2 * CHUNK, np.float32)
                     here["_delta_gram"](True, np.zeros((2, 3), np.uint16), f32, f32[0], f32,
                                         True, True, buf, buf.view(np.uint32))
                     _compiled = True
@@ -193,15 +174,11 @@ def available() -> bool:
 def gram(x: np.ndarray) -> np.ndarray:
     """x @ x.T in float64 for a (t, m) float32 or float64 matrix (C-contiguous rows).
 
-    float32 goes through the compiled kernel (numpy without numba); float64 through numpy's
-    BLAS, which is accurate and not the bottleneck there."""
+    float32 goes through the compiled kernel (as deltas from a zero base; numpy without numba);
+    float64 through numpy's BLAS, which is accurate and not the bottleneck there."""
     if x.dtype == np.float32 and x.flags.c_contiguous and available():
-        return _gram_f32(x)
+        return delta_gram(x, np.zeros(x.shape[1], np.float32), None, True, False)
     return np.dot(x, x.T).astype(np.float64, copy=False)
-
-
-#: row dtypes delta_gram takes (bfloat16 as its uint16 bit patterns)
-DELTA_DTYPES = ("bfloat16", "float32")
 
 
 def delta_gram(rows: np.ndarray, base: np.ndarray, d: np.ndarray | None, want_gram: bool,
@@ -227,8 +204,8 @@ _local = threading.local()
 
 
 def _scratch(t: int) -> np.ndarray:
-    """This thread's chunk buffer (t rows at stride STRIDE)."""
+    """This thread's chunk buffer (t rows at stride CHUNK)."""
     buf = getattr(_local, "buf", None)
-    if buf is None or buf.size < t * STRIDE:
-        _local.buf = buf = np.empty(t * STRIDE, np.float32)
-    return buf[: t * STRIDE]
+    if buf is None or buf.size < t * CHUNK:
+        _local.buf = buf = np.empty(t * CHUNK, np.float32)
+    return buf[: t * CHUNK]
