@@ -46,12 +46,29 @@ for src, dst in zip(sys.argv[1::2], sys.argv[2::2]):
         mod.register_parameter(leaf, torch.nn.Parameter(value))
     fully_shard(model, mesh=mesh)
     save(model.state_dict(), storage_writer=HuggingFaceStorageWriter(dst, save_distributed=True))
+dist.barrier()  # no rank tears its connections down while rank 0 still finishes the metadata
 dist.destroy_process_group()
 """
 
 
-def write_nemo(pairs, world=2):
-    """Each (HF dir, NeMo model dir): torchrun-style ranks save the FSDP2-sharded model."""
+def write_nemo(pairs, world=2, tries=2):
+    """Each (HF dir, NeMo model dir): torchrun-style ranks save the FSDP2-sharded model.
+    The writer's gloo teardown aborted once in CI on a loaded machine ("terminate called
+    without an active exception"; 1 in 30 runs here with two busy loops beside it, 0 in 40 at
+    another try): that one signature of torch's, not of relex, gets a second try; anything
+    else fails the test."""
+    for attempt in range(tries):
+        for _, dst in pairs:
+            shutil.rmtree(dst, ignore_errors=True)
+        codes, errs = _write_nemo_once(pairs, world)
+        if all(c == 0 for c in codes):
+            return
+        if not any(b"terminate called" in e for e in errs):
+            break
+    pytest.fail(next(e for c, e in zip(codes, errs) if c != 0).decode()[-2000:])
+
+
+def _write_nemo_once(pairs, world):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -61,7 +78,7 @@ def write_nemo(pairs, world=2):
         "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE)
         for r in range(world)]
     errs = [p.communicate(timeout=300)[1] for p in procs]
-    assert all(p.returncode == 0 for p in procs), errs[0].decode()[-2000:]
+    return [p.returncode for p in procs], errs
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ from relex import distributed
 from relex.cli import main
 
 if __name__ == "__main__":
+    code = None
     try:
         code = main()
     finally:
-        distributed.reset()
+        distributed.reset(ok=code == 0)
     sys.exit(code)

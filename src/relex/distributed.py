@@ -82,10 +82,15 @@ class Group:
     def broadcast(self, obj, src: int = 0):
         return self.all_gather(obj)[src] if self.size > 1 else obj
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """Leave the group. After a run that succeeded on every rank, wait for all of them first:
+        a rank that tears its connections down while another still finishes can make gloo
+        abort that other rank's teardown."""
         if self.size > 1:
             import torch.distributed as dist
             if dist.is_initialized():
+                if ok:
+                    dist.barrier()
                 dist.destroy_process_group()
 
 
@@ -137,11 +142,11 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
-def reset() -> None:
-    """Leave the group (end of a distributed run)."""
+def reset(ok: bool = False) -> None:
+    """Leave the group (end of a distributed run); ok: every rank finished the run."""
     global _GROUP
     if _GROUP is not None:
-        _GROUP.close()
+        _GROUP.close(ok)
     _GROUP = None
 
 
