@@ -69,8 +69,8 @@ def main() -> None:
                 def now():
                     base.copy_(base16)
                     torch._foreach_copy_(list(stage.unbind(0)), rows)
-                    return kernels.delta_gram(stage.view(torch.int16).numpy().view(np.uint16), base.numpy(),
-                                              d.numpy(), True, True)
+                    return kernels.delta_gram(stage.view(torch.int16).numpy().view(np.uint16),
+                                              base.numpy(), True)
                 ns = [timed(f, reps) / (t * m) * 1e9 for f in (before, now)]
                 print(f"{t:>3} {m:>8} | {'':9}{gf[0]:>7.1f} {gf[1]:>7.1f} {gf[2]:>7.1f} | "
                       f"{'':22}{ns[0]:>7.2f} {ns[1]:>7.2f}", flush=True)

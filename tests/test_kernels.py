@@ -30,27 +30,48 @@ def test_gram_matches_float64(t, m):
     assert np.abs(g - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("bf16", [True, False])
-@pytest.mark.parametrize("t,m", [(3, 5), (30, 2 * kernels.CHUNK + 100)])
-def test_delta_gram_equals_torch_subtraction(bf16, t, m):
-    gen = torch.Generator().manual_seed(t + m)
+def _rows(bf16, t, m, seed):
+    """Checkpoint-like rows near a base (one value across zero: a different binade), as stored
+    (bf16 or fp32), their kernel input, and the base as float32."""
+    gen = torch.Generator().manual_seed(seed)
     base = torch.randn(m, generator=gen) * 0.05
     rows = base + 1e-3 * torch.randn(t, m, generator=gen)
-    rows[0, 0] = -base[0]  # sign change: not in the same binade as the base value
+    rows[0, 0] = -base[0]
     dt = torch.bfloat16 if bf16 else torch.float32
     rows, base = rows.to(dt), base.to(dt).float()
-    want = rows.float() - base  # what the torch path computes
     raw = rows.view(torch.int16).numpy().view(np.uint16) if bf16 else rows.numpy()
-    d = np.full((t, m), np.nan, np.float32)
-    g = kernels.delta_gram(raw, base.numpy(), d, True, bf16)
-    np.testing.assert_array_equal(d, want.numpy())
-    ref = _ref(want.numpy())
+    return rows, raw, base
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("t,m", [(3, 5), (30, 2 * kernels.CHUNK + 100)])
+def test_delta_gram_is_the_gram_of_the_deltas(bf16, t, m):
+    rows, raw, base = _rows(bf16, t, m, t + m)
+    g = kernels.delta_gram(raw, base.numpy(), bf16)
+    ref = _ref((rows.double() - base.double()).numpy())  # exact deltas, float64 products
     assert np.abs(g - ref).max() <= 1e-6 * np.abs(ref).max()
-    # without keeping the deltas: the same Gram matrix; without the Gram: the same deltas
-    np.testing.assert_array_equal(kernels.delta_gram(raw, base.numpy(), None, True, bf16), g)
-    d2 = np.zeros((t, m), np.float32)
-    assert kernels.delta_gram(raw, base.numpy(), d2, False, bf16) is None
-    np.testing.assert_array_equal(d2, d)
+    np.testing.assert_array_equal(g, g.T)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.delta_gram(raw, base.numpy()[:-1], bf16)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("t,m,k", [(1, 7, 1), (3, 5, 2), (30, 2 * kernels.CHUNK + 100, 1),
+                                   (75, kernels.CHUNK + 1, 3)])
+def test_delta_combine_is_base_plus_weighted_deltas(bf16, t, m, k):
+    rows, raw, base = _rows(bf16, t, m, 7 * t + m)
+    w = np.random.default_rng(t).standard_normal((k, t)).astype(np.float32) * 10
+    out = np.full((k, m), np.nan, np.float32)
+    kernels.delta_combine(raw, base.numpy(), w, out, bf16)
+    d = (rows.double() - base.double()).numpy()  # exact
+    b, w64 = base.double().numpy(), w.astype(np.float64)
+    ref = b + w64 @ d
+    # float32 deltas (one rounding each), t products summed in float32, plus the base: the
+    # classic bound of a float32 dot product, elementwise
+    bound = (t + 2) * np.finfo(np.float32).eps * (np.abs(b) + np.abs(w64) @ np.abs(d))
+    assert (np.abs(out - ref) <= bound).all()
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.delta_combine(raw, base.numpy(), w[:, :-1], out, bf16)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -63,8 +84,12 @@ def test_non_finite_values_reach_the_gram(bad):
     for bf16 in (True, False):  # and through the fused path, from a checkpoint's rows
         rows = torch.from_numpy(x).to(torch.bfloat16 if bf16 else torch.float32)
         raw = (rows.view(torch.int16).numpy().view(np.uint16) if bf16 else rows.numpy())
-        g = kernels.delta_gram(raw, np.zeros(3000, np.float32), None, True, bf16)
+        g = kernels.delta_gram(raw, np.zeros(3000, np.float32), bf16)
         assert not np.isfinite(g[4, 4]) and not np.isfinite(g[0, 4]) and np.isfinite(g[0, 0])
+        out = np.zeros((1, 3000), np.float32)  # and into the outputs
+        kernels.delta_combine(raw, np.zeros(3000, np.float32), np.ones((1, 6), np.float32),
+                              out, bf16)
+        assert not np.isfinite(out[0, 2999]) and np.isfinite(out[0, :2999]).all()
 
 
 def test_pass_without_kernels_is_within_one_ulp(run_factory, tmp_path, monkeypatch):
@@ -86,7 +111,7 @@ def test_a_compile_failure_falls_back_with_a_warning(monkeypatch, caplog):
                 raise RuntimeError("LLVM ERROR: simulated")
             return call
         return wrap
-    for name in ("_tiles", "_mirror", "_delta_gram"):
+    for name in kernels._COMPILED:
         monkeypatch.setitem(kernels.__dict__, name, kernels.__dict__[name])
     monkeypatch.setattr(numba, "njit", broken)
     monkeypatch.setattr(kernels, "_compiled", None)

@@ -11,11 +11,14 @@ cast to the output dtype and written at its place in every output file.
 Work runs on a pool of worker threads, each calling single-threaded kernels on buffers small
 enough to stay in cache (torch and numba release the GIL inside them). On 2 cores this beat one
 thread with 2-way intra-op parallelism, whose spinning OpenMP workers fought the I/O. On CPU,
-bf16 and fp32 inputs are converted, subtracted and multiplied in one compiled pass over each
-block (kernels.delta_gram); other dtypes, float64 and GPUs go through torch.
+bf16 and fp32 inputs go through compiled kernels that make the float32 deltas chunk by chunk in
+cache, for the Gram matrix (kernels.delta_gram) and again for the outputs
+(kernels.delta_combine), so float32 deltas are never stored; fp16 inputs, float64 and GPUs go
+through torch, with float delta rows.
 
-- A tensor whose delta rows fit a worker's share of the memory budget is one task: that worker
-  reads it once, keeps its delta rows, fits and writes it, while other workers do other tensors.
+- A tensor whose rows fit a worker's share of the memory budget is one task: that worker reads
+  it once, keeps its rows (bf16 as stored: half the size of float32 deltas), fits and writes
+  it, while other workers do other tensors.
 - A larger tensor (a 150k x 4k embedding, or any 7B+ layer) is split across all workers block
   by block and read twice, right after itself, so the second read hits the page cache.
 - With a saved fit there is no Gram step and every tensor is read once.
@@ -62,8 +65,9 @@ TINY_BLOCK = 64
 PREFETCH_CHUNK = 8 << 20
 PREFETCH_WINDOW = 512 << 20
 
-#: input dtypes the compiled kernel converts itself (kernels.delta_gram)
-_STAGED = (torch.bfloat16, torch.float32)
+#: stored dtypes of checkpoint rows the compiled kernels take as they are (kernels.delta_gram,
+#: kernels.delta_combine)
+_KERNEL_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32}
 
 WeightsFn = Callable[[TensorPlan, np.ndarray], TensorFit]
 
@@ -140,7 +144,8 @@ class Engine:
         t = traj.T
         self.item = 8 if any(p.compute_dtype == torch.float64 for p in traj.plans) else 4
         # Per worker and block element: delta rows, base, K outputs, K casts (<= 8 bytes each),
-        # and on CPU in float32 the input rows staged for the compiled kernel (<= 4 bytes each).
+        # and on CPU in float32 the input rows staged for the compiled kernels (<= 4 bytes each;
+        # where those run, the delta rows are not allocated: the budget is conservative).
         staged = t * 4 if self.cpu and self.item == 4 else 0
         per_elem = (t + 1 + self.k) * self.item + self.k * 8 + staged
         #: the smallest budget that holds one block per worker (buffers + its mapped inputs)
@@ -153,8 +158,9 @@ class Engine:
         # Mapped input pages count as resident memory until released: part of the budget.
         self.release_bytes = max(self.block * (t + 1) * 8, min(RELEASE_BYTES, budget // 16))
         left = budget - self.workers * (self.block * per_elem + self.release_bytes)
-        #: elements of the largest tensor one worker keeps resident (delta rows + base)
-        self.capacity = max(0, left // (self.workers * (t + 1) * self.item))
+        #: bytes one worker may keep resident for one tensor (its rows and base)
+        self.capacity = max(0, left // self.workers)
+        self._kernel_dtypes: dict[str, torch.dtype | None] = {}
         self._local = threading.local()
         self._lock = threading.Lock()
         self._progress: Callable[[int], None] | None = None
@@ -163,9 +169,29 @@ class Engine:
         self.plans: list[TensorPlan] = list(traj.plans)
 
     # ------------------------------------------------------------------ planning
+    def _kernel_rows(self, plan: TensorPlan) -> torch.dtype | None:
+        """The dtype in which the compiled kernels take a tensor's checkpoint rows (the stored
+        one: bf16 or fp32), or None where torch does the arithmetic (a GPU, float64, fp16 or
+        mixed inputs, numba unavailable)."""
+        if plan.name not in self._kernel_dtypes:
+            stored = {r.dtype for r in plan.rows}
+            ok = (self.cpu and plan.moves and plan.compute_dtype == torch.float32
+                  and len(stored) == 1 and next(iter(stored)) in _KERNEL_DTYPES
+                  and hasattr(torch, "_foreach_copy_") and kernels.available())
+            self._kernel_dtypes[plan.name] = _KERNEL_DTYPES[plan.rows[0].dtype] if ok else None
+        return self._kernel_dtypes[plan.name]
+
+    def _resident_sizes(self, plan: TensorPlan) -> tuple[int, int]:
+        """Bytes of (rows, base) a worker keeps for a tensor it reads once: the T checkpoint
+        rows as stored where the kernels take them (bf16: half of float32 deltas), else the
+        float deltas; the base in the compute dtype."""
+        item = plan.compute_dtype.itemsize
+        rows = self._kernel_rows(plan)
+        return self.traj.T * plan.numel * (rows.itemsize if rows else item), plan.numel * item
+
     def _single(self, plan: TensorPlan) -> bool:
         """Whether one worker handles the whole tensor (else all workers share its blocks)."""
-        return not plan.moves or plan.numel <= self.capacity
+        return not plan.moves or sum(self._resident_sizes(plan)) <= self.capacity
 
     def _blocks(self, plan: TensorPlan, parts: int = 1) -> list[tuple[int, int]]:
         """Block ranges: at most `block` elements, and at least `parts` blocks when possible."""
@@ -326,65 +352,58 @@ class Engine:
 
     # ------------------------------------------------------------------ buffers
     def _resident_buffers(self, plan: TensorPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """This worker's (delta rows [T, n], base [n]) for a tensor it keeps resident."""
-        loc, n, dt = self._local, plan.numel, plan.compute_dtype
+        """This worker's (rows [T, n], base [n]) for a tensor it keeps resident: the rows as
+        stored for the kernels, else float deltas (see _resident_sizes)."""
+        loc, n = self._local, plan.numel
+        rows_bytes, base_bytes = self._resident_sizes(plan)
         full = getattr(loc, "full", None)
-        if full is None or full[1].numel() < n or full[1].dtype != dt:
+        if full is None or full[0].numel() < rows_bytes or full[1].numel() < base_bytes:
             loc.full = None
-            biggest = max(p.numel for p in self.plans
-                          if p.moves and p.numel <= self.capacity and p.compute_dtype == dt)
-            loc.full = full = (torch.empty(self.traj.T * biggest, dtype=dt, device=self.device),
-                               torch.empty(biggest, dtype=dt, device=self.device))
+            sizes = [self._resident_sizes(p) for p in self.plans if p.moves and self._single(p)]
+            loc.full = full = tuple(torch.empty(max(s[i] for s in sizes), dtype=torch.uint8,
+                                                device=self.device) for i in (0, 1))
         # Block-major: block [a, b) holds its T rows contiguously at [T a, T b), so every
         # block is a contiguous (T, b - a) matrix (see _rows).
-        return full[0][: self.traj.T * n], full[1][:n]
+        rows_dt = self._kernel_rows(plan) or plan.compute_dtype
+        return (full[0][:rows_bytes].view(rows_dt),
+                full[1][:base_bytes].view(plan.compute_dtype))
 
     def _rows(self, full, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (delta rows, base) of block [a, b) of a resident tensor, both contiguous.
+        """The (rows, base) of block [a, b) of a resident tensor, both contiguous.
 
         Contiguous matters: the compiled kernel and numpy take C-contiguous rows without a
         copy."""
         t = self.traj.T
         return full[0][t * a: t * b].view(t, b - a), full[1][a:b]
 
-    def _local_buffers(self, dt: torch.dtype, m: int):
-        """This worker's (delta rows, base, output) buffers of dtype dt, m columns each."""
-        bufs = self._local.__dict__.setdefault("blocks", {})
-        if dt not in bufs:
-            cols, dev = self.block, self.device
-            bufs[dt] = (torch.empty(self.traj.T * cols, dtype=dt, device=dev),
-                        torch.empty(cols, dtype=dt, device=dev),
-                        torch.empty(max(self.k, 1) * cols, dtype=dt, device=dev))
-        d, base, out = bufs[dt]
-        return (d[: self.traj.T * m].view(self.traj.T, m), base[:m],  # contiguous: see _rows
-                out[: self.k * m].view(self.k, m))
+    def _local_buffer(self, what: str, dt: torch.dtype, m: int, rows: int = 1) -> torch.Tensor:
+        """This worker's (rows, m) buffer `what` of dtype dt (allocated once, for a whole
+        block): 'delta' rows, 'stage'd input rows, 'base', 'out'puts. Contiguous: see _rows."""
+        bufs = self._local.__dict__.setdefault("buffers", {})
+        key = (what, dt)
+        if key not in bufs:
+            bufs[key] = torch.empty(rows * self.block, dtype=dt, device=self.device)
+        return bufs[key][: rows * m].view(rows, m)
 
     # ------------------------------------------------------------------ per block (workers)
-    def _fill(self, plan, a, b, d, base, result, npass: int = 0, gram: bool = False,
-              keep: bool = True) -> torch.Tensor | None:
-        """d = rows - base for elements [a, b), read through the checkpoints' readers; returns
-        the Gram matrix of d (float64) if gram. keep=False: d's values are not needed after
-        (the compiled kernel then works chunk by chunk in a scratch buffer)."""
+    def _read(self, plan, a, b, rows, base, result, npass: int = 0) -> None:
+        """Elements [a, b) of the base into `base` and of the checkpoints into the (T, b - a)
+        `rows`, converted to their dtypes, read through the checkpoints' readers."""
         self._prefetch.advance(plan, npass, a)
         base.copy_(self.traj.read(plan, 0, a, b))
-        rows = [self.traj.read(plan, s, a, b) for s in range(1, len(plan.sources))]
+        src = [self.traj.read(plan, s, a, b) for s in range(1, len(plan.sources))]
         self._count(sum(i.itemsize for i in plan.sources) * (b - a), result)
-        stage = self._stage(plan, rows, b - a)
-        if stage is not None:
-            # CPU, float32 arithmetic, bf16 or fp32 inputs: copy the rows side by side (a
-            # memcpy), then convert, subtract and multiply in one pass (kernels.delta_gram)
-            torch._foreach_copy_(list(stage.unbind(0)), rows)
-            bf16 = stage.dtype == torch.bfloat16
-            # int16, not uint16: torch < 2.3 has no uint16 (numpy reinterprets the bits)
-            raw = stage.view(torch.int16).numpy().view(np.uint16) if bf16 else stage.numpy()
-            g = kernels.delta_gram(raw,
-                                   base.numpy(), d.numpy() if keep else None, gram, bf16)
-            return torch.from_numpy(g) if gram else None
         if self.cpu and hasattr(torch, "_foreach_copy_"):
-            torch._foreach_copy_(list(d.unbind(0)), rows)  # one call converts every row
+            torch._foreach_copy_(list(rows.unbind(0)), src)  # one call for every row
         else:
-            for t, row in enumerate(rows):
-                d[t].copy_(row)
+            for t, row in enumerate(src):
+                rows[t].copy_(row)
+
+    def _fill(self, plan, a, b, d, base, result, npass: int = 0,
+              gram: bool = False) -> torch.Tensor | None:
+        """The torch path (where the kernels do not apply): d = rows - base for elements
+        [a, b); returns the Gram matrix of d (float64) if gram."""
+        self._read(plan, a, b, d, base, result, npass)
         d.sub_(base)
         if not gram:
             return None
@@ -392,42 +411,47 @@ class Engine:
             return torch.from_numpy(kernels.gram(d.numpy()))
         return (d @ d.T).to(torch.float64)
 
-    def _stage(self, plan: TensorPlan, rows: list[torch.Tensor], m: int):
-        """This worker's (T, m) buffer for the rows as read, when the compiled kernel takes
-        them (else None: torch converts and subtracts, e.g. fp16 inputs, float64 or a GPU)."""
-        dt = rows[0].dtype
-        if (not self.cpu or plan.compute_dtype != torch.float32 or dt not in _STAGED
-                or any(r.dtype != dt for r in rows) or not hasattr(torch, "_foreach_copy_")
-                or not kernels.available()):
-            return None
-        loc = self._local
-        stage = getattr(loc, "stage", None)
-        if stage is None or stage.dtype != dt:
-            loc.stage = None  # free the other dtype's buffer first
-            loc.stage = stage = torch.empty(self.traj.T * self.block, dtype=dt)
-        return stage[: self.traj.T * m].view(self.traj.T, m)
-
     def _count(self, nbytes: int, result: EngineResult) -> None:
         with self._lock:
             result.bytes_read += nbytes
             if self._progress:
                 self._progress(nbytes)
 
-    def _gram_block(self, plan, a, b, full, result) -> torch.Tensor:
+    def _block_buffers(self, plan, a, b, full):
+        """(rows, base) of block [a, b): the resident tensor's, else this worker's buffers
+        (rows as stored for the kernels, else float deltas)."""
         if full is not None:
-            d, base = self._rows(full, a, b)
-        else:
-            d, base, _ = self._local_buffers(plan.compute_dtype, b - a)
-        return self._fill(plan, a, b, d, base, result, gram=True, keep=full is not None)
+            return self._rows(full, a, b)
+        dt, kdt, m = plan.compute_dtype, self._kernel_rows(plan), b - a
+        rows = (self._local_buffer("stage", kdt, m, self.traj.T) if kdt
+                else self._local_buffer("delta", dt, m, self.traj.T))
+        return rows, self._local_buffer("base", dt, m)[0]
+
+    def _gram_block(self, plan, a, b, full, result) -> torch.Tensor:
+        rows, base = self._block_buffers(plan, a, b, full)
+        kdt = self._kernel_rows(plan)
+        if kdt is None:
+            return self._fill(plan, a, b, rows, base, result, gram=True)
+        # The compiled path: the rows as stored (a memcpy: they are kept, or released from
+        # the mapping), then convert, subtract and multiply per chunk in cache
+        self._read(plan, a, b, rows, base, result)
+        return torch.from_numpy(kernels.delta_gram(_numpy(rows), base.numpy(),
+                                                   kdt == torch.bfloat16))
 
     def _emit_block(self, plan, a, b, full, w, writers, result) -> None:
-        d, base, out = self._local_buffers(plan.compute_dtype, b - a)
-        if full is not None:
-            d, base = self._rows(full, a, b)
+        rows, base = self._block_buffers(plan, a, b, full)
+        out = self._local_buffer("out", plan.compute_dtype, b - a, self.k)
+        kdt = self._kernel_rows(plan)
+        npass = 1 if self._twice and not self._single(plan) else 0
+        if kdt is None:
+            if full is None:
+                self._fill(plan, a, b, rows, base, result, npass)
+            torch.addmm(base, w, rows, out=out)
         else:
-            self._fill(plan, a, b, d, base, result,
-                       1 if self._twice and not self._single(plan) else 0)
-        torch.addmm(base, w, d, out=out)
+            if full is None:
+                self._read(plan, a, b, rows, base, result, npass)
+            kernels.delta_combine(_numpy(rows), base.numpy(), w.numpy(), out.numpy(),
+                                  kdt == torch.bfloat16)
         code = DTYPES[plan.out_dtype]
         for k, writer in enumerate(writers):
             writer.write_at(plan.name, a, out[k].to(code))
@@ -449,3 +473,11 @@ class Engine:
             where = ", ".join(str(self.traj.checkpoints[i].path) for i in bad[:3])
         raise RelexError(f"tensor '{plan.name}': NaN or Inf values in {where}; the run diverged "
                          f"or the file is damaged: leave that checkpoint out (--steps)")
+
+
+def _numpy(rows: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's numpy view; bfloat16 as its bit patterns (uint16), which numpy lacks as a
+    dtype (through int16: torch < 2.3 has no uint16)."""
+    if rows.dtype == torch.bfloat16:
+        return rows.view(torch.int16).numpy().view(np.uint16)
+    return rows.numpy()

@@ -98,12 +98,12 @@ def _mirror(g):
     return g
 
 
-def _delta_gram(bf16, rows16, rows32, base, d, keep, want, buf, bits):
-    """d = rows - base chunk by chunk into buf, then the chunk's Gram matrix while it is in
-    cache (want) and its copy into d (keep). The rows are rows16 (bfloat16 bit patterns as
-    uint16: bfloat16 -> float32 is a 16-bit shift, written through bits, buf's uint32 view) if
-    bf16, else rows32 (float32); the other is a placeholder."""
-    t = d.shape[0] if keep else (rows16.shape[0] if bf16 else rows32.shape[0])
+def _delta_gram(bf16, rows16, rows32, base, buf, bits):
+    """The Gram matrix of rows - base: chunk by chunk, the deltas into buf, then their products
+    while they are in cache. The rows are rows16 (bfloat16 bit patterns as uint16: bfloat16 ->
+    float32 is a 16-bit shift, written through bits, buf's uint32 view) if bf16, else rows32
+    (float32); the other is a placeholder."""
+    t = rows16.shape[0] if bf16 else rows32.shape[0]
     m = base.shape[0]
     g = np.zeros((t, t), np.float64)
     for c0 in range(0, m, CHUNK):
@@ -122,18 +122,50 @@ def _delta_gram(bf16, rows16, rows32, base, d, keep, want, buf, bits):
                 src32 = rows32[r, c0:c0 + n]
                 for k in range(n):
                     row[k] = src32[k] - b[k]
-            if keep:
-                dst = d[r, c0:c0 + n]
-                for k in range(n):
-                    dst[k] = row[k]
-        if want:
-            _tiles(buf, t, n, g)
+        _tiles(buf, t, n, g)
     return _mirror(g)
+
+
+def _delta_combine(bf16, rows16, rows32, base, w, out, buf, bits):
+    """out = base + w @ (rows - base), chunk by chunk: each row's chunk is converted and
+    subtracted in buf (as in _delta_gram, the same float32 deltas), then added, times its
+    weight, into the K output rows, which stay in cache until the chunk is done. Sums run over
+    the checkpoints in order, in float32 (as torch's addmm does)."""
+    k, t = w.shape
+    m = base.shape[0]
+    row = buf[:CHUNK]
+    acc = buf[CHUNK: CHUNK + k * CHUNK]
+    for c0 in range(0, m, CHUNK):
+        n = min(CHUNK, m - c0)
+        b = base[c0:c0 + n]
+        for q in range(k):
+            a = acc[q * CHUNK: q * CHUNK + n]
+            for j in range(n):
+                a[j] = 0.0
+        for r in range(t):
+            if bf16:
+                src16 = rows16[r, c0:c0 + n]
+                for j in range(n):
+                    bits[j] = np.uint32(src16[j]) << np.uint32(16)
+                x = row[:n]
+            else:
+                x = rows32[r, c0:c0 + n]
+            for q in range(k):
+                wq = w[q, r]
+                a = acc[q * CHUNK: q * CHUNK + n]
+                for j in range(n):
+                    a[j] += wq * (x[j] - b[j])
+        for q in range(k):
+            a = acc[q * CHUNK: q * CHUNK + n]
+            dst = out[q, c0:c0 + n]
+            for j in range(n):
+                dst[j] = b[j] + a[j]
 
 
 #: "numpy" (env RELEX_GRAM) uses numpy's BLAS for every Gram matrix: for comparing, or to sidestep
 #: a numba problem
 USE = os.environ.get("RELEX_GRAM", "kernel") != "numpy"
+_COMPILED = ("_tiles", "_mirror", "_delta_gram", "_delta_combine")  # the functions numba compiles
 _compiled = None  # True once the kernels are compiled, False where numba cannot be used
 _lock = threading.Lock()
 
@@ -154,15 +186,18 @@ def available() -> bool:
                     # NaN/Inf: a diverged checkpoint must show up as a non-finite Gram entry.
                     jit = numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
                     here = globals()
-                    for name in ("_tiles", "_mirror", "_delta_gram"):
+                    for name in _COMPILED:
                         here[name] = jit(here[name])
                     # Compile (or load from numba's cache) now, with the types of the real
                     # calls: a failure is a fallback here, not a crash in a worker, and the
                     # other workers wait on the lock instead of compiling the same code.
                     f32 = np.zeros((2, 3), np.float32)
                     buf = np.zeros(2 * CHUNK, np.float32)
-                    here["_delta_gram"](True, np.zeros((2, 3), np.uint16), f32, f32[0], f32,
-                                        True, True, buf, buf.view(np.uint32))
+                    here["_delta_gram"](True, np.zeros((2, 3), np.uint16), f32, f32[0],
+                                        buf, buf.view(np.uint32))
+                    w = np.zeros((1, 2), np.float32)  # (k, t): one target, rows' t = 2
+                    here["_delta_combine"](True, np.zeros((2, 3), np.uint16), f32, f32[0],
+                                           w, f32[:1], buf, buf.view(np.uint32))
                     _compiled = True
                 except Exception as exc:  # noqa: BLE001 (ImportError, a broken llvmlite, or
                     # a compile error on an unusual platform)
@@ -177,27 +212,44 @@ def gram(x: np.ndarray) -> np.ndarray:
     float32 goes through the compiled kernel (as deltas from a zero base; numpy without numba);
     float64 through numpy's BLAS, which is accurate and not the bottleneck there."""
     if x.dtype == np.float32 and x.flags.c_contiguous and available():
-        return delta_gram(x, np.zeros(x.shape[1], np.float32), None, True, False)
+        return delta_gram(x, np.zeros(x.shape[1], np.float32), False)
     return np.dot(x, x.T).astype(np.float64, copy=False)
 
 
-def delta_gram(rows: np.ndarray, base: np.ndarray, d: np.ndarray | None, want_gram: bool,
-               bf16: bool) -> np.ndarray | None:
-    """d = rows - base in float32, fused with the Gram matrix of d (float64, (t, t)) if wanted.
+def delta_gram(rows: np.ndarray, base: np.ndarray, bf16: bool) -> np.ndarray:
+    """The Gram matrix (float64, (t, t)) of the float32 deltas rows - base.
 
     rows: (t, m) C-contiguous float32, or bfloat16 bit patterns as uint16 (bf16=True);
-    base: (m,) float32; d: (t, m) float32 output, or None when only the Gram matrix is wanted.
-    Callers check available(). Converting and multiplying a chunk while it is in cache saves
-    the extra passes over memory of torch's convert, then subtract, then Gram.
+    base: (m,) float32. The deltas are what torch's `rows.float() - base` gives. Converting,
+    subtracting and multiplying a chunk while it is in cache saves the extra passes over memory
+    of torch's convert, then subtract, then Gram. Callers check available().
     """
-    t = rows.shape[0]
+    t, m = rows.shape
+    if base.shape != (m,):  # numba does not check bounds: a mismatch would read past the end
+        raise ValueError(f"delta_gram: rows {rows.shape} and base {base.shape} do not match")
     buf = _scratch(t)
-    keep = d is not None
-    d = d if keep else np.empty((1, 1), np.float32)
     none16, none32 = np.empty((1, 1), np.uint16), np.empty((1, 1), np.float32)
-    g = _delta_gram(bf16, rows if bf16 else none16, none32 if bf16 else rows, base, d, keep,
-                    want_gram, buf, buf.view(np.uint32))
-    return g if want_gram else None
+    return _delta_gram(bf16, rows if bf16 else none16, none32 if bf16 else rows, base,
+                       buf, buf.view(np.uint32))
+
+
+def delta_combine(rows: np.ndarray, base: np.ndarray, w: np.ndarray, out: np.ndarray,
+                  bf16: bool) -> None:
+    """out = base + w @ (rows - base) in float32: the output step of the CPU pass.
+
+    rows: (t, m) as in delta_gram; base: (m,) float32; w: (k, t) float32 weights; out: (k, m)
+    float32, written. The deltas are the ones delta_gram computes, made again chunk by chunk in
+    cache: storing them as float32 would double what a tensor kept in memory takes and add a
+    pass over memory. Callers check available()."""
+    t, m = rows.shape
+    # numba does not check bounds: a shape mismatch would write outside the arrays
+    if base.shape != (m,) or w.shape[1] != t or out.shape != (w.shape[0], m):
+        raise ValueError(f"delta_combine: rows {rows.shape}, base {base.shape}, w {w.shape}, "
+                         f"out {out.shape} do not match")
+    buf = _scratch(1 + w.shape[0])
+    none16, none32 = np.empty((1, 1), np.uint16), np.empty((1, 1), np.float32)
+    _delta_combine(bf16, rows if bf16 else none16, none32 if bf16 else rows, base,
+                   np.ascontiguousarray(w, np.float32), out, buf, buf.view(np.uint32))
 
 
 _local = threading.local()
