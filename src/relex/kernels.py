@@ -27,27 +27,30 @@ log = logging.getLogger(__name__)
 #: columns summed in float32 before adding into the float64 result; 4 rows x 2 x CHUNK x 4 bytes
 #: (32 KiB) stay in L1 while a tile is computed. 1024 beat 256 and 4096 at T=30 and 75.
 CHUNK = 1024
-# (the chunk buffer's rows are CHUNK floats apart: padding them by a cache line against 4 KiB
-# set aliasing measured no faster)
+#: floats between the chunk buffer's rows: two cache lines more than CHUNK, so that the 8 rows
+#: a tile reads are not all 4 KiB apart (the same L1 set). The Gram step of 2^17 bf16 columns,
+#: 3 alternating runs (/tmp experiments, session 4): T=30 1.13 -> 1.00 ns per element and row
+#: (median), T=75 1.85 -> 1.62; a one-line padding of 16 floats gave 1.02 and 1.68.
+STRIDE = CHUNK + 32
 
 
 def _tiles(buf, t, n, g):
     """g += X @ X.T on and above the diagonal's 4 x 4 tiles, X = the (t, n) rows of buf at
-    stride CHUNK (rows past the end repeat the last row; their products are not stored)."""
+    stride STRIDE (rows past the end repeat the last row; their products are not stored)."""
     last = t - 1
     for i0 in range(0, t, 4):
-        i1 = min(i0 + 1, last) * CHUNK
-        i2 = min(i0 + 2, last) * CHUNK
-        i3 = min(i0 + 3, last) * CHUNK
-        r0 = buf[i0 * CHUNK: i0 * CHUNK + n]
+        i1 = min(i0 + 1, last) * STRIDE
+        i2 = min(i0 + 2, last) * STRIDE
+        i3 = min(i0 + 3, last) * STRIDE
+        r0 = buf[i0 * STRIDE: i0 * STRIDE + n]
         r1 = buf[i1: i1 + n]
         r2 = buf[i2: i2 + n]
         r3 = buf[i3: i3 + n]
         for j0 in range(i0, t, 4):
-            j1 = min(j0 + 1, last) * CHUNK
-            j2 = min(j0 + 2, last) * CHUNK
-            j3 = min(j0 + 3, last) * CHUNK
-            s0 = buf[j0 * CHUNK: j0 * CHUNK + n]
+            j1 = min(j0 + 1, last) * STRIDE
+            j2 = min(j0 + 2, last) * STRIDE
+            j3 = min(j0 + 3, last) * STRIDE
+            s0 = buf[j0 * STRIDE: j0 * STRIDE + n]
             s1 = buf[j1: j1 + n]
             s2 = buf[j2: j2 + n]
             s3 = buf[j3: j3 + n]
@@ -110,10 +113,10 @@ def _delta_gram(bf16, rows16, rows32, base, buf, bits):
         n = min(CHUNK, m - c0)
         b = base[c0:c0 + n]
         for r in range(t):
-            row = buf[r * CHUNK: r * CHUNK + n]
+            row = buf[r * STRIDE: r * STRIDE + n]
             if bf16:
                 src16 = rows16[r, c0:c0 + n]
-                out = bits[r * CHUNK: r * CHUNK + n]
+                out = bits[r * STRIDE: r * STRIDE + n]
                 for k in range(n):
                     out[k] = np.uint32(src16[k]) << np.uint32(16)
                 for k in range(n):
@@ -192,7 +195,7 @@ def available() -> bool:
                     # calls: a failure is a fallback here, not a crash in a worker, and the
                     # other workers wait on the lock instead of compiling the same code.
                     f32 = np.zeros((2, 3), np.float32)
-                    buf = np.zeros(2 * CHUNK, np.float32)
+                    buf = np.zeros(2 * STRIDE, np.float32)
                     here["_delta_gram"](True, np.zeros((2, 3), np.uint16), f32, f32[0],
                                         buf, buf.view(np.uint32))
                     w = np.zeros((1, 2), np.float32)  # (k, t): one target, rows' t = 2
@@ -256,8 +259,8 @@ _local = threading.local()
 
 
 def _scratch(t: int) -> np.ndarray:
-    """This thread's chunk buffer (t rows at stride CHUNK)."""
+    """This thread's chunk buffer (t rows at stride STRIDE)."""
     buf = getattr(_local, "buf", None)
-    if buf is None or buf.size < t * CHUNK:
-        _local.buf = buf = np.empty(t * CHUNK, np.float32)
-    return buf[: t * CHUNK]
+    if buf is None or buf.size < t * STRIDE:
+        _local.buf = buf = np.empty(t * STRIDE, np.float32)
+    return buf[: t * STRIDE]
