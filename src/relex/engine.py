@@ -143,11 +143,9 @@ class Engine:
         self.k = n_targets
         t = traj.T
         self.item = 8 if any(p.compute_dtype == torch.float64 for p in traj.plans) else 4
-        # Per worker and block element: delta rows, base, K outputs, K casts (<= 8 bytes each),
-        # and on CPU in float32 the input rows staged for the compiled kernels (<= 4 bytes each;
-        # where those run, the delta rows are not allocated: the budget is conservative).
-        staged = t * 4 if self.cpu and self.item == 4 else 0
-        per_elem = (t + 1 + self.k) * self.item + self.k * 8 + staged
+        # Per worker and block element: delta rows, base, K outputs, K casts (<= 8 bytes each;
+        # where the compiled kernels run, the delta rows are not allocated: conservative).
+        per_elem = (t + 1 + self.k) * self.item + self.k * 8
         #: the smallest budget that holds one block per worker (buffers + its mapped inputs)
         self.min_budget = self.workers * TINY_BLOCK * (2 * per_elem + (t + 1) * 8)
         if budget < self.min_budget:
@@ -182,12 +180,13 @@ class Engine:
         return self._kernel_dtypes[plan.name]
 
     def _resident_sizes(self, plan: TensorPlan) -> tuple[int, int]:
-        """Bytes of (rows, base) a worker keeps for a tensor it reads once: the T checkpoint
-        rows as stored where the kernels take them (bf16: half of float32 deltas), else the
-        float deltas; the base in the compute dtype."""
+        """Bytes of (rows, base) a worker keeps for a tensor it reads once: where the kernels
+        take them, the inputs as read (bf16: half of float32 deltas), kept mapped; else the
+        float deltas. The base, in the compute dtype, besides."""
         item = plan.compute_dtype.itemsize
-        rows = self._kernel_rows(plan)
-        return self.traj.T * plan.numel * (rows.itemsize if rows else item), plan.numel * item
+        if self._kernel_rows(plan):
+            return sum(i.itemsize for i in plan.sources) * plan.numel, plan.numel * item
+        return self.traj.T * plan.numel * item, plan.numel * item
 
     def _single(self, plan: TensorPlan) -> bool:
         """Whether one worker handles the whole tensor (else all workers share its blocks)."""
@@ -298,9 +297,11 @@ class Engine:
                                                                     writers, result))
             return None, fit
         full = self._resident_buffers(plan) if weights is not None else None
+        mapped = full is not None and isinstance(full[0], dict)  # rows kept as read
         gram = None
         for part in self._grouped(plan, blocks, lambda ab: self._gram_block(plan, *ab,
-                                                                           full, result)):
+                                                                           full, result),
+                                  release=not mapped):
             gram = part if gram is None else gram.add_(part)
         gram = gram.cpu().numpy()
         self._check_finite(plan, gram)
@@ -309,6 +310,8 @@ class Engine:
         fit, w = self._fit(plan, gram, weights)
         for a, b in blocks:
             self._emit_block(plan, a, b, full, w, writers, result)
+        if mapped:
+            self.traj.release(plan, 0, plan.numel)
         return gram, fit
 
     def _shared(self, plan, pool, weights, writers, grams, result) -> None:
@@ -331,9 +334,9 @@ class Engine:
                                                                 writers, result), pool)
         self._record(plan, gram, fit, grams, result)
 
-    def _grouped(self, plan: TensorPlan, blocks, fn, pool=None) -> list:
+    def _grouped(self, plan: TensorPlan, blocks, fn, pool=None, release: bool = True) -> list:
         """fn over the blocks (on the pool if given), results in block order; the inputs are
-        unmapped each time the blocks done reach another release_bytes of them."""
+        unmapped each time the blocks done reach another release_bytes of them (if release)."""
         per_elem = sum(i.itemsize for i in plan.sources) if plan.moves else plan.base.itemsize
         size = blocks[0][1] - blocks[0][0] if blocks else 1
         group = max(1, self.release_bytes // (per_elem * size))
@@ -347,26 +350,37 @@ class Engine:
                 out += [f.result() for f in futures[g: g + group]]
             else:
                 out += [fn(ab) for ab in part]
-            self.traj.release(plan, part[0][0], part[-1][1], None if plan.moves else 1)
+            if release:
+                self.traj.release(plan, part[0][0], part[-1][1], None if plan.moves else 1)
         return out
 
     # ------------------------------------------------------------------ buffers
-    def _resident_buffers(self, plan: TensorPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """This worker's (rows [T, n], base [n]) for a tensor it keeps resident: the rows as
-        stored for the kernels, else float deltas (see _resident_sizes)."""
-        loc, n = self._local, plan.numel
+    def _resident_buffers(self, plan: TensorPlan):
+        """This worker's (rows, base [n]) for a tensor it keeps resident. rows: for the kernels
+        a dict, block start -> the T rows as read (views of the mapped files stay mapped until
+        the tensor is written: nothing is copied); else the float delta rows [T n]."""
         rows_bytes, base_bytes = self._resident_sizes(plan)
-        full = getattr(loc, "full", None)
-        if full is None or full[0].numel() < rows_bytes or full[1].numel() < base_bytes:
-            loc.full = None
-            sizes = [self._resident_sizes(p) for p in self.plans if p.moves and self._single(p)]
-            loc.full = full = tuple(torch.empty(max(s[i] for s in sizes), dtype=torch.uint8,
-                                                device=self.device) for i in (0, 1))
+        base = self._resident_buffer("base", base_bytes, lambda p: self._resident_sizes(p)[1])
+        base = base.view(plan.compute_dtype)
+        if self._kernel_rows(plan):
+            return {}, base
         # Block-major: block [a, b) holds its T rows contiguously at [T a, T b), so every
         # block is a contiguous (T, b - a) matrix (see _rows).
-        rows_dt = self._kernel_rows(plan) or plan.compute_dtype
-        return (full[0][:rows_bytes].view(rows_dt),
-                full[1][:base_bytes].view(plan.compute_dtype))
+        deltas = self._resident_buffer("deltas", rows_bytes, lambda p: 0 if self._kernel_rows(p)
+                                       else self._resident_sizes(p)[0])
+        return deltas.view(plan.compute_dtype), base
+
+    def _resident_buffer(self, what: str, nbytes: int, size_of) -> torch.Tensor:
+        """nbytes of this worker's buffer `what`, allocated once for the largest resident
+        tensor (size_of(plan): its bytes)."""
+        bufs = self._local.__dict__.setdefault("resident", {})
+        buf = bufs.get(what)
+        if buf is None or buf.numel() < nbytes:
+            bufs[what] = None  # free the old one first
+            biggest = max(size_of(p) for p in self.plans if p.moves and self._single(p))
+            bufs[what] = buf = torch.empty(max(biggest, nbytes), dtype=torch.uint8,
+                                           device=self.device)
+        return buf[:nbytes]
 
     def _rows(self, full, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The (rows, base) of block [a, b) of a resident tensor, both contiguous.
@@ -378,7 +392,7 @@ class Engine:
 
     def _local_buffer(self, what: str, dt: torch.dtype, m: int, rows: int = 1) -> torch.Tensor:
         """This worker's (rows, m) buffer `what` of dtype dt (allocated once, for a whole
-        block): 'delta' rows, 'stage'd input rows, 'base', 'out'puts. Contiguous: see _rows."""
+        block): 'delta' rows, 'base', 'out'puts. Contiguous: see _rows."""
         bufs = self._local.__dict__.setdefault("buffers", {})
         key = (what, dt)
         if key not in bufs:
@@ -417,40 +431,53 @@ class Engine:
             if self._progress:
                 self._progress(nbytes)
 
-    def _block_buffers(self, plan, a, b, full):
-        """(rows, base) of block [a, b): the resident tensor's, else this worker's buffers
-        (rows as stored for the kernels, else float deltas)."""
-        if full is not None:
-            return self._rows(full, a, b)
-        dt, kdt, m = plan.compute_dtype, self._kernel_rows(plan), b - a
-        rows = (self._local_buffer("stage", kdt, m, self.traj.T) if kdt
-                else self._local_buffer("delta", dt, m, self.traj.T))
-        return rows, self._local_buffer("base", dt, m)[0]
+    def _read_as_is(self, plan, a, b, base, kdt, result, npass: int = 0) -> list[torch.Tensor]:
+        """Elements [a, b) of the base into `base`, and of the checkpoints as the readers give
+        them (views of the mapped files for safetensors: no copy), for the kernels; a row in
+        another dtype or layout than they take is converted."""
+        self._prefetch.advance(plan, npass, a)
+        base.copy_(self.traj.read(plan, 0, a, b))
+        rows = [self.traj.read(plan, s, a, b) for s in range(1, len(plan.sources))]
+        self._count(sum(i.itemsize for i in plan.sources) * (b - a), result)
+        return [r if r.dtype == kdt and r.is_contiguous() else r.to(kdt).contiguous()
+                for r in rows]
 
     def _gram_block(self, plan, a, b, full, result) -> torch.Tensor:
-        rows, base = self._block_buffers(plan, a, b, full)
-        kdt = self._kernel_rows(plan)
-        if kdt is None:
-            return self._fill(plan, a, b, rows, base, result, gram=True)
-        # The compiled path: the rows as stored (a memcpy: they are kept, or released from
-        # the mapping), then convert, subtract and multiply per chunk in cache
-        self._read(plan, a, b, rows, base, result)
-        return torch.from_numpy(kernels.delta_gram(_numpy(rows), base.numpy(),
+        kdt, m = self._kernel_rows(plan), b - a
+        if kdt is None:  # torch: float delta rows in a buffer
+            if full is not None:
+                d, base = self._rows(full, a, b)
+            else:
+                d = self._local_buffer("delta", plan.compute_dtype, m, self.traj.T)
+                base = self._local_buffer("base", plan.compute_dtype, m)[0]
+            return self._fill(plan, a, b, d, base, result, gram=True)
+        base = full[1][a:b] if full is not None else self._local_buffer("base", torch.float32,
+                                                                        m)[0]
+        rows = self._read_as_is(plan, a, b, base, kdt, result)
+        if full is not None:
+            full[0][a] = rows  # until the output step
+        return torch.from_numpy(kernels.delta_gram(_addresses(rows), base.numpy(),
                                                    kdt == torch.bfloat16))
 
     def _emit_block(self, plan, a, b, full, w, writers, result) -> None:
-        rows, base = self._block_buffers(plan, a, b, full)
-        out = self._local_buffer("out", plan.compute_dtype, b - a, self.k)
-        kdt = self._kernel_rows(plan)
+        kdt, m = self._kernel_rows(plan), b - a
+        out = self._local_buffer("out", plan.compute_dtype, m, self.k)
         npass = 1 if self._twice and not self._single(plan) else 0
         if kdt is None:
-            if full is None:
-                self._fill(plan, a, b, rows, base, result, npass)
-            torch.addmm(base, w, rows, out=out)
+            if full is not None:
+                d, base = self._rows(full, a, b)
+            else:
+                d = self._local_buffer("delta", plan.compute_dtype, m, self.traj.T)
+                base = self._local_buffer("base", plan.compute_dtype, m)[0]
+                self._fill(plan, a, b, d, base, result, npass)
+            torch.addmm(base, w, d, out=out)
         else:
-            if full is None:
-                self._read(plan, a, b, rows, base, result, npass)
-            kernels.delta_combine(_numpy(rows), base.numpy(), w.numpy(), out.numpy(),
+            if full is not None:
+                rows, base = full[0].pop(a), full[1][a:b]
+            else:
+                base = self._local_buffer("base", torch.float32, m)[0]
+                rows = self._read_as_is(plan, a, b, base, kdt, result, npass)
+            kernels.delta_combine(_addresses(rows), base.numpy(), w.numpy(), out.numpy(),
                                   kdt == torch.bfloat16)
         code = DTYPES[plan.out_dtype]
         for k, writer in enumerate(writers):
@@ -475,9 +502,6 @@ class Engine:
                          f"or the file is damaged: leave that checkpoint out (--steps)")
 
 
-def _numpy(rows: torch.Tensor) -> np.ndarray:
-    """A CPU tensor's numpy view; bfloat16 as its bit patterns (uint16), which numpy lacks as a
-    dtype (through int16: torch < 2.3 has no uint16)."""
-    if rows.dtype == torch.bfloat16:
-        return rows.view(torch.int16).numpy().view(np.uint16)
-    return rows.numpy()
+def _addresses(rows: list[torch.Tensor]) -> np.ndarray:
+    """Where each row's data starts, for the kernels (the tensors must outlive the call)."""
+    return np.fromiter((r.data_ptr() for r in rows), np.int64, len(rows))

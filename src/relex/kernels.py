@@ -101,12 +101,11 @@ def _mirror(g):
     return g
 
 
-def _delta_gram(bf16, rows16, rows32, base, buf, bits):
+def _delta_gram(bf16, addrs, base, buf, bits):
     """The Gram matrix of rows - base: chunk by chunk, the deltas into buf, then their products
-    while they are in cache. The rows are rows16 (bfloat16 bit patterns as uint16: bfloat16 ->
-    float32 is a 16-bit shift, written through bits, buf's uint32 view) if bf16, else rows32
-    (float32); the other is a placeholder."""
-    t = rows16.shape[0] if bf16 else rows32.shape[0]
+    while they are in cache. bfloat16 -> float32 is a 16-bit shift, written through bits (buf's
+    uint32 view)."""
+    t = addrs.shape[0]
     m = base.shape[0]
     g = np.zeros((t, t), np.float64)
     for c0 in range(0, m, CHUNK):
@@ -115,25 +114,25 @@ def _delta_gram(bf16, rows16, rows32, base, buf, bits):
         for r in range(t):
             row = buf[r * STRIDE: r * STRIDE + n]
             if bf16:
-                src16 = rows16[r, c0:c0 + n]
+                src16 = _carray(_pointer(addrs[r] + 2 * c0), n, np.uint16)
                 out = bits[r * STRIDE: r * STRIDE + n]
                 for k in range(n):
                     out[k] = np.uint32(src16[k]) << np.uint32(16)
                 for k in range(n):
                     row[k] -= b[k]
             else:
-                src32 = rows32[r, c0:c0 + n]
+                src32 = _carray(_pointer(addrs[r] + 4 * c0), n, np.float32)
                 for k in range(n):
                     row[k] = src32[k] - b[k]
         _tiles(buf, t, n, g)
     return _mirror(g)
 
 
-def _delta_combine(bf16, rows16, rows32, base, w, out, buf, bits):
-    """out = base + w @ (rows - base), chunk by chunk: each row's chunk is converted and
-    subtracted in buf (as in _delta_gram, the same float32 deltas), then added, times its
-    weight, into the K output rows, which stay in cache until the chunk is done. Sums run over
-    the checkpoints in order, in float32 (as torch's addmm does)."""
+def _delta_combine(bf16, addrs, base, w, out, buf, bits):
+    """out = base + w @ (rows - base), chunk by chunk: each row's chunk is converted (in buf)
+    and subtracted as in _delta_gram (the same float32 deltas), then added, times its weight,
+    into the K output rows, which stay in cache until the chunk is done. Sums run over the
+    checkpoints in order, in float32 (as torch's addmm does)."""
     k, t = w.shape
     m = base.shape[0]
     row = buf[:CHUNK]
@@ -147,12 +146,12 @@ def _delta_combine(bf16, rows16, rows32, base, w, out, buf, bits):
                 a[j] = 0.0
         for r in range(t):
             if bf16:
-                src16 = rows16[r, c0:c0 + n]
+                src16 = _carray(_pointer(addrs[r] + 2 * c0), n, np.uint16)
                 for j in range(n):
                     bits[j] = np.uint32(src16[j]) << np.uint32(16)
                 x = row[:n]
             else:
-                x = rows32[r, c0:c0 + n]
+                x = _carray(_pointer(addrs[r] + 4 * c0), n, np.float32)
             for q in range(k):
                 wq = w[q, r]
                 a = acc[q * CHUNK: q * CHUNK + n]
@@ -163,6 +162,24 @@ def _delta_combine(bf16, rows16, rows32, base, w, out, buf, bits):
             dst = out[q, c0:c0 + n]
             for j in range(n):
                 dst[j] = b[j] + a[j]
+
+
+_carray = _pointer = None  # numba.carray and an int -> pointer cast, set by available()
+
+
+def _pointer_cast(numba):
+    """An int64 address as a void pointer inside compiled code (for numba.carray): the rows
+    come as addresses so that the engine hands over each checkpoint's row as read (a view of
+    the mapped file), without first copying the rows side by side."""
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def pointer(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+        return numba.types.voidptr(numba.types.int64), codegen
+    return pointer
 
 
 #: "numpy" (env RELEX_GRAM) uses numpy's BLAS for every Gram matrix: for comparing, or to sidestep
@@ -191,16 +208,19 @@ def available() -> bool:
                     here = globals()
                     for name in _COMPILED:
                         here[name] = jit(here[name])
+                    here["_carray"], here["_pointer"] = numba.carray, _pointer_cast(numba)
                     # Compile (or load from numba's cache) now, with the types of the real
                     # calls: a failure is a fallback here, not a crash in a worker, and the
                     # other workers wait on the lock instead of compiling the same code.
-                    f32 = np.zeros((2, 3), np.float32)
-                    buf = np.zeros(2 * STRIDE, np.float32)
-                    here["_delta_gram"](True, np.zeros((2, 3), np.uint16), f32, f32[0],
-                                        buf, buf.view(np.uint32))
-                    w = np.zeros((1, 2), np.float32)  # (k, t): one target, rows' t = 2
-                    here["_delta_combine"](True, np.zeros((2, 3), np.uint16), f32, f32[0],
-                                           w, f32[:1], buf, buf.view(np.uint32))
+                    base = np.zeros(3, np.float32)
+                    buf = np.zeros(3 * STRIDE, np.float32)
+                    for rows in (np.zeros((2, 3), np.uint16), np.zeros((2, 3), np.float32)):
+                        bf16 = rows.dtype == np.uint16
+                        addrs = addresses(rows)
+                        here["_delta_gram"](bf16, addrs, base, buf, buf.view(np.uint32))
+                        here["_delta_combine"](bf16, addrs, base, np.zeros((1, 2), np.float32),
+                                               np.zeros((1, 3), np.float32), buf,
+                                               buf.view(np.uint32))
                     _compiled = True
                 except Exception as exc:  # noqa: BLE001 (ImportError, a broken llvmlite, or
                     # a compile error on an unusual platform)
@@ -219,40 +239,56 @@ def gram(x: np.ndarray) -> np.ndarray:
     return np.dot(x, x.T).astype(np.float64, copy=False)
 
 
+def addresses(rows: np.ndarray) -> np.ndarray:
+    """The rows' addresses of a C-contiguous (t, m) array, as delta_gram and delta_combine take
+    them (the array must outlive the call)."""
+    if rows.ndim != 2 or not rows.flags.c_contiguous:
+        raise ValueError("kernels: rows must be a C-contiguous (t, m) array")
+    start, step = rows.ctypes.data, rows.strides[0]
+    return np.arange(start, start + step * rows.shape[0], step, dtype=np.int64)[: rows.shape[0]]
+
+
+def _addresses(rows: np.ndarray, m: int, what: str) -> np.ndarray:
+    if rows.ndim == 2:
+        if rows.shape[1] != m:  # numba does not check bounds: a mismatch reads past the end
+            raise ValueError(f"{what}: rows {rows.shape} and base ({m},) do not match")
+        return addresses(rows)
+    if rows.dtype != np.int64 or rows.ndim != 1:
+        raise ValueError(f"{what}: rows must be a (t, m) array or int64 row addresses")
+    return rows
+
+
 def delta_gram(rows: np.ndarray, base: np.ndarray, bf16: bool) -> np.ndarray:
     """The Gram matrix (float64, (t, t)) of the float32 deltas rows - base.
 
-    rows: (t, m) C-contiguous float32, or bfloat16 bit patterns as uint16 (bf16=True);
+    rows: a C-contiguous (t, m) float32 array, or bfloat16 bit patterns as uint16 (bf16=True);
+    or the int64 addresses of t such rows of m elements each (the caller keeps them alive).
     base: (m,) float32. The deltas are what torch's `rows.float() - base` gives. Converting,
     subtracting and multiplying a chunk while it is in cache saves the extra passes over memory
     of torch's convert, then subtract, then Gram. Callers check available().
     """
-    t, m = rows.shape
-    if base.shape != (m,):  # numba does not check bounds: a mismatch would read past the end
-        raise ValueError(f"delta_gram: rows {rows.shape} and base {base.shape} do not match")
-    buf = _scratch(t)
-    none16, none32 = np.empty((1, 1), np.uint16), np.empty((1, 1), np.float32)
-    return _delta_gram(bf16, rows if bf16 else none16, none32 if bf16 else rows, base,
-                       buf, buf.view(np.uint32))
+    addrs = _addresses(rows, base.shape[0], "delta_gram")
+    buf = _scratch(len(addrs))
+    return _delta_gram(bf16, addrs, base, buf, buf.view(np.uint32))
 
 
 def delta_combine(rows: np.ndarray, base: np.ndarray, w: np.ndarray, out: np.ndarray,
                   bf16: bool) -> None:
     """out = base + w @ (rows - base) in float32: the output step of the CPU pass.
 
-    rows: (t, m) as in delta_gram; base: (m,) float32; w: (k, t) float32 weights; out: (k, m)
+    rows: as in delta_gram; base: (m,) float32; w: (k, t) float32 weights; out: (k, m)
     float32, written. The deltas are the ones delta_gram computes, made again chunk by chunk in
     cache: storing them as float32 would double what a tensor kept in memory takes and add a
     pass over memory. Callers check available()."""
-    t, m = rows.shape
+    m = base.shape[0]
+    addrs = _addresses(rows, m, "delta_combine")
     # numba does not check bounds: a shape mismatch would write outside the arrays
-    if base.shape != (m,) or w.shape[1] != t or out.shape != (w.shape[0], m):
-        raise ValueError(f"delta_combine: rows {rows.shape}, base {base.shape}, w {w.shape}, "
+    if w.ndim != 2 or w.shape[1] != len(addrs) or out.shape != (w.shape[0], m):
+        raise ValueError(f"delta_combine: {len(addrs)} rows, base ({m},), w {w.shape}, "
                          f"out {out.shape} do not match")
     buf = _scratch(1 + w.shape[0])
-    none16, none32 = np.empty((1, 1), np.uint16), np.empty((1, 1), np.float32)
-    _delta_combine(bf16, rows if bf16 else none16, none32 if bf16 else rows, base,
-                   np.ascontiguousarray(w, np.float32), out, buf, buf.view(np.uint32))
+    _delta_combine(bf16, addrs, base, np.ascontiguousarray(w, np.float32), out, buf,
+                   buf.view(np.uint32))
 
 
 _local = threading.local()
