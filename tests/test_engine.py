@@ -109,3 +109,22 @@ def test_a_failing_pass_restores_the_collector_and_threads(run_factory, monkeypa
     finally:
         traj.close()
     assert gc.isenabled() and torch.get_num_threads() == threads
+
+
+def test_a_short_row_from_a_reader_is_an_error_not_a_crash(run_factory, tmp_path, monkeypatch):
+    """The compiled kernels read rows by address without bounds checks: a reader that returns
+    fewer elements than asked (a damaged file, a reader bug) must stop the run with one line
+    naming the tensor and the checkpoint, before any kernel runs."""
+    from relex import kernels
+    if not kernels.available():
+        pytest.skip("numba unavailable: the torch path checks shapes itself")
+    run, base = run_factory(base_dtype=torch.bfloat16)
+    real = Trajectory.read
+
+    def short(self, plan, source, start, stop):
+        row = real(self, plan, source, start, stop)
+        return row[:-1] if source == 2 and plan.numel > 1 else row
+    monkeypatch.setattr(Trajectory, "read", short)
+    with pytest.raises(RelexError, match=r"checkpoint-\d+ gave \d+ elements .* damaged"):
+        relex.extrapolate(run, base=base, targets=[30], output=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -11,14 +11,15 @@ cast to the output dtype and written at its place in every output file.
 Work runs on a pool of worker threads, each calling single-threaded kernels on buffers small
 enough to stay in cache (torch and numba release the GIL inside them). On 2 cores this beat one
 thread with 2-way intra-op parallelism, whose spinning OpenMP workers fought the I/O. On CPU,
-bf16 and fp32 inputs go through compiled kernels that make the float32 deltas chunk by chunk in
-cache, for the Gram matrix (kernels.delta_gram) and again for the outputs
-(kernels.delta_combine), so float32 deltas are never stored; fp16 inputs, float64 and GPUs go
-through torch, with float delta rows.
+bf16 and fp32 inputs go through compiled kernels that read the rows where the readers give them
+(views of the mapped files: no copy) and make the float32 deltas chunk by chunk in cache, for
+the Gram matrix (kernels.delta_gram) and again for the outputs (kernels.delta_combine), so
+float32 deltas are never stored; fp16 inputs, float64 and GPUs go through torch, with float
+delta rows in buffers.
 
-- A tensor whose rows fit a worker's share of the memory budget is one task: that worker reads
-  it once, keeps its rows (bf16 as stored: half the size of float32 deltas), fits and writes
-  it, while other workers do other tensors.
+- A tensor whose inputs fit a worker's share of the memory budget is one task: that worker
+  reads it once, keeps it (mapped, as stored: bf16 is half the size of float32 deltas), fits
+  and writes it, while other workers do other tensors.
 - A larger tensor (a 150k x 4k embedding, or any 7B+ layer) is split across all workers block
   by block and read twice, right after itself, so the second read hits the page cache.
 - With a saved fit there is no Gram step and every tensor is read once.
@@ -439,6 +440,10 @@ class Engine:
         base.copy_(self.traj.read(plan, 0, a, b))
         rows = [self.traj.read(plan, s, a, b) for s in range(1, len(plan.sources))]
         self._count(sum(i.itemsize for i in plan.sources) * (b - a), result)
+        for s, r in enumerate(rows):  # the kernels do not check bounds: never hand them less
+            if r.numel() != b - a:
+                raise RelexError(f"tensor '{plan.name}': {self.traj.checkpoints[s].path} gave "
+                                 f"{r.numel()} elements for [{a}, {b}); the file is damaged")
         return [r if r.dtype == kdt and r.is_contiguous() else r.to(kdt).contiguous()
                 for r in rows]
 
