@@ -57,8 +57,8 @@ def _output(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp64"],
                    help="output dtype of float tensors (default: the base model's)")
     g.add_argument("--max-memory", default=None, metavar="SIZE",
-                   help="buffer budget per process; tensors whose delta rows do not fit are "
-                        "streamed twice (default: a quarter of the available RAM, at least "
+                   help="memory budget per process; tensors whose inputs (or, for fp16 "
+                        "inputs, float delta rows) do not fit are streamed twice (default: a quarter of the available RAM, at least "
                         "512MB; under torchrun shared by the processes of a node)")
     g.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest output safetensors shard (default 5GB)")

@@ -76,8 +76,8 @@ WeightsFn = Callable[[TensorPlan, np.ndarray], TensorFit]
 class Prefetcher:
     """Asks the readers for the input ranges the pass will need next, ahead of use.
 
-    The engine reads tensors in a known order (each one once, or twice when its delta rows do
-    not fit); the readers' prefetch() starts reading each file's next range in large requests
+    The engine reads tensors in a known order (each one once, or twice when it does not fit
+    the budget); the readers' prefetch() starts reading each file's next range in large requests
     while the current blocks are computed, so reading overlaps computing. Workers report how far
     they got (advance); requests stay PREFETCH_WINDOW bytes ahead of the furthest worker.
     """
