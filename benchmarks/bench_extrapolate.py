@@ -178,6 +178,11 @@ def median(xs: list[float]) -> float:
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
+
+def _short(label: str, width: int = 48) -> str:
+    """A variant's label for the table (a NUMBA_CPU_FEATURES value is ~900 characters)."""
+    return label if len(label) <= width else label[: width - 3] + "..."
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", choices=sorted(CONFIGS), default="100m",
@@ -250,7 +255,7 @@ def main() -> None:
             if i % 2:  # alternate the order of the commands between rounds
                 kinds = kinds[::-1]
             for kind in kinds:
-                out = Path(tmp) / f"{kind}{i}"
+                out = Path(tmp) / f"out{list(rows).index(kind)}-{i}"  # variants can be long
                 if args.drop_caches:
                     drop_caches()
                 if kind == "baseline":
@@ -268,7 +273,8 @@ def main() -> None:
                     prov = json.loads((out / f"step-{args.target}" / "relex.json").read_text())
                     read = prov["summary"]["bytes_read"]
                 rows[kind].append((wall, rss, read, LAST_CPU[0]))
-                print(f", {kind} {wall:.2f} s ({LAST_CPU[0]:.0f} CPU s, {rss / 2**20:.0f} MiB)",
+                print(f", {_short(kind)} {wall:.2f} s ({LAST_CPU[0]:.0f} CPU s, "
+                      f"{rss / 2**20:.0f} MiB)",
                       end="", flush=True)
                 shutil.rmtree(out)
             print(flush=True)
@@ -287,8 +293,8 @@ def main() -> None:
            ("relex CPU seconds (user + sys), median", f"{median([r[3] for r in rows['relex']]):.1f} s"),
            ("relex / read", ratio("relex", "read"))]
     for m in modes:
-        out += [(f"relex {m}, median", f"{med(f'relex[{m}]'):.2f} s"),
-                (f"relex {m} / relex", ratio(f"relex[{m}]", "relex"))]
+        out += [(f"relex {_short(m)}, median", f"{med(f'relex[{m}]'):.2f} s"),
+                (f"relex {_short(m)} / relex", ratio(f"relex[{m}]", "relex"))]
     if args.torchrun:
         out += [(f"torchrun x{args.torchrun} wall, median", f"{med('torchrun'):.2f} s"),
                 (f"torchrun x{args.torchrun} / relex", ratio("torchrun", "relex"))]
