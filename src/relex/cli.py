@@ -58,8 +58,9 @@ def _output(p: argparse.ArgumentParser) -> None:
                    help="output dtype of float tensors (default: the base model's)")
     g.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget per process; tensors whose inputs (or, for fp16 "
-                        "inputs, float delta rows) do not fit are streamed twice (default: a quarter of the available RAM, at least "
-                        "512MB; under torchrun shared by the processes of a node)")
+                        "inputs, float delta rows) do not fit are streamed twice (default: a "
+                        "quarter of the available RAM, at least 512MB; under torchrun shared "
+                        "by the processes of a node)")
     g.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest output safetensors shard (default 5GB)")
     g.add_argument("--device", default="cpu", help="where to compute: cpu (default) or cuda")

@@ -401,24 +401,34 @@ class Engine:
         return bufs[key][: rows * m].view(rows, m)
 
     # ------------------------------------------------------------------ per block (workers)
-    def _read(self, plan, a, b, rows, base, result, npass: int = 0) -> None:
-        """Elements [a, b) of the base into `base` and of the checkpoints into the (T, b - a)
-        `rows`, converted to their dtypes, read through the checkpoints' readers."""
+    def _read(self, plan, a, b, base, result, npass: int = 0) -> list[torch.Tensor]:
+        """Elements [a, b) of the base into `base`, and of the checkpoints as the readers give
+        them (views of the mapped files for safetensors), read through the readers."""
         self._prefetch.advance(plan, npass, a)
         base.copy_(self.traj.read(plan, 0, a, b))
-        src = [self.traj.read(plan, s, a, b) for s in range(1, len(plan.sources))]
+        rows = [self.traj.read(plan, s, a, b) for s in range(1, len(plan.sources))]
         self._count(sum(i.itemsize for i in plan.sources) * (b - a), result)
-        if self.cpu and hasattr(torch, "_foreach_copy_"):
-            torch._foreach_copy_(list(rows.unbind(0)), src)  # one call for every row
-        else:
-            for t, row in enumerate(src):
-                rows[t].copy_(row)
+        return rows
+
+    def _torch_buffers(self, plan, a, b, full) -> tuple[torch.Tensor, torch.Tensor]:
+        """(delta rows, base) of block [a, b) on the torch path: the resident tensor's, else
+        this worker's buffers."""
+        if full is not None:
+            return self._rows(full, a, b)
+        dt, m = plan.compute_dtype, b - a
+        return (self._local_buffer("delta", dt, m, self.traj.T),
+                self._local_buffer("base", dt, m)[0])
 
     def _fill(self, plan, a, b, d, base, result, npass: int = 0,
               gram: bool = False) -> torch.Tensor | None:
         """The torch path (where the kernels do not apply): d = rows - base for elements
         [a, b); returns the Gram matrix of d (float64) if gram."""
-        self._read(plan, a, b, d, base, result, npass)
+        rows = self._read(plan, a, b, base, result, npass)
+        if self.cpu and hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(list(d.unbind(0)), rows)  # one call converts every row
+        else:
+            for t, row in enumerate(rows):
+                d[t].copy_(row)
         d.sub_(base)
         if not gram:
             return None
@@ -433,13 +443,9 @@ class Engine:
                 self._progress(nbytes)
 
     def _read_as_is(self, plan, a, b, base, kdt, result, npass: int = 0) -> list[torch.Tensor]:
-        """Elements [a, b) of the base into `base`, and of the checkpoints as the readers give
-        them (views of the mapped files for safetensors: no copy), for the kernels; a row in
-        another dtype or layout than they take is converted."""
-        self._prefetch.advance(plan, npass, a)
-        base.copy_(self.traj.read(plan, 0, a, b))
-        rows = [self.traj.read(plan, s, a, b) for s in range(1, len(plan.sources))]
-        self._count(sum(i.itemsize for i in plan.sources) * (b - a), result)
+        """_read for the kernels: the rows where they lie (no copy); a row in another dtype or
+        layout than they take is converted."""
+        rows = self._read(plan, a, b, base, result, npass)
         for s, r in enumerate(rows):  # the kernels do not check bounds: never hand them less
             if r.numel() != b - a:
                 raise RelexError(f"tensor '{plan.name}': {self.traj.checkpoints[s].path} gave "
@@ -450,11 +456,7 @@ class Engine:
     def _gram_block(self, plan, a, b, full, result) -> torch.Tensor:
         kdt, m = self._kernel_rows(plan), b - a
         if kdt is None:  # torch: float delta rows in a buffer
-            if full is not None:
-                d, base = self._rows(full, a, b)
-            else:
-                d = self._local_buffer("delta", plan.compute_dtype, m, self.traj.T)
-                base = self._local_buffer("base", plan.compute_dtype, m)[0]
+            d, base = self._torch_buffers(plan, a, b, full)
             return self._fill(plan, a, b, d, base, result, gram=True)
         base = full[1][a:b] if full is not None else self._local_buffer("base", torch.float32,
                                                                         m)[0]
@@ -469,11 +471,8 @@ class Engine:
         out = self._local_buffer("out", plan.compute_dtype, m, self.k)
         npass = 1 if self._twice and not self._single(plan) else 0
         if kdt is None:
-            if full is not None:
-                d, base = self._rows(full, a, b)
-            else:
-                d = self._local_buffer("delta", plan.compute_dtype, m, self.traj.T)
-                base = self._local_buffer("base", plan.compute_dtype, m)[0]
+            d, base = self._torch_buffers(plan, a, b, full)
+            if full is None:
                 self._fill(plan, a, b, d, base, result, npass)
             torch.addmm(base, w, d, out=out)
         else:
