@@ -1,4 +1,5 @@
-"""The Gram kernel of the CPU pass, compiled with numba because the BLAS ones are slow at its shape.
+"""The CPU pass's compiled loops (numba): the Gram step, where BLAS is slow at its shape, and the
+output step, which remakes the same deltas in cache instead of storing them (delta_combine).
 
 A block's Gram matrix D D^T has a tiny output (T x T, T = 30-75 checkpoints) and a long inner
 dimension (the block's elements). BLAS libraries tune for square-ish products: on one core of
@@ -6,7 +7,7 @@ the 2-core Xeon (Cascade Lake, AVX-512) this was measured on, numpy's OpenBLAS s
 11-17 useful GFLOP/s for T=30 and torch's MKL gemm at 9-11; the loop below, 4 x 4 register
 tiles over cache-sized column chunks, ran at 27-43 (T=30) and 33-44 (T=75)
 (`python benchmarks/bench_gram.py` prints the table). That is the Gram step of every CPU run,
-so it is written here; everything else stays on torch/numpy.
+so it is written here; fits and everything else stay on torch/numpy.
 
 Each chunk of CHUNK columns is summed in float32 (as BLAS does over the whole block) and added
 into a float64 result, so long blocks lose less than with BLAS. The order of additions is fixed
@@ -38,6 +39,9 @@ def _tiles(buf, t, n, g):
     """g += X @ X.T on and above the diagonal's 4 x 4 tiles, X = the (t, n) rows of buf at
     stride STRIDE (rows past the end repeat the last row; their products are not stored)."""
     last = t - 1
+    # The i and j row set-ups are written out, as is the bf16 conversion in both kernels:
+    # helpers returning the row views (a tuple of 4, or one converted row) were inlined but
+    # measured 1.3-1.8x slower per Gram step (same process, 9 alternations, session 4).
     for i0 in range(0, t, 4):
         i1 = min(i0 + 1, last) * STRIDE
         i2 = min(i0 + 2, last) * STRIDE
