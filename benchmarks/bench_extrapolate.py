@@ -35,13 +35,17 @@ import torch
 from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent
-#: model shapes (transformers Qwen2 configs); "0.5b" is Qwen2.5-0.5B's (494M, vocab 151936, tied)
+#: model shapes (transformers Qwen2 configs): "0.5b" and "1.5b" are Qwen2.5-0.5B's (494M) and
+#: Qwen2.5-1.5B's (1.54B; vocab 151936, tied)
 CONFIGS = {
     "100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                  num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True,
                  max_position_embeddings=2048),
     "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                  num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 tie_word_embeddings=True, max_position_embeddings=32768),
+    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                 num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                  tie_word_embeddings=True, max_position_embeddings=32768),
 }
 CONFIG = CONFIGS["100m"]
@@ -172,6 +176,31 @@ def cat_floor(files: list[Path]) -> float:
     return time.perf_counter() - start
 
 
+def compare(a: Path, b: Path, base: Path) -> str:
+    """How far apart two output directories are: the share of equal values, and the largest
+    difference in units of the last place at the magnitude of the operands of base + delta,
+    max(|a|, |b|, |base|) (where the result cancels to near zero, two correct results can be
+    many of the result's own ulps apart)."""
+    equal = total = 0
+    worst = 0.0
+    with safe_open(str(base / "model.safetensors"), "pt") as w:
+        for fa in sorted(a.glob("*.safetensors")):
+            with safe_open(str(fa), "pt") as x, safe_open(str(b / fa.name), "pt") as y:
+                for k in x.keys():
+                    u, v = x.get_tensor(k), y.get_tensor(k)
+                    bits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}[u.dtype]
+                    u, v = u.double(), v.double()
+                    scale = torch.maximum(torch.maximum(u.abs(), v.abs()),
+                                          w.get_tensor(k).double().abs())
+                    exponent = torch.frexp(scale.clamp_min(1e-38))[1]
+                    ulp = torch.ldexp(torch.ones_like(scale), exponent - bits)
+                    equal += int((u == v).sum())
+                    total += u.numel()
+                    worst = max(worst, float(((u - v).abs() / ulp).max()))
+    return (f"{equal / total:.6f} of {total} values equal; most apart {worst:.2f} ulp at the "
+            f"operands' magnitude")
+
+
 def median(xs: list[float]) -> float:
     xs = sorted(xs)
     n = len(xs)
@@ -186,7 +215,12 @@ def _short(label: str, width: int = 48) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", choices=sorted(CONFIGS), default="100m",
-                   help="model shape: 100m (97.7M) or 0.5b (Qwen2.5-0.5B, 494M)")
+                   help="model shape: 100m (97.7M), 0.5b (Qwen2.5-0.5B, 494M) or 1.5b "
+                        "(Qwen2.5-1.5B, 1.54B)")
+    p.add_argument("--device", default="cpu", help="relex's --device (cpu or cuda)")
+    p.add_argument("--compare-device", metavar="DEV",
+                   help="also time relex on DEV each round; the first round compares the two "
+                        "outputs (bf16 codes: share equal, most apart)")
     p.add_argument("--data", type=Path, help="where the synthetic run lives (generated once; "
                                              "default bench-data/<params>)")
     p.add_argument("--checkpoints", type=int, default=30)
@@ -221,18 +255,22 @@ def main() -> None:
         numel = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
     mem = ["--max-memory", args.max_memory] if args.max_memory else []
 
-    def relex_cmd(out: Path, torchrun: int | None = None) -> list[str]:
+    def relex_cmd(out: Path, torchrun: int | None = None, device: str = args.device) -> list[str]:
         launch = [sys.executable, "-m", "relex"] if not torchrun else [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", str(torchrun), "-m", "relex"]
         return launch + ["extrapolate", str(run), "--base", str(data / "base"), "--target",
-                         str(args.target), "--output", str(out), "--quiet", *mem]
+                         str(args.target), "--output", str(out), "--quiet", *mem,
+                         "--device", device]
 
     rows: dict[str, list] = {"read": [], "relex": []}
     if args.baseline:
         rows["baseline"] = []
     if args.torchrun:
         rows["torchrun"] = []
+    other = f"relex --device {args.compare_device}"
+    if args.compare_device:
+        rows[other] = []
     modes = args.variant
     for m in modes:
         if "=" not in m:
@@ -251,7 +289,8 @@ def main() -> None:
             rows["read"].append((cat_floor(files), 0, in_bytes))
             print(f"  round {i + 1}: read {rows['read'][-1][0]:.2f} s", end="", flush=True)
             kinds = ["relex"] + [f"relex[{m}]" for m in modes] + (
-                ["torchrun"] if args.torchrun else []) + (["baseline"] if args.baseline else [])
+                ["torchrun"] if args.torchrun else []) + (["baseline"] if args.baseline else []) + (
+                [other] if args.compare_device else [])
             if i % 2:  # alternate the order of the commands between rounds
                 kinds = kinds[::-1]
             for kind in kinds:
@@ -261,6 +300,8 @@ def main() -> None:
                 if kind == "baseline":
                     cmd = [sys.executable, str(HERE / "baseline_delta_files.py"), str(run),
                            str(data / "base"), str(out), str(args.target)]
+                elif kind == other:
+                    cmd = relex_cmd(out, device=args.compare_device)
                 else:
                     cmd = relex_cmd(out, args.torchrun if kind == "torchrun" else None)
                 env = dict(os.environ)
@@ -276,8 +317,14 @@ def main() -> None:
                 print(f", {_short(kind)} {wall:.2f} s ({LAST_CPU[0]:.0f} CPU s, "
                       f"{rss / 2**20:.0f} MiB)",
                       end="", flush=True)
-                shutil.rmtree(out)
+                if not (i == 0 and args.compare_device and kind in ("relex", other)):
+                    shutil.rmtree(out)
             print(flush=True)
+            if i == 0 and args.compare_device:
+                kept = [Path(tmp) / f"out{list(rows).index(k)}-0" for k in ("relex", other)]
+                compared = compare(*(k / f"step-{args.target}" for k in kept), data / "base")
+                for k in kept:
+                    shutil.rmtree(k)
 
     def med(kind: str) -> float:
         return median([r[0] for r in rows[kind]])
@@ -303,6 +350,10 @@ def main() -> None:
                 ("baseline peak RSS (max)",
                  f"{max(r[1] for r in rows['baseline']) / 2**20:.0f} MiB"),
                 ("speed-up: baseline / relex", ratio("baseline", "relex"))]
+    if args.compare_device:
+        out += [(f"{other} wall, median", f"{med(other):.2f} s"),
+                (f"relex / {other}", ratio("relex", other)),
+                (f"outputs --device {args.device} vs {args.compare_device}", compared)]
     if args.gram_floor:
         out += [(f"Gram matmuls alone, {k}", f"{v:.2f} s")
                 for k, v in gram_floor(numel, args.checkpoints).items()]

@@ -251,7 +251,7 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
     shard = parse_size(max_shard_size)
     budget = _budget(max_memory, group.local_size)
     started = time.perf_counter()
-    engine = Engine(traj, len(targets), budget, device)
+    engine = Engine(traj, len(targets), budget, device, workers=threads)
     owner = distributed.split([sum(i.nbytes for i in (p.sources if p.moves else (p.base,)))
                                for p in traj.plans], group.size)
     engine.plans = [p for p, r in zip(traj.plans, owner) if r == group.rank]
@@ -424,7 +424,7 @@ def analyze(run_dir: str | Path | None = None, *, output: str | Path,
         try:
             if threads:
                 torch.set_num_threads(threads)
-            engine = Engine(traj, 0, _budget(max_memory), device)
+            engine = Engine(traj, 0, _budget(max_memory), device, workers=threads)
             with tqdm(total=engine.bytes_to_read(gram_only=True), unit="B", unit_scale=True,
                       unit_divisor=1024, desc="relex analyze",
                       disable=None if progress else True, leave=False) as bar:

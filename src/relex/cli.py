@@ -64,7 +64,8 @@ def _output(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest output safetensors shard (default 5GB)")
     g.add_argument("--device", default="cpu", help="where to compute: cpu (default) or cuda")
-    g.add_argument("--threads", type=int, metavar="N", help="torch threads (default: all cores)")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="worker threads (default: all cores; 8 feeding a GPU)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar or table")
 
 
@@ -129,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="buffer budget (default: a quarter of the available RAM, at least 512MB)")
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    g.add_argument("--threads", type=int, metavar="N", help="torch threads")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="worker threads (default: all cores; 8 feeding a GPU)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
 
     ev = sub.add_parser("eval", help="score models with a verifiable reward, or grade "

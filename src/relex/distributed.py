@@ -123,6 +123,10 @@ def group(device: str = "cpu") -> Group:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RelexError("--device cuda: torch sees no CUDA device here")
+        if max(local + 1, local_size) > torch.cuda.device_count():  # every local rank stops
+            raise RelexError(f"--device cuda takes one GPU per rank: {local_size} ranks on this "
+                             f"node, but torch sees {torch.cuda.device_count()} GPU(s); give "
+                             f"torchrun --nproc-per-node {torch.cuda.device_count()} at most")
         torch.cuda.set_device(local)
         backend = "cpu:gloo,cuda:nccl"
     try:

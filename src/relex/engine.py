@@ -15,7 +15,8 @@ bf16 and fp32 inputs go through compiled kernels that read the rows where the re
 (views of the mapped files: no copy) and make the float32 deltas chunk by chunk in cache, for
 the Gram matrix (kernels.delta_gram) and again for the outputs (kernels.delta_combine), so
 float32 deltas are never stored; fp16 inputs, float64 and GPUs go through torch, with float
-delta rows in buffers.
+delta rows in buffers. To a GPU, several threads each gather a block's rows as stored into
+pinned host memory and send them in one copy; the GPU converts them (_fill_gpu).
 
 - A tensor whose inputs fit a worker's share of the memory budget is one task: that worker
   reads it once, keeps it (mapped, as stored: bf16 is half the size of float32 deltas), fits
@@ -33,10 +34,12 @@ Engine over its share of the tensors (`plans`; see distributed.py).
 from __future__ import annotations
 
 import gc
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -51,6 +54,14 @@ from relex.trajectory import TensorPlan, Trajectory
 #: elements per block (T rows of it are processed at once): on the 100M-parameter benchmark
 #: 2^17 ran in 6.0 s, 2^16 in 6.5 s, 2^18 in 7.8 s and 2^15 in 7.5 s (noise about 0.3 s)
 BLOCK = 1 << 17
+#: on a GPU: fewer, larger copies and kernel launches. 1.54B x 10 on an H100, 2 rounds: 2^19
+#: took 1.20x the time of 2^21 and 2^23 1.01x.
+GPU_BLOCK = 1 << 21
+#: host threads feeding a GPU (each gathers its blocks into pinned memory and sends them): on
+#: the same run, 1 took 1.62x the time of 4, and 8 0.87x
+GPU_WORKERS = 8
+#: share of a GPU's free memory its buffers may take (the budget is capped at it)
+GPU_SHARE = 0.8
 #: smallest block a tensor is split into when it is divided among the workers
 MIN_BLOCK = 1 << 12
 #: most mapped input bytes a worker touches between two releases of the mapping (bounds the
@@ -130,17 +141,25 @@ class Engine:
     """Runs the Gram step and the output step over a Trajectory within a memory budget.
 
     n_targets: outputs per tensor (K); budget: bytes of buffers; device: where arithmetic runs;
-    workers: threads (default: torch's thread count on CPU, 1 on GPU).
+    workers: threads (default: torch's thread count on CPU; GPU_WORKERS feeding a GPU).
     """
 
     def __init__(self, traj: Trajectory, n_targets: int, budget: int, device: str = "cpu",
-                 block: int = BLOCK, workers: int | None = None):
+                 block: int | None = None, workers: int | None = None):
         self.traj = traj
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RelexError("--device cuda: torch sees no CUDA device here")
         self.cpu = self.device.type == "cpu"
-        self.workers = workers or (torch.get_num_threads() if self.cpu else 1)
+        if not self.cpu:
+            # The buffers live on the GPU; host memory holds only mapped input pages, which are
+            # released as the pass goes. So the budget is what the GPU has free, at most.
+            free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+            if free is not None:
+                budget = min(budget, int(free * GPU_SHARE))
+        block = block or (BLOCK if self.cpu else GPU_BLOCK)
+        self.workers = workers or (torch.get_num_threads() if self.cpu else
+                                   min(GPU_WORKERS, os.cpu_count() or 1))
         self.k = n_targets
         t = traj.T
         self.item = 8 if any(p.compute_dtype == torch.float64 for p in traj.plans) else 4
@@ -234,12 +253,16 @@ class Engine:
         # walking every object torch created at import (6% of the CPU time of the 100M
         # benchmark). Nothing here creates cycles worth collecting before the pass ends.
         collecting = gc.isenabled()
-        init = (lambda: torch.set_num_threads(1)) if self.cpu else None
+        init = partial(torch.set_num_threads, 1)
         pool = None
+        # float32 products in float32: a training script's set_float32_matmul_precision("high")
+        # (TF32: 10-bit mantissas) reached the Gram product on an H100 (benchmarks/
+        # tf32_probe.py); "medium" may take bf16 on CPUs too. The caller's setting comes back.
+        precision = torch.get_float32_matmul_precision()
         try:
             gc.disable()
-            if init:
-                init()
+            torch.set_float32_matmul_precision("highest")
+            init()
             pool = ThreadPoolExecutor(self.workers, thread_name_prefix="relex",
                                       initializer=init)
             self._progress = progress
@@ -270,6 +293,7 @@ class Engine:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(threads)
+            torch.set_float32_matmul_precision(precision)
             if collecting:
                 gc.enable()
         return result
@@ -391,13 +415,16 @@ class Engine:
         t = self.traj.T
         return full[0][t * a: t * b].view(t, b - a), full[1][a:b]
 
-    def _local_buffer(self, what: str, dt: torch.dtype, m: int, rows: int = 1) -> torch.Tensor:
+    def _local_buffer(self, what: str, dt: torch.dtype, m: int, rows: int = 1,
+                      pinned: bool = False) -> torch.Tensor:
         """This worker's (rows, m) buffer `what` of dtype dt (allocated once, for a whole
-        block): 'delta' rows, 'base', 'out'puts. Contiguous: see _rows."""
+        block): 'delta' rows, 'base', 'out'puts; pinned: in page-locked host memory, for
+        copies to the GPU. Contiguous: see _rows."""
         bufs = self._local.__dict__.setdefault("buffers", {})
         key = (what, dt)
         if key not in bufs:
-            bufs[key] = torch.empty(rows * self.block, dtype=dt, device=self.device)
+            bufs[key] = (torch.empty(rows * self.block, dtype=dt, pin_memory=True) if pinned
+                         else torch.empty(rows * self.block, dtype=dt, device=self.device))
         return bufs[key][: rows * m].view(rows, m)
 
     # ------------------------------------------------------------------ per block (workers)
@@ -423,18 +450,43 @@ class Engine:
               gram: bool = False) -> torch.Tensor | None:
         """The torch path (where the kernels do not apply): d = rows - base for elements
         [a, b); returns the Gram matrix of d (float64) if gram."""
-        rows = self._read(plan, a, b, base, result, npass)
-        if self.cpu and hasattr(torch, "_foreach_copy_"):
-            torch._foreach_copy_(list(d.unbind(0)), rows)  # one call converts every row
+        if not self.cpu:
+            self._fill_gpu(plan, a, b, d, base, result, npass)
         else:
-            for t, row in enumerate(rows):
-                d[t].copy_(row)
-        d.sub_(base)
+            rows = self._read(plan, a, b, base, result, npass)
+            if hasattr(torch, "_foreach_copy_"):
+                torch._foreach_copy_(list(d.unbind(0)), rows)  # one call converts every row
+            else:
+                for t, row in enumerate(rows):
+                    d[t].copy_(row)
+            d.sub_(base)
         if not gram:
             return None
         if self.cpu:
             return torch.from_numpy(kernels.gram(d.numpy()))
         return (d @ d.T).to(torch.float64)
+
+    def _fill_gpu(self, plan, a, b, d, base, result, npass: int) -> None:
+        """_fill to a GPU: the block's base and checkpoint rows, as stored, are gathered into
+        this worker's pinned host buffer and sent in one copy; the GPU converts them and makes
+        the deltas. (A copy_ from pageable memory to the GPU that also converts does the
+        conversion on the CPU, and each such copy is staged by the driver.)"""
+        self._prefetch.advance(plan, npass, a)
+        src = [self.traj.read(plan, s, a, b) for s in range(len(plan.sources))]
+        m, dts = b - a, {r.dtype for r in src}
+        if len(dts) == 1 and hasattr(torch, "_foreach_copy_"):
+            host = self._local_buffer("host", src[0].dtype, m, len(src), pinned=True)
+            torch._foreach_copy_(list(host.unbind(0)), src)
+            stage = self._local_buffer("stage", src[0].dtype, m, len(src))
+            stage.copy_(host)  # synchronous: the host buffer is refilled for the next block
+            base.copy_(stage[0])
+            torch.sub(stage[1:], base, out=d)
+        else:  # mixed dtypes (a bf16 base with fp32 checkpoints): row by row
+            base.copy_(src[0])
+            for t, row in enumerate(src[1:]):
+                d[t].copy_(row)
+            d.sub_(base)
+        self._count(sum(i.itemsize for i in plan.sources) * m, result)
 
     def _count(self, nbytes: int, result: EngineResult) -> None:
         with self._lock:
