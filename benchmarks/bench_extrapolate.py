@@ -188,15 +188,18 @@ def compare(a: Path, b: Path, base: Path) -> str:
             with safe_open(str(fa), "pt") as x, safe_open(str(b / fa.name), "pt") as y:
                 for k in x.keys():
                     u, v = x.get_tensor(k), y.get_tensor(k)
-                    bits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}[u.dtype]
+                    bits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24,
+                            torch.float64: 53}[u.dtype]
                     u, v = u.double(), v.double()
+                    if not torch.equal(u.isnan(), v.isnan()):
+                        worst = float("inf")  # NaN in one output only
                     scale = torch.maximum(torch.maximum(u.abs(), v.abs()),
                                           w.get_tensor(k).double().abs())
                     exponent = torch.frexp(scale.clamp_min(1e-38))[1]
                     ulp = torch.ldexp(torch.ones_like(scale), exponent - bits)
-                    equal += int((u == v).sum())
+                    equal += int(((u == v) | (u.isnan() & v.isnan())).sum())
                     total += u.numel()
-                    worst = max(worst, float(((u - v).abs() / ulp).max()))
+                    worst = max(worst, float(((u - v).abs() / ulp).nan_to_num(0.0).max()))
     return (f"{equal / total:.6f} of {total} values equal; most apart {worst:.2f} ulp at the "
             f"operands' magnitude")
 
@@ -268,7 +271,7 @@ def main() -> None:
         rows["baseline"] = []
     if args.torchrun:
         rows["torchrun"] = []
-    other = f"relex --device {args.compare_device}"
+    other, compared = f"relex --device {args.compare_device}", "not compared"
     if args.compare_device:
         rows[other] = []
     modes = args.variant

@@ -2,7 +2,7 @@
 
 Max error relative to the largest entry, against float64, with
 torch.set_float32_matmul_precision "highest" and "high": Gram (T, m) x (m, T) and output
-(K, T) x (T, m). relex's engine sets "highest" for its pass (Engine.run).
+(K, T) x (T, m). relex makes them full float32 for its pass (engine._full_float32).
 """
 
 import torch

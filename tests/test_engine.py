@@ -14,6 +14,7 @@ from relex.errors import RelexError
 from relex.formats import base as fbase
 from relex.formats import open_reader
 from relex.trajectory import Trajectory
+from test_extrapolate import check_outputs
 
 
 def _traj(run, base):
@@ -128,3 +129,63 @@ def test_a_short_row_from_a_reader_is_an_error_not_a_crash(run_factory, tmp_path
     with pytest.raises(RelexError, match=r"checkpoint-\d+ gave \d+ elements .* damaged"):
         relex.extrapolate(run, base=base, targets=[30], output=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting", ["legacy", "per-backend"])
+def test_float32_products_are_full_precision_during_the_pass_and_the_setting_comes_back(
+        run_factory, tmp_path, monkeypatch, setting):
+    """A trainer's TF32 / bf16 setting for float32 matmuls (transformers' tf32=True uses torch's
+    per-backend API, whose presence makes the legacy getter raise) must neither reach relex's
+    products nor be lost, nor crash the pass."""
+    b = torch.backends
+    if not hasattr(b.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has only the legacy setting")
+    run, base = run_factory(base_dtype=torch.float16)  # fp16: the torch path's products
+    seen = []
+    fit = Engine._fit
+
+    def spy(self, plan, gram, weights):
+        seen.append((b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision))
+        return fit(self, plan, gram, weights)
+    monkeypatch.setattr(Engine, "_fit", spy)
+    try:
+        if setting == "legacy":
+            torch.set_float32_matmul_precision("medium")
+        else:
+            b.fp32_precision = "tf32"
+        before = (b.fp32_precision, b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision)
+        relex.extrapolate(run, base=base, targets=[30], output=tmp_path / "out", progress=False)
+        assert seen and set(seen) == {("ieee", "ieee")}
+        assert (b.fp32_precision, b.cuda.matmul.fp32_precision,
+                b.mkldnn.matmul.fp32_precision) == before
+        if setting == "legacy":
+            assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        b.fp32_precision = b.cuda.matmul.fp32_precision = b.mkldnn.matmul.fp32_precision = "none"
+    check_outputs(tmp_path / "out", base, run, (2, 4, 6, 8, 10), [30])
+
+
+@pytest.mark.parametrize("kw", [{}, {"base_dtype": torch.bfloat16},
+                                {"base_dtype": torch.bfloat16, "ckpt_dtype": torch.float32}])
+@pytest.mark.parametrize("budget", [None, "100KB"])
+def test_the_gpu_feeding_path_run_on_the_cpu(run_factory, tmp_path, monkeypatch, kw, budget):
+    """_fill_gpu (a block's rows gathered as stored into one buffer, copied once, converted and
+    subtracted on the device) only runs with a GPU in the suite's other tests; here the same
+    code runs with the CPU as its device: two threads, resident tensors and (100KB) tensors
+    shared across threads in several blocks, against the float64 reference."""
+    init = Engine.__init__
+
+    def as_if_a_gpu(self, *a, **k):
+        init(self, *a, **k)
+        self.cpu = False  # the non-CPU branches, on CPU tensors
+    monkeypatch.setattr(Engine, "__init__", as_if_a_gpu)
+    gathered = []
+    fill = Engine._fill_gpu
+    monkeypatch.setattr(Engine, "_fill_gpu", lambda self, *a: gathered.append(1) or fill(self, *a))
+    run, base = run_factory(**kw)
+    relex.extrapolate(run, base=base, targets=[30], output=tmp_path / "out", max_memory=budget,
+                      threads=2, progress=False)
+    tensors = len(load_dir(base))
+    # 100KB: several blocks per tensor, each read twice (Gram step, output step)
+    assert len(gathered) >= (3 * tensors if budget else tensors), (len(gathered), tensors)
+    check_outputs(tmp_path / "out", base, run, (2, 4, 6, 8, 10), [30])

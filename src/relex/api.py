@@ -246,8 +246,6 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
     group.attempt("checking the output", lambda: check_output(
         output, overwrite, [inputs.base, *inputs.observed.values()], out_bytes * len(targets))
         if group.leader else None)
-    if threads:
-        torch.set_num_threads(threads)
     shard = parse_size(max_shard_size)
     budget = _budget(max_memory, group.local_size)
     started = time.perf_counter()
@@ -422,8 +420,6 @@ def analyze(run_dir: str | Path | None = None, *, output: str | Path,
         check_output(output, overwrite, [inputs.base, *inputs.available.values()], 0)
         traj = _open(inputs.base, {s: inputs.available[s] for s in all_steps})
         try:
-            if threads:
-                torch.set_num_threads(threads)
             engine = Engine(traj, 0, _budget(max_memory), device, workers=threads)
             with tqdm(total=engine.bytes_to_read(gram_only=True), unit="B", unit_scale=True,
                       unit_divisor=1024, desc="relex analyze",

@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+import torch
+
 import relex
 from relex.errors import RelexError
 from relex.formats import hub
@@ -28,6 +30,13 @@ many processes / nodes: torchrun --nproc-per-node N [--nnodes M ...] -m relex ex
 
 RUN_DIR layouts read: verl global_step_N/actor/huggingface, TRL/ROLL checkpoint-N,
 OpenRLHF global_stepN_hf, NeMo-RL step_N (consolidated HF), plain step-N / step_N."""
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a positive number")
+    return n
 
 
 def _inputs(p: argparse.ArgumentParser, run_dir_required: bool = False) -> None:
@@ -64,7 +73,7 @@ def _output(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest output safetensors shard (default 5GB)")
     g.add_argument("--device", default="cpu", help="where to compute: cpu (default) or cuda")
-    g.add_argument("--threads", type=int, metavar="N",
+    g.add_argument("--threads", type=_positive, metavar="N",
                    help="worker threads (default: all cores; 8 feeding a GPU)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar or table")
 
@@ -130,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="buffer budget (default: a quarter of the available RAM, at least 512MB)")
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    g.add_argument("--threads", type=int, metavar="N",
+    g.add_argument("--threads", type=_positive, metavar="N",
                    help="worker threads (default: all cores; 8 feeding a GPU)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
 
@@ -291,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             report = relex.reconstruct(args.run_dir, rank=args.rank, **common)
     except RelexError as e:
         print(f"relex: error: {e}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError as e:
+        print(f"relex: error: the GPU ran out of memory ({str(e).splitlines()[0][:160]}); "
+              f"give a smaller --max-memory or fewer --threads; nothing was written",
+              file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permissions: nothing was moved into place
         print(f"relex: error: {e}; nothing was written", file=sys.stderr)

@@ -57,6 +57,9 @@ BLOCK = 1 << 17
 #: on a GPU: fewer, larger copies and kernel launches. 1.54B x 10 on an H100, 2 rounds: 2^19
 #: took 1.20x the time of 2^21 and 2^23 1.01x.
 GPU_BLOCK = 1 << 21
+#: at most this many bytes of inputs per GPU block (its rows as stored, gathered in each
+#: thread's pinned host buffer, sent in one copy): bounds pinned memory at long windows
+GPU_BLOCK_BYTES = 128 << 20
 #: host threads feeding a GPU (each gathers its blocks into pinned memory and sends them): on
 #: the same run, 1 took 1.62x the time of 4, and 8 0.87x
 GPU_WORKERS = 8
@@ -151,27 +154,38 @@ class Engine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RelexError("--device cuda: torch sees no CUDA device here")
         self.cpu = self.device.type == "cpu"
-        if not self.cpu:
+        gpu_free = None
+        if self.device.type == "cuda":
             # The buffers live on the GPU; host memory holds only mapped input pages, which are
-            # released as the pass goes. So the budget is what the GPU has free, at most.
-            free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
-            if free is not None:
-                budget = min(budget, int(free * GPU_SHARE))
-        block = block or (BLOCK if self.cpu else GPU_BLOCK)
+            # released as the pass goes, and each thread's pinned buffer (counted below). So
+            # the budget is what the GPU has free, at most.
+            gpu_free = torch.cuda.mem_get_info(self.device)[0]
+            budget = min(budget, int(gpu_free * GPU_SHARE))
+        if workers is not None and workers < 0:
+            raise RelexError(f"--threads {workers}: give a positive number of threads")
         self.workers = workers or (torch.get_num_threads() if self.cpu else
                                    min(GPU_WORKERS, os.cpu_count() or 1))
         self.k = n_targets
         t = traj.T
         self.item = 8 if any(p.compute_dtype == torch.float64 for p in traj.plans) else 4
+        #: widest stored element of any input (bytes)
+        self.stored = max(i.itemsize for p in traj.plans for i in p.sources)
+        if block is None:
+            block = (BLOCK if self.cpu
+                     else min(GPU_BLOCK, GPU_BLOCK_BYTES // ((t + 1) * self.stored)))
         # Per worker and block element: delta rows, base, K outputs, K casts (<= 8 bytes each;
-        # where the compiled kernels run, the delta rows are not allocated: conservative).
+        # where the compiled kernels run, the delta rows are not allocated: conservative); to a
+        # GPU also the rows as stored, in pinned host memory and on the GPU (_fill_gpu).
         per_elem = (t + 1 + self.k) * self.item + self.k * 8
+        if not self.cpu:
+            per_elem += 2 * (t + 1) * self.stored
         #: the smallest budget that holds one block per worker (buffers + its mapped inputs)
         self.min_budget = self.workers * TINY_BLOCK * (2 * per_elem + (t + 1) * 8)
         if budget < self.min_budget:
-            raise RelexError(f"--max-memory {budget} bytes is below what one block needs here "
-                             f"({t} checkpoints, {self.workers} threads): give at least "
-                             f"{-(-self.min_budget // 1000)}KB")
+            gpu = "" if gpu_free is None else f" (80% of the GPU's {gpu_free >> 20} MiB free)"
+            raise RelexError(f"--max-memory {budget} bytes{gpu} is below what one block needs "
+                             f"here ({t} checkpoints, {self.workers} threads): give at least "
+                             f"{-(-self.min_budget // 1000)}KB" + (gpu and ", or free GPU memory"))
         self.block = int(min(block, max(TINY_BLOCK, budget // (2 * self.workers * per_elem))))
         # Mapped input pages count as resident memory until released: part of the budget.
         self.release_bytes = max(self.block * (t + 1) * 8, min(RELEASE_BYTES, budget // 16))
@@ -255,13 +269,9 @@ class Engine:
         collecting = gc.isenabled()
         init = partial(torch.set_num_threads, 1)
         pool = None
-        # float32 products in float32: a training script's set_float32_matmul_precision("high")
-        # (TF32: 10-bit mantissas) reached the Gram product on an H100 (benchmarks/
-        # tf32_probe.py); "medium" may take bf16 on CPUs too. The caller's setting comes back.
-        precision = torch.get_float32_matmul_precision()
+        restore_precision = _full_float32()
         try:
             gc.disable()
-            torch.set_float32_matmul_precision("highest")
             init()
             pool = ThreadPoolExecutor(self.workers, thread_name_prefix="relex",
                                       initializer=init)
@@ -291,9 +301,12 @@ class Engine:
                         i += 1
         finally:
             if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+                pool.shutdown(wait=True, cancel_futures=True)  # frees the workers' buffers
+            if self.device.type == "cuda":  # give the pinned host buffers back to the OS
+                empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+                (empty or getattr(torch._C, "_host_emptyCache", lambda: None))()
             torch.set_num_threads(threads)
-            torch.set_float32_matmul_precision(precision)
+            restore_precision()
             if collecting:
                 gc.enable()
         return result
@@ -415,17 +428,27 @@ class Engine:
         t = self.traj.T
         return full[0][t * a: t * b].view(t, b - a), full[1][a:b]
 
-    def _local_buffer(self, what: str, dt: torch.dtype, m: int, rows: int = 1,
-                      pinned: bool = False) -> torch.Tensor:
+    def _local_buffer(self, what: str, dt: torch.dtype, m: int, rows: int = 1) -> torch.Tensor:
         """This worker's (rows, m) buffer `what` of dtype dt (allocated once, for a whole
-        block): 'delta' rows, 'base', 'out'puts; pinned: in page-locked host memory, for
-        copies to the GPU. Contiguous: see _rows."""
+        block): 'delta' rows, 'base', 'out'puts. Contiguous: see _rows."""
         bufs = self._local.__dict__.setdefault("buffers", {})
         key = (what, dt)
         if key not in bufs:
-            bufs[key] = (torch.empty(rows * self.block, dtype=dt, pin_memory=True) if pinned
-                         else torch.empty(rows * self.block, dtype=dt, device=self.device))
+            bufs[key] = torch.empty(rows * self.block, dtype=dt, device=self.device)
         return bufs[key][: rows * m].view(rows, m)
+
+    def _rows_buffer(self, what: str, dt: torch.dtype, m: int, rows: int,
+                     host: bool) -> torch.Tensor:
+        """This worker's (rows, m) buffer of inputs as stored (dtype dt), for _fill_gpu: one
+        allocation for every dtype (the widest), in pinned host memory (host, where the
+        device is a GPU) or on the device."""
+        bufs = self._local.__dict__.setdefault("buffers", {})
+        if what not in bufs:
+            size = (self.traj.T + 1) * self.block * self.stored
+            bufs[what] = (torch.empty(size, dtype=torch.uint8,
+                                      pin_memory=self.device.type == "cuda") if host
+                          else torch.empty(size, dtype=torch.uint8, device=self.device))
+        return bufs[what][: rows * m * dt.itemsize].view(dt).view(rows, m)
 
     # ------------------------------------------------------------------ per block (workers)
     def _read(self, plan, a, b, base, result, npass: int = 0) -> list[torch.Tensor]:
@@ -475,9 +498,9 @@ class Engine:
         src = [self.traj.read(plan, s, a, b) for s in range(len(plan.sources))]
         m, dts = b - a, {r.dtype for r in src}
         if len(dts) == 1 and hasattr(torch, "_foreach_copy_"):
-            host = self._local_buffer("host", src[0].dtype, m, len(src), pinned=True)
+            host = self._rows_buffer("host", src[0].dtype, m, len(src), host=True)
             torch._foreach_copy_(list(host.unbind(0)), src)
-            stage = self._local_buffer("stage", src[0].dtype, m, len(src))
+            stage = self._rows_buffer("stage", src[0].dtype, m, len(src), host=False)
             stage.copy_(host)  # synchronous: the host buffer is refilled for the next block
             base.copy_(stage[0])
             torch.sub(stage[1:], base, out=d)
@@ -556,6 +579,28 @@ class Engine:
             where = ", ".join(str(self.traj.checkpoints[i].path) for i in bad[:3])
         raise RelexError(f"tensor '{plan.name}': NaN or Inf values in {where}; the run diverged "
                          f"or the file is damaged: leave that checkpoint out (--steps)")
+
+
+def _full_float32() -> Callable[[], None]:
+    """Make float32 matrix products full float32 for the pass; returns what restores the
+    caller's setting. A training script's TF32 (10-bit mantissas: transformers' tf32=True,
+    set_float32_matmul_precision("high")) reached the Gram product on an H100
+    (benchmarks/tf32_probe.py); oneDNN may take bf16 on CPUs. torch >= 2.9 has per-backend
+    settings, and its legacy getter raises once they are used, so those go first."""
+    knobs = [getattr(getattr(torch.backends, b, None), "matmul", None) for b in ("cuda", "mkldnn")]
+    try:
+        before = [k.fp32_precision for k in knobs]
+    except AttributeError:  # torch < 2.9
+        legacy = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        return lambda: torch.set_float32_matmul_precision(legacy)
+    for k in knobs:
+        k.fp32_precision = "ieee"
+
+    def restore() -> None:
+        for k, value in zip(knobs, before):
+            k.fp32_precision = value
+    return restore
 
 
 def _addresses(rows: list[torch.Tensor]) -> np.ndarray:
