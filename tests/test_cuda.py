@@ -8,9 +8,9 @@ Skipped where torch sees no GPU (CI). Run on a GPU machine:
 import numpy as np
 import pytest
 import torch
-from conftest import assert_within_ulp, load_dir
+from conftest import load_dir
 from safetensors import safe_open
-from test_extrapolate import STEPS, check_outputs
+from test_extrapolate import STEPS, check_outputs, check_reconstruction
 
 import relex
 
@@ -54,16 +54,7 @@ def test_cuda_reconstruct_and_analyze(run_factory, tmp_path):
     run, base = run_factory(noise=0.5)
     relex.reconstruct(run, base=base, steps=[2, 6, 10], output=tmp_path / "rec", device="cuda",
                       progress=False)
-    b = load_dir(base)
-    ck = [load_dir(run / f"checkpoint-{s}") for s in (2, 6, 10)]
-    for k, step in enumerate((2, 6, 10)):
-        got = load_dir(tmp_path / f"rec/step-{step}")
-        for name in b:
-            b64 = b[name].double().numpy().ravel()
-            d = np.stack([c[name].double().numpy().ravel() - b64 for c in ck])
-            _, _, vt = np.linalg.svd(d, full_matrices=False)
-            assert_within_ulp(got[name], (b64 + (d[k] @ vt[0]) * vt[0]).reshape(b[name].shape),
-                              name, b[name].double().numpy())
+    check_reconstruction(tmp_path / "rec", base, run, (2, 6, 10))
     a_gpu = relex.analyze(run, base=base, observe_until=6, output=tmp_path / "ag", device="cuda",
                           progress=False)
     a_cpu = relex.analyze(run, base=base, observe_until=6, output=tmp_path / "ac", progress=False)

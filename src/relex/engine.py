@@ -182,7 +182,8 @@ class Engine:
         #: the smallest budget that holds one block per worker (buffers + its mapped inputs)
         self.min_budget = self.workers * TINY_BLOCK * (2 * per_elem + (t + 1) * 8)
         if budget < self.min_budget:
-            gpu = "" if gpu_free is None else f" (80% of the GPU's {gpu_free >> 20} MiB free)"
+            gpu = ("" if gpu_free is None else
+                   f" ({GPU_SHARE:.0%} of the GPU's {gpu_free >> 20} MiB free)")
             raise RelexError(f"--max-memory {budget} bytes{gpu} is below what one block needs "
                              f"here ({t} checkpoints, {self.workers} threads): give at least "
                              f"{-(-self.min_budget // 1000)}KB" + (gpu and ", or free GPU memory"))
@@ -451,14 +452,19 @@ class Engine:
         return bufs[what][: rows * m * dt.itemsize].view(dt).view(rows, m)
 
     # ------------------------------------------------------------------ per block (workers)
-    def _read(self, plan, a, b, base, result, npass: int = 0) -> list[torch.Tensor]:
-        """Elements [a, b) of the base into `base`, and of the checkpoints as the readers give
-        them (views of the mapped files for safetensors), read through the readers."""
+    def _sources(self, plan, a, b, result, npass: int = 0) -> list[torch.Tensor]:
+        """Elements [a, b) of the base and every checkpoint as the readers give them (views of
+        the mapped files for safetensors), read ahead by the prefetcher and counted."""
         self._prefetch.advance(plan, npass, a)
-        base.copy_(self.traj.read(plan, 0, a, b))
-        rows = [self.traj.read(plan, s, a, b) for s in range(1, len(plan.sources))]
+        src = [self.traj.read(plan, s, a, b) for s in range(len(plan.sources))]
         self._count(sum(i.itemsize for i in plan.sources) * (b - a), result)
-        return rows
+        return src
+
+    def _read(self, plan, a, b, base, result, npass: int = 0) -> list[torch.Tensor]:
+        """_sources with the base copied into `base`: the checkpoints' rows."""
+        src = self._sources(plan, a, b, result, npass)
+        base.copy_(src[0])
+        return src[1:]
 
     def _torch_buffers(self, plan, a, b, full) -> tuple[torch.Tensor, torch.Tensor]:
         """(delta rows, base) of block [a, b) on the torch path: the resident tensor's, else
@@ -476,13 +482,7 @@ class Engine:
         if not self.cpu:
             self._fill_gpu(plan, a, b, d, base, result, npass)
         else:
-            rows = self._read(plan, a, b, base, result, npass)
-            if hasattr(torch, "_foreach_copy_"):
-                torch._foreach_copy_(list(d.unbind(0)), rows)  # one call converts every row
-            else:
-                for t, row in enumerate(rows):
-                    d[t].copy_(row)
-            d.sub_(base)
+            self._subtract(d, self._read(plan, a, b, base, result, npass), base)
         if not gram:
             return None
         if self.cpu:
@@ -494,8 +494,7 @@ class Engine:
         this worker's pinned host buffer and sent in one copy; the GPU converts them and makes
         the deltas. (A copy_ from pageable memory to the GPU that also converts does the
         conversion on the CPU, and each such copy is staged by the driver.)"""
-        self._prefetch.advance(plan, npass, a)
-        src = [self.traj.read(plan, s, a, b) for s in range(len(plan.sources))]
+        src = self._sources(plan, a, b, result, npass)
         m, dts = b - a, {r.dtype for r in src}
         if len(dts) == 1 and hasattr(torch, "_foreach_copy_"):
             host = self._rows_buffer("host", src[0].dtype, m, len(src), host=True)
@@ -506,10 +505,16 @@ class Engine:
             torch.sub(stage[1:], base, out=d)
         else:  # mixed dtypes (a bf16 base with fp32 checkpoints): row by row
             base.copy_(src[0])
-            for t, row in enumerate(src[1:]):
+            self._subtract(d, src[1:], base)
+
+    def _subtract(self, d, rows, base) -> None:
+        """d = rows - base (the rows converted into d first)."""
+        if self.cpu and hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(list(d.unbind(0)), rows)  # one call converts every row
+        else:  # (to a GPU: a copy that also converts is done row by row)
+            for t, row in enumerate(rows):
                 d[t].copy_(row)
-            d.sub_(base)
-        self._count(sum(i.itemsize for i in plan.sources) * m, result)
+        d.sub_(base)
 
     def _count(self, nbytes: int, result: EngineResult) -> None:
         with self._lock:
