@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -137,6 +138,84 @@ def timed_child(cmd: list[str], env: dict | None = None) -> tuple[float, int, st
     return info["wall"], info["rss"], "\n".join(lines[:-1])
 
 
+class Timeline:
+    """Samples, while a command runs, the machine's disk reads (MB/s, /proc/diskstats of the
+    device holding `path`) and its busy and I/O-waiting cores (/proc/stat): where a run waits
+    on the disk and where the disk idles while it computes. System-wide: run it on an otherwise
+    idle machine."""
+
+    def __init__(self, path: Path, every: float = 0.25):
+        dev = os.stat(path).st_dev
+        self.dev, self.every = (os.major(dev), os.minor(dev)), every
+        self.samples: list[tuple[float, float, float, float]] = []  # t, MB/s, busy, iowait
+        self._stop = threading.Event()
+
+    def _read(self) -> tuple[float, float, float, float]:
+        sectors = 0
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if (int(f[0]), int(f[1])) == self.dev:
+                sectors = int(f[5])
+        cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6]  # user nice system irq softirq
+        return time.perf_counter(), sectors * 512, busy / os.sysconf("SC_CLK_TCK"), \
+            cpu[4] / os.sysconf("SC_CLK_TCK")
+
+    def _loop(self) -> None:
+        last = self._read()
+        start = last[0]
+        while not self._stop.wait(self.every):
+            now = self._read()
+            dt = now[0] - last[0]
+            self.samples.append((now[0] - start, (now[1] - last[1]) / dt / 1e6,
+                                 (now[2] - last[2]) / dt, (now[3] - last[3]) / dt))
+            last = now
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def plot_timelines(timelines: dict[str, Timeline], read_rate: float, file: Path) -> None:
+    """One row per command: disk MB/s (with the plain read's average rate) and busy cores."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(timelines), 1, figsize=(10, 2.6 * len(timelines)), squeeze=False,
+                             sharex=True)
+    for ax, (kind, tl) in zip(axes[:, 0], timelines.items()):
+        t = [s[0] for s in tl.samples]
+        ax.plot(t, [s[1] for s in tl.samples], color="tab:blue", lw=1, label="disk read MB/s")
+        ax.axhline(read_rate, color="tab:blue", ls=":", lw=1, label="cat's average")
+        ax.set_ylabel("MB/s")
+        ax.set_title(kind, fontsize=9, loc="left")
+        cores = ax.twinx()
+        cores.plot(t, [s[2] for s in tl.samples], color="tab:red", lw=1, label="busy cores")
+        cores.plot(t, [s[3] for s in tl.samples], color="tab:gray", lw=1, label="I/O wait")
+        cores.set_ylim(0, (os.cpu_count() or 1) * 1.05)
+        cores.set_ylabel("cores")
+        if ax is axes[0, 0]:
+            ax.legend(loc="upper left", fontsize=7)
+            cores.legend(loc="upper right", fontsize=7)
+    axes[-1, 0].set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+
+
 def gram_floor(numel: int, t: int) -> dict[str, float]:
     """Seconds of the Gram matmuls alone, D @ D.T over numel columns of t float32 rows."""
     out = {}
@@ -240,6 +319,9 @@ def main() -> None:
                         "RELEX_GRAM=numpy (BLAS Gram) or RELEX_PREFETCH=off|madvise; repeatable")
     p.add_argument("--repeat", type=int, default=3, help="rounds (medians shown)")
     p.add_argument("--gram-floor", action="store_true", help="also time the Gram matmuls alone")
+    p.add_argument("--timeline", type=Path, metavar="PNG",
+                   help="plot disk reads and busy cores over time for each command of the "
+                        "first round (system-wide: use an idle machine)")
     args = p.parse_args()
 
     data = args.data or HERE.parent / "bench-data" / args.params
@@ -285,11 +367,15 @@ def main() -> None:
           f"torch {torch.__version__}", flush=True)
     if not args.drop_caches:
         cat_floor(files)  # warm the cache once
+    timelines: dict[str, Timeline] = {}
     with tempfile.TemporaryDirectory(dir=data) as tmp:
         for i in range(args.repeat):
             if args.drop_caches:
                 drop_caches()
-            rows["read"].append((cat_floor(files), 0, in_bytes))
+            with Timeline(data) if args.timeline and i == 0 else _Nothing() as tl:
+                rows["read"].append((cat_floor(files), 0, in_bytes))
+            if tl:
+                timelines["cat (plain sequential read)"] = tl
             print(f"  round {i + 1}: read {rows['read'][-1][0]:.2f} s", end="", flush=True)
             kinds = ["relex"] + [f"relex[{m}]" for m in modes] + (
                 ["torchrun"] if args.torchrun else []) + (["baseline"] if args.baseline else []) + (
@@ -311,7 +397,10 @@ def main() -> None:
                 if kind.startswith("relex["):
                     var, value = kind[6:-1].split("=", 1)
                     env[var] = value
-                wall, rss, _ = timed_child(cmd, env)
+                with Timeline(data) if args.timeline and i == 0 else _Nothing() as tl:
+                    wall, rss, _ = timed_child(cmd, env)
+                if tl:
+                    timelines[_short(kind, 90)] = tl
                 read = 0
                 if kind != "baseline":
                     prov = json.loads((out / f"step-{args.target}" / "relex.json").read_text())
@@ -360,6 +449,9 @@ def main() -> None:
     if args.gram_floor:
         out += [(f"Gram matmuls alone, {k}", f"{v:.2f} s")
                 for k, v in gram_floor(numel, args.checkpoints).items()]
+    if args.timeline:
+        plot_timelines(timelines, in_bytes / med("read") / 1e6, args.timeline)
+        out.append(("timeline of round 1", str(args.timeline)))
     width = max(len(k) for k, _ in out)
     for k, v in out:
         print(f"  {k:<{width}}  {v}")

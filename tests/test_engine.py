@@ -2,13 +2,16 @@
 the default budget; every prefetch mode gives the same bytes."""
 
 import os
+import threading
 
+import numpy as np
 import pytest
 import torch
 
 import relex
 from conftest import load_dir
 from relex import api
+from relex import engine as engine_mod
 from relex.engine import Engine
 from relex.errors import RelexError
 from relex.formats import base as fbase
@@ -23,37 +26,63 @@ def _traj(run, base):
                       steps)
 
 
-def test_prefetch_asks_for_every_range_of_every_source_once_per_pass(run_factory, tmp_path):
+def _weights(traj):
+    from relex.fit import FitConfig, extrapolation_weights
+    cfg = FitConfig()
+
+    def weights(plan, gram):
+        return extrapolation_weights(gram, traj.steps.astype(float), np.array([30.0]), cfg)
+    return weights
+
+
+class _Sink:
+    def write_at(self, *a):
+        pass
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_prefetch_plan_covers_every_range_of_every_source_once_per_pass_from_disk(
+        run_factory, monkeypatch, cached):
+    """The read-ahead plan asks for every range of every source once per pass that reads the
+    disk, in the pass's order; a second pass over a tensor that fits the page cache (half the
+    available RAM) is not asked for again."""
+    monkeypatch.setattr(engine_mod, "available_memory", lambda: 1 << 40 if cached else 0)
     run, base = run_factory(base_dtype=torch.bfloat16)
     traj = _traj(run, base)
-    calls = []
-    for reader in (traj.base, *traj.checkpoints):
-        reader.prefetch = (lambda r: lambda name, a, b: calls.append((r, name, a, b)))(reader)
     try:
         # a budget small enough that some tensors are read twice (two passes)
         engine = Engine(traj, 1, 200_000, workers=2)
         twice = [p for p in traj.plans if p.moves and not engine._single(p)]
         assert twice, "the budget must force a second pass somewhere"
-        from relex.fit import FitConfig, extrapolation_weights
-        import numpy as np
-        cfg = FitConfig()
-
-        def weights(plan, gram):
-            return extrapolation_weights(gram, traj.steps.astype(float), np.array([30.0]), cfg)
-
-        class Sink:
-            def write_at(self, *a):
-                pass
-        engine.run(weights, [Sink()])
+        plan = engine_mod.Prefetcher(traj, [(p, engine._passes(p, None)) for p in traj.plans])
     finally:
         traj.close()
-    for plan in traj.plans:
-        srcs = (traj.base, *traj.checkpoints)[: len(plan.sources) if plan.moves else 1]
-        for r in srcs:
-            spans = sorted((a, b) for rr, n, a, b in calls if rr is r and n == plan.name)
-            passes = 2 if plan in twice else 1
-            covered = sum(b - a for a, b in spans)
-            assert covered == passes * plan.numel, (plan.name, spans)
+    ends = [end for end, *_ in plan._todo]
+    assert ends == sorted(ends)
+    for p in traj.plans:
+        covered = sum(b - a for _, q, a, b in plan._todo if q is p)
+        assert covered == (2 if p in twice and not cached else 1) * p.numel, p.name
+
+
+def test_prefetch_asks_from_its_own_thread_in_plan_order(run_factory):
+    """Workers never ask the disk themselves (asking can block until the disk's queue drains):
+    one thread asks, in the plan's order, each planned range once."""
+    run, base = run_factory(base_dtype=torch.bfloat16)
+    traj = _traj(run, base)
+    calls = []
+    for reader in (traj.base, *traj.checkpoints):
+        reader.prefetch = (lambda r: lambda name, a, b: calls.append(
+            (threading.current_thread().name, r, name, a, b)))(reader)
+    try:
+        engine = Engine(traj, 1, 200_000, workers=2)
+        passes = [(p, engine._passes(p, None)) for p in traj.plans]
+        engine.run(_weights(traj), [_Sink()])
+        planned = [(r, p.name, a, b) for _, p, a, b in engine_mod.Prefetcher(traj, passes)._todo
+                   for r in (traj.base, *traj.checkpoints)[: len(p.sources) if p.moves else 1]]
+    finally:
+        traj.close()
+    assert calls and {c[0] for c in calls} == {"relex-prefetch"}
+    assert [c[1:] for c in calls] == planned[: len(calls)]
 
 
 def test_prefetch_modes_give_identical_bytes(run_factory, tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from relex import __version__, distributed
 from relex.formats import DTYPES, hub, open_reader
-from relex.engine import Engine
+from relex.engine import Engine, available_memory
 from relex.errors import RelexError
 from relex.fit import FitConfig, TensorFit, extrapolation_weights, reconstruction_weights
 from relex.fitfile import FIT_FILE, check_fingerprint, load_fit, save_fit
@@ -213,16 +213,7 @@ def _check_grams(grams: dict[str, np.ndarray], traj: Trajectory, path: Path) -> 
 def default_budget(local_processes: int = 1) -> int:
     """--max-memory when none is given: a quarter of the RAM available now (shared by the
     processes of this node under torchrun), at least 512 MB."""
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if avail is None:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return max(MIN_DEFAULT_BUDGET, avail // 4 // max(1, local_processes))
+    return max(MIN_DEFAULT_BUDGET, available_memory() // 4 // max(1, local_processes))
 
 
 def _budget(max_memory, local_processes: int = 1) -> int:
