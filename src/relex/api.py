@@ -240,7 +240,8 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
     shard = parse_size(max_shard_size)
     budget = _budget(max_memory, group.local_size)
     started = time.perf_counter()
-    engine = Engine(traj, len(targets), budget, device, workers=threads)
+    engine = Engine(traj, len(targets), budget, device, workers=threads,
+                    local_processes=group.local_size)
     owner = distributed.split([sum(i.nbytes for i in (p.sources if p.moves else (p.base,)))
                                for p in traj.plans], group.size)
     engine.plans = [p for p, r in zip(traj.plans, owner) if r == group.rank]

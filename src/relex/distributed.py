@@ -82,7 +82,7 @@ class Group:
     def broadcast(self, obj, src: int = 0):
         return self.all_gather(obj)[src] if self.size > 1 else obj
 
-    def close(self, ok: bool = True) -> None:
+    def close(self, ok: bool = False) -> None:
         """Leave the group. After a run that succeeded on every rank, wait for all of them first:
         a rank that tears its connections down while another still finishes can make gloo
         abort that other rank's teardown."""

@@ -28,7 +28,8 @@ pinned host memory and send them in one copy; the GPU converts them (_fill_gpu).
 Reading overlaps computing: a Prefetcher's thread asks the readers (Reader.prefetch) for each
 file's next ranges, 8 MiB per file and request, up to 512 MiB ahead of the furthest worker, so the
 kernel reads in large sequential requests while the workers compute; a second pass that the page
-cache holds is not asked for, so meanwhile the disk reads the tensors that follow. Under torchrun each rank runs an
+cache can hold is not asked for, so meanwhile the disk reads the tensors that follow (up to that
+tensor's size further ahead). Under torchrun each rank runs an
 Engine over its share of the tensors (`plans`; see distributed.py).
 """
 
@@ -95,9 +96,9 @@ class Prefetcher:
     the budget); the readers' prefetch() starts reading each file's next range in large requests
     while the current blocks are computed, so reading overlaps computing. Workers report how far
     they got (advance); a thread of its own asks for the ranges up to PREFETCH_WINDOW bytes
-    ahead of the furthest worker. Asking can block while the disk's queue is full: in a worker
-    that stalled the computing too (the 0.5B x 30 embedding's second pass, from the page cache,
-    took 10 s instead of 4 while the disk read what follows).
+    ahead of the furthest worker (see `cache` for second passes). Asking blocks while the disk's
+    queue is full: when the workers asked, the 0.5B x 30 embedding's second pass (page cache)
+    took 10 s instead of 4 as soon as the disk had the following tensors to read meanwhile.
     """
 
     def __init__(self, traj: Trajectory, passes: list[tuple[TensorPlan, int]],
@@ -105,12 +106,13 @@ class Prefetcher:
                  cache: int | None = None):
         self.traj, self.window = traj, window
         # A second pass right after the first reads the page cache when the tensor fits it:
-        # nothing to ask the disk for, so while it runs the disk reads the tensors that follow
-        # (on the 0.5B x 30 benchmark the disk sat idle for the 4 s of the embedding's second
-        # pass). A tensor larger than `cache` bytes (half the RAM available to this process,
-        # torchrun's local ranks sharing it) is read from disk again and counted again.
+        # nothing to ask the disk for, so while it runs the disk reads the tensors that follow,
+        # up to the tensor's size further ahead (on the 0.5B x 30 benchmark the disk sat idle
+        # for the 4 s of the embedding's second pass). The cache must then hold the tensor and
+        # as much read ahead: a tensor over `cache` bytes (Engine: half of what the RAM
+        # available to this process leaves beside its budget and window) is asked for again.
         if cache is None:
-            cache = available_memory() // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            cache = available_memory() // 2
         self._start: dict[tuple[str, int], int] = {}
         self._todo: list[tuple[int, TensorPlan, int, int]] = []  # (end byte, plan, a, b)
         pos = 0
@@ -158,11 +160,13 @@ class Prefetcher:
                     return
                 _, p, a, b = self._todo[self._next]
                 self._next += 1
-            try:
-                for reader in readers[: len(p.sources) if p.moves else 1]:
+            for reader in readers[: len(p.sources) if p.moves else 1]:
+                if self._closed:  # each ask can wait on the disk's queue: stop promptly
+                    return
+                try:
                     reader.prefetch(p.name, a, b)
-            except Exception:  # noqa: BLE001 - a hint only: the workers' reads report errors
-                pass
+                except Exception:  # noqa: BLE001 - a hint: the workers' reads report errors
+                    pass
 
     def _due(self) -> bool:
         return self._next < len(self._todo) and self._todo[self._next][0] <= self._horizon
@@ -187,12 +191,17 @@ class Engine:
     """Runs the Gram step and the output step over a Trajectory within a memory budget.
 
     n_targets: outputs per tensor (K); budget: bytes of buffers; device: where arithmetic runs;
-    workers: threads (default: torch's thread count on CPU; GPU_WORKERS feeding a GPU).
+    workers: threads (default: torch's thread count on CPU; GPU_WORKERS feeding a GPU);
+    local_processes: torchrun's ranks on this machine, which share its RAM (the read-ahead's
+    page-cache room).
     """
 
     def __init__(self, traj: Trajectory, n_targets: int, budget: int, device: str = "cpu",
-                 block: int | None = None, workers: int | None = None):
+                 block: int | None = None, workers: int | None = None,
+                 local_processes: int = 1):
         self.traj = traj
+        #: processes of this run on this machine (torchrun's local ranks), sharing its RAM
+        self.local_processes = max(1, local_processes)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RelexError("--device cuda: torch sees no CUDA device here")
@@ -230,6 +239,7 @@ class Engine:
             raise RelexError(f"--max-memory {budget} bytes{gpu} is below what one block needs "
                              f"here ({t} checkpoints, {self.workers} threads): give at least "
                              f"{-(-self.min_budget // 1000)}KB" + (gpu and ", or free GPU memory"))
+        self.budget = budget
         self.block = int(min(block, max(TINY_BLOCK, budget // (2 * self.workers * per_elem))))
         # Mapped input pages count as resident memory until released: part of the budget.
         self.release_bytes = max(self.block * (t + 1) * 8, min(RELEASE_BYTES, budget // 16))
@@ -322,8 +332,9 @@ class Engine:
             self._progress = progress
             plans = self.plans
             self._twice = grams is None and weights is not None
+            room = available_memory() // self.local_processes - self.budget - PREFETCH_WINDOW
             self._prefetch = Prefetcher(self.traj, [(p, self._passes(p, grams, weights is None))
-                                                    for p in plans])
+                                                    for p in plans], cache=max(0, room) // 2)
             if plans:
                 self._prefetch.advance(plans[0], 0, 0)
             # numpy's BLAS threads (the fits) spin after each call; on the 100M benchmark they
@@ -344,10 +355,10 @@ class Engine:
                         self._shared(plans[i], pool, weights, writers, grams, result)
                         i += 1
         finally:
+            if self._prefetch is not None:  # first: its asks must stop before the files close
+                self._prefetch.close()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)  # frees the workers' buffers
-            if self._prefetch is not None:
-                self._prefetch.close()
             if self.device.type == "cuda":  # give the pinned host buffers back to the OS
                 empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
                 (empty or getattr(torch._C, "_host_emptyCache", lambda: None))()
