@@ -101,9 +101,8 @@ class Prefetcher:
     took 10 s instead of 4 as soon as the disk had the following tensors to read meanwhile.
     """
 
-    def __init__(self, traj: Trajectory, passes: list[tuple[TensorPlan, int]],
-                 chunk: int = PREFETCH_CHUNK, window: int = PREFETCH_WINDOW,
-                 cache: int | None = None):
+    def __init__(self, traj: Trajectory, passes: list[tuple[TensorPlan, int]], cache: int,
+                 chunk: int = PREFETCH_CHUNK, window: int = PREFETCH_WINDOW):
         self.traj, self.window = traj, window
         # A second pass right after the first reads the page cache when the tensor fits it:
         # nothing to ask the disk for, so while it runs the disk reads the tensors that follow,
@@ -111,9 +110,8 @@ class Prefetcher:
         # for the 4 s of the embedding's second pass). The cache must then hold the tensor and
         # as much read ahead: a tensor over `cache` bytes (Engine: half of what the RAM
         # available to this process leaves beside its budget and window) is asked for again.
-        if cache is None:
-            cache = available_memory() // 2
-        self._start: dict[tuple[str, int], int] = {}
+        #: (plan name, pass) -> (its first byte in the order of asking, bytes per element)
+        self._start: dict[tuple[str, int], tuple[int, int]] = {}
         self._todo: list[tuple[int, TensorPlan, int, int]] = []  # (end byte, plan, a, b)
         pos = 0
         for plan, npass in passes:
@@ -121,7 +119,7 @@ class Prefetcher:
             per_elem = sum(i.itemsize for i in srcs)
             step = max(1, chunk // max(i.itemsize for i in srcs))
             for k in range(npass):
-                self._start[(plan.name, k)] = pos
+                self._start[(plan.name, k)] = (pos, per_elem)
                 if k and plan.numel * per_elem <= cache:
                     continue
                 for a in range(0, plan.numel, step):
@@ -139,8 +137,7 @@ class Prefetcher:
         start = self._start.get((plan.name, npass))
         if start is None:
             return
-        per_elem = sum(i.itemsize for i in (plan.sources if plan.moves else (plan.base,)))
-        horizon = start + element * per_elem + self.window
+        horizon = start[0] + element * start[1] + self.window
         with self._wake:
             if horizon > self._horizon:
                 self._horizon = horizon
