@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -181,14 +182,6 @@ class Timeline:
         self._thread.join()
 
 
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
 def plot_timelines(timelines: dict[str, Timeline], read_rate: float, file: Path) -> None:
     """One row per command: disk MB/s (with the plain read's average rate) and busy cores."""
     import matplotlib
@@ -289,7 +282,6 @@ def median(xs: list[float]) -> float:
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
-
 def _short(label: str, width: int = 48) -> str:
     """A variant's label for the table (a NUMBA_CPU_FEATURES value is ~900 characters)."""
     return label if len(label) <= width else label[: width - 3] + "..."
@@ -302,7 +294,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="relex's --device (cpu or cuda)")
     p.add_argument("--compare-device", metavar="DEV",
                    help="also time relex on DEV each round; the first round compares the two "
-                        "outputs (bf16 codes: share equal, most apart)")
+                        "outputs (share equal, most apart in ulps at the operands' magnitude)")
     p.add_argument("--data", type=Path, help="where the synthetic run lives (generated once; "
                                              "default bench-data/<params>)")
     p.add_argument("--checkpoints", type=int, default=30)
@@ -372,7 +364,7 @@ def main() -> None:
         for i in range(args.repeat):
             if args.drop_caches:
                 drop_caches()
-            with Timeline(data) if args.timeline and i == 0 else _Nothing() as tl:
+            with Timeline(data) if args.timeline and i == 0 else nullcontext() as tl:
                 rows["read"].append((cat_floor(files), 0, in_bytes))
             if tl:
                 timelines["cat (plain sequential read)"] = tl
@@ -397,7 +389,7 @@ def main() -> None:
                 if kind.startswith("relex["):
                     var, value = kind[6:-1].split("=", 1)
                     env[var] = value
-                with Timeline(data) if args.timeline and i == 0 else _Nothing() as tl:
+                with Timeline(data) if args.timeline and i == 0 else nullcontext() as tl:
                     wall, rss, _ = timed_child(cmd, env)
                 if tl:
                     timelines[_short(kind, 90)] = tl
