@@ -201,8 +201,7 @@ def test_the_gpu_feeding_path_run_on_the_cpu(run_factory, tmp_path, monkeypatch,
     subtracted on the device) only runs with a GPU in the suite's other tests; here the same
     code runs with the CPU as its device: two threads, resident tensors in blocks of 512
     elements and (100KB) tensors shared across threads, against the float64 reference."""
-    from relex import engine
-    monkeypatch.setattr(engine, "BLOCK", 512)  # several blocks per tensor either way
+    monkeypatch.setattr(engine_mod, "BLOCK", 512)  # several blocks per tensor either way
     init = Engine.__init__
 
     def as_if_a_gpu(self, *a, **k):
