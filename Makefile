@@ -1,17 +1,19 @@
 # Dev entry points. Each target creates the virtualenv on first use.
-# torch is pinned to the 2.13.0 CPU wheel here (dev/CI only); the package itself accepts any
-# torch >= 2.1, so users keep their own (CUDA) build.
+# Development and CI install the exact versions in requirements-dev.lock (resolved from the
+# `dev` extra with the 2.13.0 CPU torch by `make lock`), so a fresh machine gets what the last
+# green run had. The package itself keeps loose requirements: users bring their own (CUDA) torch.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LOCK := requirements-dev.lock
 TORCH ?= torch==2.13.0
+PIP_TOOLS := pip-tools==7.6.2
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-latest lock bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml $(LOCK) Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(VENV)/.installed
@@ -22,8 +24,27 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Re-resolve the dev extra to the newest releases (torch stays pinned) and rewrite the lock.
+# The +cpu local tag is dropped so the lock also installs where torch comes from PyPI.
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/pip install -q $(PIP_TOOLS)
+	echo "$(TORCH)" > .venv-lock/torch.txt
+	CUSTOM_COMPILE_COMMAND="make lock" .venv-lock/bin/pip-compile -q --upgrade --extra dev --strip-extras --allow-unsafe \
+	    --no-emit-index-url --no-emit-find-links --no-emit-trusted-host \
+	    -c .venv-lock/torch.txt -o $(LOCK) pyproject.toml
+	sed -i -e 's/^\(torch==[^+ ]*\)+[a-z0-9.]*/\1/' -e 's|--constraint=[^ ]*torch.txt|--constraint=torch.txt|' $(LOCK)
+	rm -rf .venv-lock
+
+# Early warning, not CI: the suite against the newest releases of every dev dependency.
+test-latest:
+	test -x .venv-latest/bin/python || python3 -m venv .venv-latest
+	.venv-latest/bin/pip install -q "$(TORCH)"
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	.venv-latest/bin/python -m pytest -q
+
 bench: setup
 	$(PY) benchmarks/bench_extrapolate.py --baseline
 
 clean:
-	rm -rf $(VENV) out bench-data
+	rm -rf $(VENV) .venv-latest .venv-lock out bench-data
