@@ -3,23 +3,33 @@
 Every `cycle` real optimizer steps the Accelerator fits the cycle's snapshots (one every `every`
 steps, the cycle start as base theta_0) with relex's math (fit.py: per-parameter T x T Gram
 matrix, rank-1 coefficient line) and writes the weights predicted `jump` steps past the cycle
-end into the live parameters, in place: the same Parameter objects, so the optimizer's state
-(Adam moments, step counts) and the LR schedule survive. The next cycle starts from the jumped
-weights. Measured on the demo task (issue 8): cycle 20 / jump 40 reaches the plain run's final
+end into the weights the optimizer trains, in place: the same Parameter / master tensors, so the
+optimizer's state (Adam moments, step counts) and the LR schedule survive. The next cycle starts
+from the jumped weights. On the demo task cycle 20 / jump 40 reaches the plain run's final
 accuracy with about half the real steps; resetting the optimizer at each jump loses most of it.
 
+Sharded training works on each rank's own part of the fp32 master weights (shards.py: FSDP2,
+DeepSpeed ZeRO-1/2/3; one process and DDP hold whole parameters). Per parameter the Gram matrix
+is the sum of the ranks' local Gram matrices: all of a jump's Gram matrices travel in one
+all-reduce, the fit is computed identically on every rank from the same sums, and each rank
+writes theta_0 + W @ D into its own part. Snapshots are kept compactly (snapshots.py: deltas
+from the cycle start in scaled float16, or float32; optionally spilled to `snapshot_dir`) with
+their Gram rows accumulated as they arrive, so a jump is one exchange, the fit and one weighted
+sum.
+
+Decisions are shared: a rank whose snapshots differ in names or shapes, a NaN/Inf in any rank's
+part, a full snapshot directory, or any failure on any rank skip the jump on every rank (one
+logged line; training goes on); an error while writing restores every rank's pre-jump weights.
+relex never crashes or hangs the run it sits in: its collectives run on a gloo group of its own
+with a timeout, and an unexpected error disables the Accelerator (logged, `disabled`), not the
+run. Configuration errors are raised when the Accelerator is created, before training.
+
 The guard: when the mean reward of the `guard_steps` steps after a jump falls more than
-`guard_margin` below the mean of the `guard_steps` steps before it, the pre-jump weights are
-restored, the next jump is halved, and the rollback is logged and recorded. A jump never
-stays half-written: on any error while writing it (NaN/Inf in the cycle raises a RelexError
-naming the parameter) every parameter is restored to the live weights and the error re-raised.
+`guard_margin` below the mean of the `guard_steps` steps before it (means over all ranks), the
+pre-jump weights are restored on every rank, the next jump is halved, and the rollback is logged
+and recorded.
 
-Memory: the cycle's T = cycle / every snapshots plus the cycle start and the pre-jump weights,
-each a CPU copy of the trainable parameters in their own dtype: (T + 2) x model bytes (cycle 20,
-every 2: 12 x; 25 MB for the demo's 0.53M fp32 parameters, 12 GB for a 0.5B fp32 model). The fit
-works on blocks of `block` elements per parameter (float64), so it adds little on top.
-
-    acc = Accelerator(model, cycle=20, jump=40)
+    acc = Accelerator(model, cycle=20, jump=40)      # a module, a fully_shard model, a DeepSpeed engine
     for step in range(1, n + 1):
         ...; optimizer.step()
         acc.step(step, reward=mean_reward, optimizer=optimizer)   # -> Jump or None
@@ -28,6 +38,7 @@ works on blocks of `block` elements per parameter (float64), so it adds little o
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -35,13 +46,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from relex import shards
+from relex.distributed import LoopGroup, fingerprint
 from relex.errors import RelexError
 from relex.fit import FitConfig, extrapolation_weights
+from relex.snapshots import BLOCK, CycleStore
 
 log = logging.getLogger("relex.accelerate")
 
-#: elements per block when forming Gram matrices and weighted sums (float64 work buffers)
-BLOCK = 1 << 20
+#: seconds relex's collectives wait for the slowest rank before relex gives up
+DEFAULT_TIMEOUT = float(os.environ.get("RELEX_LOOP_TIMEOUT", 600))
 
 
 @dataclass
@@ -52,7 +66,8 @@ class Jump:
     all accepted jumps (this one included while it is not rolled back); size: steps jumped;
     explained_variance / r2: mean over moving parameters of the rank-`rank` explained variance
     and the R^2 of the coefficient line; reward_before / reward_after: mean rewards of the
-    guard windows (None until known); rolled_back: the guard restored the pre-jump weights.
+    guard windows (None until known); rolled_back: the guard restored the pre-jump weights;
+    seconds: wall time of the jump on this rank.
     """
 
     real_step: int
@@ -70,21 +85,28 @@ class Jump:
 
 
 class Accelerator:
-    """Cycle / fit / jump in place on a torch model; call `step` after every optimizer step.
+    """Cycle / fit / jump in place; call `step` after every optimizer step.
 
-    model: a torch.nn.Module whose trainable parameters are updated by the training loop.
+    model: what the loop trains: a torch.nn.Module (one process, DDP), a `fully_shard`ed model
+    (FSDP2), or a DeepSpeed engine or its `.module`.
     cycle: real steps per cycle; every: a snapshot every `every` steps (cycle / every >= 2).
     jump: steps to jump past the cycle end (0 = observe only). method, rank: as in
     `relex extrapolate` ("relex" rank-r, or the "linear-weights" baseline).
     reset_optimizer: clear the optimizer state at each jump (an ablation; worse on the demo).
     guard_steps, guard_margin: see the module docstring (reward units; 0.05 suits rewards in
     [0, 1]); None guard_steps = cycle // 4. start_step: the step the model is at now.
+    snapshot_dtype: "float16" (scaled deltas, half the bytes) or "float32".
+    snapshot_dir: spill snapshots there (a local disk) so RAM holds about one copy of the
+    rank's weights. optimizer: the optimizer, if known now (DeepSpeed ZeRO-1/2 needs it at the
+    first jump; `step(optimizer=...)` gives it too). timeout: seconds relex's collectives wait.
     """
 
-    def __init__(self, model: torch.nn.Module, cycle: int = 20, jump: int = 40, every: int = 2,
+    def __init__(self, model, cycle: int = 20, jump: int = 40, every: int = 2,
                  method: str = "relex", rank: int = 1, reset_optimizer: bool = False,
                  guard_steps: int | None = None, guard_margin: float = 0.05,
-                 start_step: int = 0, block: int = BLOCK):
+                 start_step: int = 0, block: int = BLOCK, snapshot_dtype: str = "float16",
+                 snapshot_dir: str | os.PathLike | None = None, optimizer=None,
+                 timeout: float = DEFAULT_TIMEOUT):
         if every < 1 or cycle % every or cycle // every < 2:
             raise RelexError(f"cycle {cycle}, every {every}: a cycle needs at least 2 snapshots "
                              f"and a multiple of `every` steps; use e.g. cycle=20, every=2")
@@ -94,48 +116,68 @@ class Accelerator:
             raise RelexError(f"guard_steps {guard_steps}: must be between 1 and cycle ({cycle})")
         self.config = FitConfig(method, rank)
         self.config.check(cycle // every)
+        self.layout = shards.layout(model, optimizer)
+        if reset_optimizer and isinstance(self.layout, shards.DeepSpeed):
+            raise RelexError("reset_optimizer=True is not supported under DeepSpeed (its "
+                             "optimizer state is partitioned with the masters)")
         self.model, self.cycle, self.every, self.jump = model, cycle, every, jump
-        self.reset_optimizer, self.block = reset_optimizer, block
+        self.reset_optimizer = reset_optimizer
+        self.optimizer = optimizer
         self.guard_steps = max(1, cycle // 4) if guard_steps is None else guard_steps
         self.guard_margin = guard_margin
+        self.group = LoopGroup.of_run(timeout)
+        self.store = CycleStore(snapshot_dtype, snapshot_dir,
+                                self.group.rank if self.group else 0, block)
         self.jumps: list[Jump] = []
+        self.skipped: list[tuple[int, str]] = []  # (real step, why no jump was written)
+        self.disabled: str | None = None
         self.jumped = 0  # sum of accepted jumps
         self.last_step = start_step
         self._rewards: deque = deque(maxlen=self.guard_steps)
-        self._pending: tuple[Jump, dict, list[float]] | None = None
+        self._pending: tuple[Jump, list[float], int] | None = None
         self._restart(start_step)
 
     # ------------------------------------------------------------------ state
-    @property
-    def params(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The trainable parameters, looked up each time (a resized model is caught)."""
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
-    def _copy(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().to("cpu", copy=True) for n, p in self.params}
+    def _parts(self) -> list[shards.Part]:
+        """This rank's trainable weights, looked up each time (FSDP2 resharded first)."""
+        self.layout.prepare()
+        return self.layout.parts()
 
     def _restart(self, step: int) -> None:
         self.start = step
-        self.base = self._copy()
-        self.snapshots: list[dict[str, torch.Tensor]] = []
         self.snap_steps: list[int] = []
+        self._cycle_error: str | None = None
+        parts = self._parts()
+        self._shapes = [(p.name, p.shape, p.tensor.numel()) for p in parts]
+        self.store.start(parts)
 
     @property
     def virtual_step(self) -> int:
         return self.last_step + self.jumped
 
     def memory_bytes(self) -> int:
-        """Bytes held now in CPU copies (cycle start, snapshots, pre-jump weights)."""
-        copies = [self.base, *self.snapshots] + ([self._pending[1]] if self._pending else [])
-        return sum(t.numel() * t.element_size() for c in copies for t in c.values())
+        """Bytes held now in RAM (cycle start, stored deltas, pre-jump weights)."""
+        return self.store.memory_bytes()
 
     # ------------------------------------------------------------------ the one call
-    def step(self, step: int, reward: float | None = None,
-             optimizer: torch.optim.Optimizer | None = None) -> Jump | None:
+    def step(self, step: int, reward: float | None = None, optimizer=None) -> Jump | None:
         """Record real optimizer step `step` (taken just now); returns the Jump written, if any.
 
-        reward: the mean training reward of this step (feeds the guard; None disables it).
-        """
+        reward: the mean training reward of this step (feeds the guard; None for none).
+        Never raises: an unexpected error is logged and disables the Accelerator."""
+        if self.disabled is not None:
+            return None
+        try:
+            return self._step(step, reward, optimizer)
+        except Exception as e:  # noqa: BLE001 -- relex must not be the reason a run crashes
+            self._disable(step, e)
+            return None
+
+    def _step(self, step: int, reward, optimizer) -> Jump | None:
+        if optimizer is not None:
+            self.optimizer = optimizer
+            if isinstance(self.layout, shards.DeepSpeed):
+                self.layout.use(optimizer)
         self.last_step = step
         self._guard(step, reward)
         if reward is not None:
@@ -143,103 +185,182 @@ class Accelerator:
         k = step - self.start
         if k <= 0 or k % self.every:
             return None
-        self.snapshots.append(self._checked_copy())
+        self._snapshot()
         self.snap_steps.append(k)
         if k < self.cycle:
             return None
         try:
-            return self._jump(step, reward, optimizer) if self.jump > 0 else None
-        finally:  # the cycle is used up, jumped or not (a failed jump left the weights as is)
+            return self._jump(step) if self.jump > 0 else None
+        finally:  # the cycle is used up, jumped or not
             self._restart(step)
 
-    def _checked_copy(self) -> dict[str, torch.Tensor]:
-        snap = self._copy()
-        if snap.keys() != self.base.keys():
-            raise RelexError(f"the model's trainable parameters changed during a cycle "
-                             f"({sorted(snap.keys() ^ self.base.keys())[:3]}); create the "
-                             f"Accelerator after freezing / adding parameters")
-        for name, t in snap.items():
-            if t.shape != self.base[name].shape:
-                raise RelexError(f"parameter {name} changed shape from "
-                                 f"{tuple(self.base[name].shape)} to {tuple(t.shape)} during a "
-                                 f"cycle; relex needs fixed shapes "
-                                 f"(create the Accelerator after any resizing)")
-        return snap
+    def _snapshot(self) -> None:
+        if self._cycle_error is not None:
+            return
+        parts = self._parts()
+        now = [(p.name, p.shape, p.tensor.numel()) for p in parts]
+        if now != self._shapes:
+            changed = sorted({n for n, *_ in now} ^ {n for n, *_ in self._shapes}) or [
+                a[0] for a, b in zip(now, self._shapes) if a != b]
+            self._cycle_error = (f"the trainable parameters changed during the cycle "
+                                 f"({', '.join(changed[:3])}); relex needs fixed names and "
+                                 f"shapes (create the Accelerator after freezing, adding or "
+                                 f"resizing parameters)")
+            return
+        try:
+            self.store.add(parts)
+        except OSError as e:
+            self._cycle_error = f"snapshot_dir: {os.strerror(e.errno) if e.errno else e}"
+            self.store.clear_rows()
 
-    def _jump(self, step: int, reward, optimizer) -> Jump:
+    # ------------------------------------------------------------------ the jump
+    def _agree(self, error: str | None, extra=None) -> tuple[str | None, list]:
+        """Every rank's (error, extra); the first error (with its rank) for all of them."""
+        if self.group is None:
+            return error, [extra]
+        got = self.group.gather((error, extra))
+        bad = [(r, e) for r, (e, _) in enumerate(got) if e is not None]
+        if bad:
+            r, e = bad[0]
+            return (e if r == self.group.rank else f"rank {r}: {e}"), [x for _, x in got]
+        return None, [x for _, x in got]
+
+    def _jump(self, step: int) -> Jump | None:
         started = time.perf_counter()
+        names = [n for n, *_ in self._shapes]
+        shape_print = fingerprint([(n, list(s)) for n, s, _ in self._shapes] + [self.snap_steps])
+        error = self._cycle_error or self.layout_ready()
+        before = (sum(self._rewards), len(self._rewards))
+        error, extras = self._agree(error, (shape_print, before))
+        if error is None and len({x[0] for x in extras}) > 1:
+            odd = next(r for r, x in enumerate(extras) if x[0] != extras[0][0])
+            error = (f"rank {odd}'s trainable parameters differ from rank 0's in names or "
+                     f"shapes (each rank must hold the same model)")
+        if error is not None:
+            return self._skip(step, error)
+        grams = np.stack([self.store.gram[n] for n in names]) if names else np.zeros((0, 0, 0))
+        if self.layout.sharded and self.group is not None:
+            summed = self.group.sum_(torch.from_numpy(np.ascontiguousarray(grams)))
+            replicas = np.asarray([p.replicas for p in self._parts()], dtype=np.float64)
+            grams = summed.numpy() / replicas[:, None, None]
+        bad = [n for n, g in zip(names, grams) if not np.isfinite(g).all()]
+        if bad:
+            return self._skip(step, f"NaN/Inf in parameter {bad[0]} during the cycle; no "
+                                    f"jump written (lower the learning rate or check the "
+                                    f"loss for overflow)")
         steps = np.asarray(self.snap_steps, dtype=np.float64)
         target = np.asarray([self.cycle + self.jump], dtype=np.float64)
-        pre = self.snapshots[-1]  # the live weights now
-        evs, r2s = [], []
-        with torch.no_grad():
-            try:
-                for name, p in self.params:
-                    base = self.base[name].reshape(-1)
-                    rows = [s[name].reshape(-1) for s in self.snapshots]
-                    gram = self._gram(base, rows)
-                    if not np.isfinite(gram).all():
-                        raise RelexError(f"NaN/Inf in parameter {name} during the cycle; no "
-                                         f"jump written (lower the learning rate or check the "
-                                         f"loss for overflow)")
-                    fit = extrapolation_weights(gram, steps, target, self.config)
-                    if fit.stats["r2"] is not None:
-                        evs.append(fit.stats["explained_variance"][self.config.rank - 1])
-                        r2s.append(fit.stats["r2"])
-                    p.copy_(self._combine(base, rows, fit.weights[0]).view_as(p))
-            except BaseException:  # never leave a jump half-written: back to the live weights
-                for name, p in self.params:
-                    p.copy_(pre[name].view_as(p))
-                raise
-        before = float(np.mean(self._rewards)) if self._rewards else None
+        fits = [extrapolation_weights(g, steps, target, self.config) for g in grams]
+        written, error = self._write(fits)
+        error, _ = self._agree(error)
+        if error is not None:  # some rank failed: every rank goes back to its live weights
+            self._restore(written)
+            self.store.drop_pre()
+            return self._skip(step, f"writing the jump failed: {error}; pre-jump weights "
+                                    f"restored")
+        self.layout.refresh()
+        if self.reset_optimizer:
+            self.layout.clear_optimizer_state(self.optimizer)
+        n_before = sum(n for _, (_, n) in extras)
+        mean_before = sum(s for _, (s, _) in extras) / n_before if n_before else None
         self.jumped += self.jump
+        evs = [f.stats["explained_variance"][self.config.rank - 1] for f in fits
+               if f.stats["r2"] is not None]
+        r2s = [f.stats["r2"] for f in fits if f.stats["r2"] is not None]
         j = Jump(step, step + self.jumped, self.jump, float(np.mean(evs)) if evs else 1.0,
-                 float(np.mean(r2s)) if r2s else 1.0, before,
+                 float(np.mean(r2s)) if r2s else 1.0, mean_before,
                  seconds=time.perf_counter() - started)
         self.jumps.append(j)
-        if self.reset_optimizer and optimizer is not None:
-            optimizer.state.clear()
-        if before is not None:
-            self._pending = (j, pre, [])
+        if mean_before is not None:
+            self._pending = (j, [], 0)
+        else:
+            self.store.drop_pre()
         log.info("relex: jumped %d steps at real step %d (virtual %d; explained variance %.4f, "
-                 "R^2 %.4f)", j.size, step, j.virtual_step, j.explained_variance, j.r2)
+                 "R^2 %.4f; %.2f s)", j.size, step, j.virtual_step, j.explained_variance, j.r2,
+                 j.seconds)
         return j
 
-    def _gram(self, base: torch.Tensor, rows: list[torch.Tensor]) -> np.ndarray:
-        """G = D D^T of the deltas rows - base (float64), block by block."""
-        gram = torch.zeros(len(rows), len(rows), dtype=torch.float64)
-        for lo in range(0, base.numel(), self.block):
-            b = base[lo:lo + self.block].double()
-            d = torch.stack([r[lo:lo + self.block].double() - b for r in rows])
-            gram += d @ d.T
-        return gram.numpy()
+    def layout_ready(self) -> str | None:
+        """Why the layout cannot be refreshed after a write, if it cannot (checked before)."""
+        if isinstance(self.layout, shards.DeepSpeed) and self.layout.optimizer is None:
+            return ("DeepSpeed ZeRO-1/2: relex needs the DeepSpeed optimizer to refresh the "
+                    "16-bit weights; pass optimizer= to acc.step or give the Accelerator the "
+                    "DeepSpeed engine")
+        return None
 
-    def _combine(self, base: torch.Tensor, rows: list[torch.Tensor], w: np.ndarray) -> torch.Tensor:
-        """theta_0 + w @ D (float64 work, result in the parameter's dtype)."""
-        w = torch.from_numpy(w)
-        out = torch.empty_like(base)
-        for lo in range(0, base.numel(), self.block):
-            b = base[lo:lo + self.block].double()
-            d = torch.stack([r[lo:lo + self.block].double() - b for r in rows])
-            out[lo:lo + self.block] = (b + w @ d).to(base.dtype)
-        return out
+    def _write(self, fits) -> tuple[list[shards.Part], str | None]:
+        """theta_0 + W @ D into every part, keeping each part's pre-jump copy first."""
+        parts, written = self._parts(), []
+        spill = self.store.root is not None
+        try:
+            self.store.begin_pre(parts)
+            if spill:  # all pre-jump copies on disk before anything changes
+                for part in parts:
+                    self.store.keep_pre(part)
+                self.store.end_pre()
+            with torch.no_grad():
+                for part, fit in zip(parts, fits):
+                    if not spill:
+                        self.store.keep_pre(part)
+                    written.append(part)
+                    self.store.combine_into(part, fit.weights[0])
+                    self.store.free(part.name)
+            return written, None
+        except OSError as e:
+            return written, f"snapshot_dir: {os.strerror(e.errno) if e.errno else e}"
+        except Exception as e:  # noqa: BLE001 -- shared with the other ranks, then handled
+            return written, f"{type(e).__name__}: {_line(e)}"
+
+    def _restore(self, parts: list[shards.Part]) -> None:
+        with torch.no_grad():
+            for part in parts:
+                pre = self.store.pre_of(part.name)
+                if pre is not None:
+                    part.tensor.copy_(pre.to(part.tensor.device))
+                    if part.flush is not None:
+                        part.flush()
+        self.layout.refresh()
+
+    def _skip(self, step: int, why: str) -> None:
+        self.skipped.append((step, why))
+        log.error("relex: no jump at real step %d: %s", step, why)
+        return None
+
+    def _disable(self, step: int, e: Exception) -> None:
+        self.disabled = _line(e) if isinstance(e, RelexError) else f"{type(e).__name__}: {_line(e)}"
+        log.error("relex: disabled at step %d (training goes on without it): %s", step,
+                  self.disabled)
+        try:
+            self.store.close()
+        except Exception:  # noqa: BLE001
+            pass
 
     # ------------------------------------------------------------------ the guard
     def _guard(self, step: int, reward: float | None) -> None:
-        """Collect rewards after the last jump; roll it back when they fell clearly."""
-        if self._pending is None or reward is None:
+        """Collect rewards after the last jump; roll it back when they fell clearly. Every
+        rank decides at the same step, on the means over all ranks."""
+        if self._pending is None:
             return
-        j, pre, after = self._pending
-        after.append(float(reward))
-        if len(after) < self.guard_steps:
+        j, after, seen = self._pending
+        if reward is not None:
+            after.append(float(reward))
+        seen += 1
+        self._pending = (j, after, seen)
+        if seen < self.guard_steps:
             return
         self._pending = None
-        j.reward_after = float(np.mean(after))
-        if j.reward_after >= j.reward_before - self.guard_margin:
+        total = torch.tensor([sum(after), float(len(after))], dtype=torch.float64)
+        if self.group is not None:
+            self.group.sum_(total)
+        if total[1] == 0:  # no rank reported a reward: keep the jump
+            self.store.drop_pre()
             return
-        with torch.no_grad():
-            for name, p in self.params:
-                p.copy_(pre[name].view_as(p))
+        j.reward_after = float(total[0] / total[1])
+        if j.reward_after >= j.reward_before - self.guard_margin:
+            self.store.drop_pre()
+            return
+        self._restore(self._parts())
+        self.store.drop_pre()
         j.rolled_back = True
         self.jumped -= j.size
         self.jump //= 2
@@ -248,3 +369,13 @@ class Accelerator:
         log.warning("relex: rolled back the jump at real step %d (reward %.3f before, %.3f "
                     "after); next jumps: %d steps", j.real_step, j.reward_before, j.reward_after,
                     self.jump)
+
+    def close(self) -> None:
+        """Remove the snapshot files (the Accelerator stops jumping)."""
+        self.disabled = self.disabled or "closed"
+        self.store.close()
+
+
+def _line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:limit]

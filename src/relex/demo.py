@@ -160,10 +160,17 @@ def run_demo(output: str | Path = "relex-demo", steps: int = 400,
     return result
 
 
-def accelerate(model, steps: int, seed: int, cycle: int, jump: int, progress: bool) -> dict:
+def accelerate(model, steps: int, seed: int, cycle: int, jump: int, progress: bool,
+               snapshot_dtype: str = "float16") -> dict:
     """GRPO with relex.accelerate in the loop; held-out accuracy every 10 real steps."""
-    acc = Accelerator(model, cycle=cycle, jump=jump)
-    curve = []
+    acc = Accelerator(model, cycle=cycle, jump=jump, snapshot_dtype=snapshot_dtype)
+    curve, held = [], [acc.memory_bytes()]
+
+    def after_step(s, reward, opt):
+        jump = acc.step(s, reward, opt)
+        held.append(acc.memory_bytes())
+        return jump
+
     with tqdm(total=steps, desc="GRPO + relex", unit="step", disable=None if progress else True,
               leave=False) as bar:
         def on_step(row):
@@ -173,11 +180,10 @@ def accelerate(model, steps: int, seed: int, cycle: int, jump: int, progress: bo
             bar.update()
         train(model, Path("unused"), GRPOConfig(steps=steps, seed=seed, eval_every=10),
               on_step=on_step, keep=set(),
-              after_optimizer_step=lambda s, reward, opt: acc.step(s, reward, opt))
+              after_optimizer_step=after_step)
     return {"cycle": cycle, "jump": jump, "steps": steps, "curve": curve,
-            "jumps": [j.as_dict() for j in acc.jumps],
-            "snapshot_memory_mb": round((cycle // acc.every + 2) * sum(
-                p.numel() * p.element_size() for p in model.parameters()) / 1e6, 2)}
+            "jumps": [j.as_dict() for j in acc.jumps], "snapshot_dtype": snapshot_dtype,
+            "snapshot_memory_mb": round(max(held) / 1e6, 2)}
 
 
 def verdict(r: DemoResult) -> list[str]:
