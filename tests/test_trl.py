@@ -140,8 +140,8 @@ def test_refusals_and_errors_do_not_crash(tmp_path, caplog):
         trainer(tmp_path / "a", 4, [RelexCallback("stop", observe_until=50, targets=[80])]).train()
     cb = RelexCallback("accelerate", cycle=4, jump=4)
     t = trainer(tmp_path / "b", 2, [cb], prompts=2)
-    t.args.deepspeed = "ds.json"  # what a DeepSpeed launch sets
-    with pytest.raises(RelexError, match="FSDP / DeepSpeed"):
+    t.args.fsdp, t.args.fsdp_config = ["full_shard"], {"version": 1}  # an FSDP1 launch
+    with pytest.raises(RelexError, match="FSDP1 is not supported"):
         t.train()
     # two optimizer steps per generation (num_iterations=2): a 3-step cycle would jump mid-buffer
     t = trainer(tmp_path / "g", 4, [RelexCallback("accelerate", cycle=3, jump=4, every=1)],
@@ -151,12 +151,12 @@ def test_refusals_and_errors_do_not_crash(tmp_path, caplog):
     # an error inside relex at jump time is logged, and training goes on to max_steps
     cb = RelexCallback("accelerate", cycle=2, jump=4, every=1)
     t = trainer(tmp_path / "c", 5, [cb], prompts=2)
-    with caplog.at_level(logging.ERROR, logger="relex.integrations.trl"):
+    with caplog.at_level(logging.ERROR, logger="relex.accelerate"):
         cb.on_train_begin(t.args, t.state, t.control, model=t.model)
-        cb.accelerator.base["lm_head.weight"] = torch.zeros(3, 3)  # a wrong shape
+        cb.accelerator.store.base["lm_head.weight"] = torch.zeros(3, 3)  # a wrong shape
         cb.on_train_begin = lambda *a, **k: None
         t.train()
-    assert "disabled after an error" in caplog.text and t.state.global_step == 5
+    assert "disabled at step 1" in caplog.text and t.state.global_step == 5 and cb._disabled
 
 
 def test_forecast_and_stop_modes(tmp_path):

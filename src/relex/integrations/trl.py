@@ -15,8 +15,10 @@ Modes:
   next generation syncs the jumped weights with no help (checked against TRL 1.16 source).
   The guard needs each step's reward: the callback asks the Trainer to log every step
   (`control.should_log`) and acts in `on_log`, where TRL's `reward` for that step is known.
-  FSDP and DeepSpeed are refused at on_train_begin (sharded parameters / fp32 master weights in
-  the optimizer would undo an in-place module copy).
+  Under FSDP2 (accelerate `fsdp_version: 2`) and DeepSpeed ZeRO-1/2/3 every rank jumps its own
+  shard of the fp32 masters (relex.shards) and DeepSpeed's 16-bit copies are refreshed, so TRL's
+  vLLM sync sends the jumped weights; FSDP1, Megatron and tensor parallel training are refused
+  at on_train_begin.
 - "forecast": at every save (world process zero) run `relex.analyze` on the checkpoints so far
   and log explained variance, R^2, the verified horizon and the step it reaches.
 - "stop": at step `observe_until` (after its checkpoint is saved) write `targets` with
@@ -53,20 +55,25 @@ def generation_interval(args) -> float:
     return per_gen * getattr(args, "num_iterations", 1) / args.gradient_accumulation_steps
 
 
-def refuse_sharded(args) -> None:
-    """FSDP / DeepSpeed keep sharded or master copies an in-place module write does not reach."""
+def refuse_unsupported(args) -> None:
+    """FSDP1 hides the tensors in flat parameters; Megatron / tensor parallel split them in ways
+    a per-rank Gram sum does not cover."""
     kind = str(getattr(getattr(args, "distributed_state", None), "distributed_type", ""))
-    if args.fsdp or args.deepspeed or any(k in kind for k in ("FSDP", "DEEPSPEED", "MEGATRON")):
-        raise RelexError("RelexCallback(mode='accelerate') supports single-process and DDP "
-                         "training only; FSDP / DeepSpeed / Megatron are not supported (use "
-                         "mode='forecast' or 'stop', or `relex watch`)")
+    version = int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
+    if args.fsdp and version == 1:
+        raise RelexError("RelexCallback(mode='accelerate'): FSDP1 is not supported; use FSDP2 "
+                         "(fsdp_config={'version': 2}, accelerate fsdp_version: 2)")
+    if "MEGATRON" in kind or (getattr(args, "tp_size", 1) or 1) > 1:
+        raise RelexError("RelexCallback(mode='accelerate'): Megatron / tensor parallel training "
+                         "is not supported (single process, DDP, FSDP2 and DeepSpeed ZeRO are); "
+                         "use mode='forecast' or 'stop', or `relex watch`")
 
 
 class RelexCallback(TrainerCallback):
     """relex in a transformers / TRL training loop; see the module docstring.
 
     mode: "accelerate" (cycle, jump, every, method, rank, reset_optimizer, guard_steps,
-    guard_margin as in relex.Accelerator), "forecast" (base) or "stop" (observe_until,
+    guard_margin, snapshot_dtype, snapshot_dir as in relex.Accelerator), "forecast" (base) or "stop" (observe_until,
     targets, base, output). base: the model before RL; default: the model as training starts,
     saved to output_dir/relex-base. output: where "stop" writes (default
     output_dir/relex-extrapolated); "forecast" writes its report to output_dir/relex-forecast.
@@ -75,7 +82,8 @@ class RelexCallback(TrainerCallback):
     def __init__(self, mode: str = "accelerate", *, cycle: int = 20, jump: int = 40,
                  every: int = 2, method: str = "relex", rank: int = 1,
                  reset_optimizer: bool = False, guard_steps: int | None = None,
-                 guard_margin: float = 0.05, observe_until: int | None = None,
+                 guard_margin: float = 0.05, snapshot_dtype: str = "float16",
+                 snapshot_dir: str | Path | None = None, observe_until: int | None = None,
                  targets: list[int] | None = None, base: str | Path | None = None,
                  output: str | Path | None = None):
         if mode not in MODES:
@@ -85,7 +93,8 @@ class RelexCallback(TrainerCallback):
         self.mode = mode
         self.accel_kw = dict(cycle=cycle, jump=jump, every=every, method=method, rank=rank,
                              reset_optimizer=reset_optimizer, guard_steps=guard_steps,
-                             guard_margin=guard_margin)
+                             guard_margin=guard_margin, snapshot_dtype=snapshot_dtype,
+                             snapshot_dir=snapshot_dir)
         self.observe_until, self.targets = observe_until, sorted(targets or [])
         self.base, self.output = base, output
         self.accelerator: Accelerator | None = None
@@ -106,13 +115,14 @@ class RelexCallback(TrainerCallback):
     # ------------------------------------------------------------------ set-up
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.mode == "accelerate":
-            refuse_sharded(args)
+            refuse_unsupported(args)
             self._check_boundaries(args)
-            self.accelerator = Accelerator(model, start_step=state.global_step, **self.accel_kw)
+            self.accelerator = Accelerator(model, start_step=state.global_step,
+                                           optimizer=optimizer, **self.accel_kw)
             self.optimizer = optimizer
-            log.info("relex: accelerating, cycle %d, jump %d; snapshots hold %.1f MB per copy",
-                     self.accelerator.cycle, self.accelerator.jump,
-                     self.accelerator.memory_bytes() / 1e6)
+            log.info("relex: accelerating (%s), cycle %d, jump %d; the cycle start holds %.1f MB",
+                     self.accelerator.layout.kind, self.accelerator.cycle,
+                     self.accelerator.jump, self.accelerator.memory_bytes() / 1e6)
             return
         if self.mode == "stop" and state.max_steps and self.observe_until > state.max_steps:
             raise RelexError(f"RelexCallback observe_until={self.observe_until} is beyond "
@@ -166,15 +176,14 @@ class RelexCallback(TrainerCallback):
                                                                for k in logs)):
             return  # an evaluation log, or this step was already seen
         reward = (logs or {}).get("reward")
-        n_jumps = len(self.accelerator.jumps)
-        rolled = sum(j.rolled_back for j in self.accelerator.jumps)
-        try:
-            jump = self.accelerator.step(step, reward=reward, optimizer=self.optimizer)
-        except Exception as e:  # noqa: BLE001 -- never crash the user's run because of relex
+        acc = self.accelerator
+        n_jumps, n_skipped = len(acc.jumps), len(acc.skipped)
+        rolled = sum(j.rolled_back for j in acc.jumps)
+        jump = acc.step(step, reward=reward, optimizer=self.optimizer)  # never raises
+        if acc.disabled is not None:
             self._disabled = True
-            log.error("relex: disabled after an error at step %d: %s", step, e)
             return
-        entry = {}
+        entry = {"relex/skipped": 1} if len(acc.skipped) != n_skipped else {}
         if jump is not None or len(self.accelerator.jumps) != n_jumps:
             j = self.accelerator.jumps[-1]
             entry.update({"relex/jump": j.size, "relex/virtual_step": j.virtual_step,
