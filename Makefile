@@ -8,7 +8,10 @@ LOCK := requirements-dev.lock
 TORCH ?= torch==2.13.0
 PIP_TOOLS := pip-tools==7.6.2
 
-.PHONY: setup demo test test-latest lock bench clean
+VERL_VENV := .venv-verl
+VERL_LOCK := requirements-verl.lock
+
+.PHONY: setup demo test test-verl test-latest lock bench clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK) Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +27,16 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# verl pins its own transformers: its plugin tests run in a second environment (.venv-verl).
+$(VERL_VENV)/.installed: pyproject.toml $(VERL_LOCK) Makefile
+	test -x $(VERL_VENV)/bin/python || python3 -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q -r $(VERL_LOCK)
+	$(VERL_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test-verl: $(VERL_VENV)/.installed
+	$(VERL_VENV)/bin/python -m pytest -q tests/test_verl.py
+
 # Re-resolve the dev extra to the newest releases (torch stays pinned) and rewrite the lock.
 # The +cpu local tag is dropped so the lock also installs where torch comes from PyPI.
 lock:
@@ -33,7 +46,10 @@ lock:
 	CUSTOM_COMPILE_COMMAND="make lock" .venv-lock/bin/pip-compile -q --upgrade --extra dev --strip-extras --allow-unsafe \
 	    --no-emit-index-url --no-emit-find-links --no-emit-trusted-host \
 	    -c .venv-lock/torch.txt -o $(LOCK) pyproject.toml
-	sed -i -e 's/^\(torch==[^+ ]*\)+[a-z0-9.]*/\1/' -e 's|--constraint=[^ ]*torch.txt|--constraint=torch.txt|' $(LOCK)
+	CUSTOM_COMPILE_COMMAND="make lock" .venv-lock/bin/pip-compile -q --upgrade --strip-extras --allow-unsafe \
+	    --no-emit-index-url --no-emit-find-links --no-emit-trusted-host \
+	    -c .venv-lock/torch.txt -o $(VERL_LOCK) pyproject.toml requirements-verl.in
+	sed -i -e 's/^\(torch==[^+ ]*\)+[a-z0-9.]*/\1/' -e 's|--constraint=[^ ]*torch.txt|--constraint=torch.txt|' $(LOCK) $(VERL_LOCK)
 	rm -rf .venv-lock
 
 # Early warning, not CI: the suite against the newest releases of every dev dependency.
@@ -47,4 +63,4 @@ bench: setup
 	$(PY) benchmarks/bench_extrapolate.py --baseline
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-lock out bench-data
+	rm -rf $(VENV) $(VERL_VENV) .venv-latest .venv-lock out bench-data

@@ -1,6 +1,7 @@
 """One rank of the sharded Accelerator test (tests/test_accelerate_sharded.py starts two).
 
     torchrun --nproc-per-node 2 tests/sharded_run.py LAYOUT OUT [SNAPSHOT_DTYPE [SPILL]]
+    RELEX_VIA_VERL=1 torchrun ... fsdp2 OUT     (in an environment with verl)
 
 LAYOUT: fsdp2 | hsdp | zero2 | zero3. A tiny Llama (hidden 7, so shards are uneven and ZeRO-3
 partitions padded; one (1, 5) parameter, so FSDP2 gives rank 1 an empty shard) trains with Adam
@@ -10,7 +11,9 @@ because rank 1 fails (its snapshot directory is full, or its parameter names dif
 skipped because rank 1's shard holds a NaN. Each rank saves, gathered to full tensors: the fp32
 masters at every step (before relex acts) and right after each acc.step that jumped or rolled
 back, the 16-bit weights the next forward uses, optimizer-state identities and step counts, and
-its Accelerator's records.
+its Accelerator's records. With RELEX_VIA_VERL=1 the Accelerator is created and stepped the way
+relex's verl trainer mode does it: through verl's own `Worker.execute_with_func_generator` on a
+verl Worker whose `actor.engine` holds the module and optimizer, as verl's FSDP engine does.
 """
 
 import errno
@@ -112,9 +115,23 @@ def full_disk(fd, data, pos):
 
 g = torch.Generator().manual_seed(100 + rank)
 ids = torch.randint(0, 37, (2, 8), generator=g)
-acc = relex.Accelerator(target, cycle=CYCLE, jump=JUMP, every=EVERY, guard_steps=1,
-                        guard_margin=0.05, snapshot_dtype=dtype,
-                        snapshot_dir=out / f"snaps{rank}" if spill else None)
+options = dict(cycle=CYCLE, jump=JUMP, every=EVERY, guard_steps=1, guard_margin=0.05,
+               snapshot_dtype=dtype, snapshot_dir=str(out / f"snaps{rank}") if spill else None)
+via_verl = os.environ.get("RELEX_VIA_VERL") == "1"
+if via_verl:
+    from types import SimpleNamespace
+
+    from verl.single_controller.base import Worker
+
+    from relex.integrations import verl as plugin
+
+    worker = Worker()
+    worker.actor = SimpleNamespace(engine=SimpleNamespace(module=target, optimizer=opt))
+    options = plugin.options({"relex": options})
+    assert worker.execute_with_func_generator(plugin.worker_start, 0, options) is None
+    acc = worker._relex
+else:
+    acc = relex.Accelerator(target, **options)
 record = {"kind": acc.layout.kind, "masters": {0: masters()}, "after": {}, "forward": {},
           "opt": {}, "pre_jump_files": {}}
 for step in range(1, 4 * CYCLE + 2):
@@ -146,7 +163,11 @@ for step in range(1, 4 * CYCLE + 2):
                 part.flush()
     before = optimizer_state()
     jumps, rolled = len(acc.jumps), sum(j.rolled_back for j in acc.jumps)
-    acc.step(step, reward=reward, optimizer=engine.optimizer if layout == "zero2" else opt)
+    if via_verl:
+        got = worker.execute_with_func_generator(plugin.worker_step, step, reward)
+        assert got["virtual_step"] == acc.virtual_step and got["disabled"] is None
+    else:
+        acc.step(step, reward=reward, optimizer=engine.optimizer if layout == "zero2" else opt)
     if len(acc.jumps) != jumps or sum(j.rolled_back for j in acc.jumps) != rolled:
         record["after"][step] = masters()
         record["forward"][step] = forward_weights()
