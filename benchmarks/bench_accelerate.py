@@ -42,8 +42,12 @@ def demo(seeds: list[int]) -> None:
                      for t in (0.90, 0.93, 0.945, 0.952)}
             rows[seed, dtype] = (curve, reach, r["snapshot_memory_mb"],
                                  time.perf_counter() - started)
+            jump_s = sorted(j["seconds"] for j in r["jumps"])
             print(f"seed {seed} {dtype}: reach {reach}, best {max(curve.values()):.3f}, "
-                  f"held {r['snapshot_memory_mb']} MB, {rows[seed, dtype][3]:.0f} s", flush=True)
+                  f"held {r['snapshot_memory_mb']} MB, {rows[seed, dtype][3]:.0f} s; a step "
+                  f"{r['median_step_s']:.3f} s (median), a jump {jump_s[len(jump_s) // 2]:.3f} s "
+                  f"(median of {len(jump_s)}): {jump_s[len(jump_s) // 2] / r['median_step_s']:.2f} "
+                  f"steps", flush=True)
     print("\n| seed | snapshots | 0.90 | 0.93 | 0.945 | 0.952 | best | held MB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for (seed, dtype), (curve, reach, mb, _) in rows.items():

@@ -1,7 +1,7 @@
 """RelexCallback inside the real trl.GRPOTrainer, on the demo's model and task, on CPU.
 
 The tokenizer is built locally (character level over the 13-token vocabulary of arithmetic.py).
-Measurements for issue 8 (not part of the suite): `python tests/test_trl.py SEED JUMP STEPS`.
+Measurements (not part of the suite): `python tests/test_trl.py SEED JUMP STEPS`.
 """
 
 import json

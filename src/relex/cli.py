@@ -28,8 +28,15 @@ EPILOG = """examples:
 
 many processes / nodes: torchrun --nproc-per-node N [--nnodes M ...] -m relex extrapolate ...
 
-RUN_DIR layouts read: verl global_step_N/actor/huggingface, TRL/ROLL checkpoint-N,
-OpenRLHF global_stepN_hf, NeMo-RL step_N (consolidated HF), plain step-N / step_N."""
+RUN_DIR layouts read (docs/formats.md):
+  verl           global_step_N/actor/huggingface, or the FSDP1/FSDP2 rank files
+                 global_step_N/actor/model_world_size_W_rank_R.pt; LoRA: .../actor/lora_adapter
+  TRL / ROLL     checkpoint-N, or its FSDP torch DCP dir checkpoint-N/pytorch_model_fsdp_0
+  OpenRLHF       global_stepN_hf, or DeepSpeed ZeRO-1/2 checkpoints _actor/global_stepN
+  NeMo-RL        step_N/policy/weights (torch DCP, per-rank safetensors, or consolidated/)
+  PEFT LoRA      checkpoint-N/adapter_model.safetensors + adapter_config.json (needs --base)
+  the Hub        hf://ORG/REPO, a branch per checkpoint (step_N; --revision-pattern)
+  anything       step-N, step_N, or --checkpoint STEP=PATH (repeatable)"""
 
 
 def _positive(text: str) -> int:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -164,9 +165,10 @@ def accelerate(model, steps: int, seed: int, cycle: int, jump: int, progress: bo
                snapshot_dtype: str = "float16") -> dict:
     """GRPO with relex.accelerate in the loop; held-out accuracy every 10 real steps."""
     acc = Accelerator(model, cycle=cycle, jump=jump, snapshot_dtype=snapshot_dtype)
-    curve, held = [], [acc.memory_bytes()]
+    curve, held, stamps = [], [acc.memory_bytes()], []
 
     def after_step(s, reward, opt):
+        stamps.append(time.perf_counter())
         jump = acc.step(s, reward, opt)
         held.append(acc.memory_bytes())
         return jump
@@ -183,7 +185,9 @@ def accelerate(model, steps: int, seed: int, cycle: int, jump: int, progress: bo
               after_optimizer_step=after_step)
     return {"cycle": cycle, "jump": jump, "steps": steps, "curve": curve,
             "jumps": [j.as_dict() for j in acc.jumps], "snapshot_dtype": snapshot_dtype,
-            "snapshot_memory_mb": round(max(held) / 1e6, 2)}
+            "snapshot_memory_mb": round(max(held) / 1e6, 2),
+            # between two optimizer steps, jumps and evaluations included: the median is a step
+            "median_step_s": float(np.median(np.diff(stamps))) if len(stamps) > 1 else None}
 
 
 def verdict(r: DemoResult) -> list[str]:

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 CHUNK = 1024
 #: floats between the chunk buffer's rows: two cache lines more than CHUNK, so that the 8 rows
 #: a tile reads are not all 4 KiB apart (the same L1 set). The Gram step of 2^17 bf16 columns,
-#: 3 alternating runs (/tmp experiments, session 4): T=30 1.13 -> 1.00 ns per element and row
+#: 3 alternating runs on 2 cores (AVX-512): T=30 1.13 -> 1.00 ns per element and row
 #: (median), T=75 1.85 -> 1.62; a one-line padding of 16 floats gave 1.02 and 1.68.
 STRIDE = CHUNK + 32
 
@@ -41,7 +41,7 @@ def _tiles(buf, t, n, g):
     last = t - 1
     # The i and j row set-ups are written out, as is the bf16 conversion in both kernels:
     # helpers returning the row views (a tuple of 4, or one converted row) were inlined but
-    # measured 1.3-1.8x slower per Gram step (same process, 9 alternations, session 4).
+    # measured 1.3-1.8x slower per Gram step (same process, 9 alternations).
     for i0 in range(0, t, 4):
         i1 = min(i0 + 1, last) * STRIDE
         i2 = min(i0 + 2, last) * STRIDE
