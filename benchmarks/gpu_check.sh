@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of README "GPU", on a machine with a CUDA GPU and torch installed:
+# The GPU checks of docs/gpu.md, on a machine with a CUDA GPU and torch installed:
 #   bash benchmarks/gpu_check.sh tests   # the CUDA tests (relex eval's too: it uses the GPU when
 #                                        # there is one), after benchmarks/tf32_probe.py
 #   bash benchmarks/gpu_check.sh bench   # 1.54B x 10 bf16: --device cuda vs cpu, outputs compared

@@ -53,7 +53,7 @@ def textbook(base, snaps, steps, target):
 
 def within_ulp(got: torch.Tensor, ref: np.ndarray, base: np.ndarray, ulps: float = 1.0):
     """|got - ref| <= ulps float32 ulps at the operands' magnitude: max(|theta_S|, |theta_0|,
-    |theta_S - theta_0|), the project's bound (README, Correctness)."""
+    |theta_S - theta_0|), the project's bound (docs/how-it-works.md, Correctness)."""
     scale = np.maximum.reduce([np.abs(ref), np.abs(base), np.abs(ref - base)]).astype(np.float32)
     return np.all(np.abs(got.double().numpy() - ref) <= ulps * np.spacing(scale))
 

@@ -3,7 +3,7 @@ GPU training run; torchrun with one GPU per rank. (A caller's TF32 setting: test
 CPU, where the same guard applies.)
 
 Skipped where torch sees no GPU (CI). Run on a GPU machine:
-`pytest tests/test_cuda.py` (README, "GPU")."""
+`pytest tests/test_cuda.py` (docs/gpu.md)."""
 
 import numpy as np
 import pytest
