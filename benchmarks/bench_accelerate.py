@@ -36,7 +36,7 @@ def demo(seeds: list[int]) -> None:
         for dtype in ("float16", "float32"):
             started = time.perf_counter()
             r = accelerate(LlamaForCausalLM.from_pretrained(BASE), 200, seed, 20, 40, False,
-                           snapshot_dtype=dtype)
+                           snapshot_dtype=dtype, timing=True)
             curve = {p["real_step"]: p["accuracy"] for p in r["curve"]}
             reach = {t: next((s for s in sorted(curve) if curve[s] >= t - 5e-4), None)
                      for t in (0.90, 0.93, 0.945, 0.952)}
