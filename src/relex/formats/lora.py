@@ -1,5 +1,13 @@
 """PEFT LoRA adapters (`checkpoint-N/adapter_model.safetensors` + `adapter_config.json`, also
-verl's `actor/lora_adapter/`), read as the merged model base + scaling * B @ A.
+verl's `actor/lora_adapter/`): exact deltas scaling * B @ A for the engine, and the merged model
+base + scaling * B @ A for anyone who reads the checkpoint as a model.
+
+What relex fits is the delta, so the engine never sees a merged weight: for a LoRA'd weight
+`delta_kind` is "factors" and `factors` hands out (scaling * L, R) with delta = L @ R (the Gram
+matrix comes from r x r products of them, engine.py), for a lora_B bias or a full tensor saved in
+the adapter file it is "delta" (`delta`: exact, in float32/float64), and for every other tensor
+"zero". Merging first and rounding each checkpoint to a bf16 base's dtype, as peft's
+`merge_and_unload` does, loses most of an RL-sized delta (docs/lora.md has the measurements).
 
 A LoRA run saves only the adapters, and merging each checkpoint first (peft's
 `merge_and_unload`) loads the whole model and writes another full copy per step. Here a
@@ -8,8 +16,7 @@ range touches, B[rows] @ A (r multiply-adds per element), added to the base's by
 Nothing bigger than one block is ever materialised, and tensors without an adapter are the base's
 own mapped bytes (delta 0, so relex copies them).
 
-The arithmetic follows peft's merge exactly, so relex's output from the adapters equals its output
-from peft's merged export: delta = (B @ A) * scaling in the adapter's dtype (float32 on the CPU
+`read` follows peft's merge exactly (what a merged export of the checkpoint holds): delta = (B @ A) * scaling in the adapter's dtype (float32 on the CPU
 for half-precision adapters, cast back), added to the base weight in the base's dtype;
 scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), with per-module `rank_pattern` /
 `alpha_pattern`; embeddings (`lora_embedding_A/B`) and layers whose base weight is stored
@@ -105,6 +112,13 @@ class Adapter:
     scaling: float
     transposed: bool = False
     bias: bool = False  # a lora_B bias: bias += scaling * b (a is unused)
+    #: the adapter file's key of the module ("base_model.model.<module>")
+    prefix: str = ""
+    embedding: bool = False  # lora_embedding_A/B (keys without ".weight")
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.bias else self.a.shape[0]
 
 
 class _SharedBase:
@@ -195,6 +209,8 @@ class LoraReader(Reader):
         entries, _ = read_header(self._file)
         self.tensors = dict(self.base.tensors)
         self._replaced: dict[str, TensorInfo] = {}
+        #: tensor name -> its key in the adapter file, for the full tensors saved there
+        self.full_keys: dict[str, str] = {}
         self.adapters: dict[str, Adapter] = {}
         pairs: dict[str, dict[str, TensorInfo]] = {}
         adapter_names = set()
@@ -207,6 +223,8 @@ class LoraReader(Reader):
                 kind = m.group("kind")[-1] + ("_bias" if param == "bias" else "")
                 pairs.setdefault(m.group("module"), {})[kind] = info
                 pairs[m.group("module")]["embedding"] = "embedding" in m.group("kind")
+                pairs[m.group("module")]["prefix"] = key[: len(key) - len(name)] + \
+                    m.group("module")
                 continue
             if "lora_" in name or "trainable_tokens" in name:
                 raise RelexError(f"{self._file}: entry '{key}' is not a LoRA weight relex "
@@ -214,6 +232,7 @@ class LoraReader(Reader):
             target = re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", name)
             target = target.replace(".base_layer.", ".")
             self._replace(target, info)
+            self.full_keys[target] = key
         if len(adapter_names) > 1:
             raise RelexError(f"{self._file}: holds several adapters "
                              f"({sorted(map(str, adapter_names))}); save one per checkpoint")
@@ -273,7 +292,8 @@ class LoraReader(Reader):
                              f"{ADAPTER_CONFIG} (r / rank_pattern); re-save the adapter")
         alpha = float(_pattern_value(alpha_pattern, module, alpha0))
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.adapters[weight] = Adapter(a, b, scaling, transposed)
+        self.adapters[weight] = Adapter(a, b, scaling, transposed, prefix=parts["prefix"],
+                                        embedding=parts["embedding"])
         if "B_bias" in parts:
             bias, b_bias = f"{module}.bias", parts["B_bias"]
             if bias not in self.tensors:
@@ -282,7 +302,8 @@ class LoraReader(Reader):
             if b_bias.shape != self.tensors[bias].shape:
                 raise RelexError(f"{where}: lora_B bias shape {list(b_bias.shape)} differs from "
                                  f"the base's {list(self.tensors[bias].shape)}")
-            self.adapters[bias] = Adapter(b_bias, b_bias, scaling, bias=True)
+            self.adapters[bias] = Adapter(b_bias, b_bias, scaling, bias=True,
+                                          prefix=parts["prefix"])
 
     # ------------------------------------------------------------------ reading
     def _view(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
@@ -305,9 +326,49 @@ class LoraReader(Reader):
             delta = self._delta(ad, self.tensors[name].shape[1], start, stop)
         return (base + delta).to(base.dtype)  # peft's in-place add: promote, round to base
 
-    def _delta(self, ad: Adapter, cols: int, start: int, stop: int) -> torch.Tensor:
+    # ------------------------------------------------------------------ exact deltas
+    def delta_kind(self, name: str) -> str:
+        """"factors" for a LoRA'd weight, "delta" for a lora_B bias or a full tensor saved in
+        the adapter file, "zero" for every other tensor (see Reader.delta_kind)."""
+        ad = self.adapters.get(name)
+        if name in self._replaced or (ad is not None and ad.bias):
+            return "delta"
+        return "zero" if ad is None else "factors"
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(L, R, scaling) of a LoRA'd weight as stored (views of the mapped file): the delta
+        is scaling * L @ R, L (m, r), R (r, n) for the weight's (m, n): B and A, or A^T and B^T
+        for embeddings and Conv1D layers."""
+        ad = self.adapters[name]
+        a = self._view(ad.a, 0, ad.a.numel).view(ad.a.shape)
+        b = self._view(ad.b, 0, ad.b.numel).view(ad.b.shape)
+        return (a.T, b.T, ad.scaling) if ad.transposed else (b, a, ad.scaling)
+
+    def factor_nbytes(self, name: str) -> int:
+        """Bytes of the factors `factors` reads for a LoRA'd weight."""
+        ad = self.adapters[name]
+        return ad.a.nbytes + ad.b.nbytes
+
+    def delta(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Elements [start, stop) of this checkpoint minus the base, in `dtype` (float32 or
+        float64), never rounded to the base's dtype: a saved full tensor minus the base, plus
+        scaling * (B @ A) (or a lora_B bias) computed in `dtype`."""
+        if name in self._replaced:
+            full = self._view(self._replaced[name], start, stop).to(dtype)
+            out = full - self.base.read(name, start, stop).to(dtype)
+        else:
+            out = torch.zeros(stop - start, dtype=dtype)
+        ad = self.adapters.get(name)
+        if ad is None:
+            return out
+        if ad.bias:
+            return out.add_(self._view(ad.b, start, stop).to(dtype), alpha=ad.scaling)
+        return out.add_(self._delta(ad, self.tensors[name].shape[1], start, stop, dtype))
+
+    def _delta(self, ad: Adapter, cols: int, start: int, stop: int,
+               exact: torch.dtype | None = None) -> torch.Tensor:
         """scaling * (B @ A) (or its transpose) for the rows the range touches, flattened and
-        cut to [start, stop)."""
+        cut to [start, stop): in `exact` if given, else as peft's merge computes it."""
         r0, r1 = start // cols, -(-stop // cols)
         a_full, b_full = self._view(ad.a, 0, ad.a.numel), self._view(ad.b, 0, ad.b.numel)
         a, b = a_full.view(ad.a.shape), b_full.view(ad.b.shape)
@@ -316,8 +377,10 @@ class LoraReader(Reader):
         else:
             b = b[r0:r1]
         dtype = a.dtype
-        half = dtype in (torch.float16, torch.bfloat16)
-        if half:
+        half = dtype in (torch.float16, torch.bfloat16) and exact is None
+        if exact is not None:
+            a, b = a.to(exact), b.to(exact)
+        elif half:
             a, b = a.float(), b.float()
         prod = b @ a
         if ad.transposed:
@@ -350,6 +413,34 @@ class LoraReader(Reader):
         if self.base is not None:
             _SharedBase.release(self.base)
             self.base = None
+
+
+def check_same_adapters(checkpoints: list[Reader], steps: list[int]) -> None:
+    """Every LoRA checkpoint of a run must adapt the same weights with the same r: a delta
+    whose rank or support changes mid-run is not one trajectory (and is usually a mix-up of
+    runs). Raises RelexError naming the first step and module that differ."""
+    first = None
+    for step, ckpt in zip(steps, checkpoints):
+        if not isinstance(ckpt, LoraReader):
+            continue
+        ranks = {n: ad.rank for n, ad in ckpt.adapters.items()}
+        if first is None:
+            first = (step, ranks)
+            continue
+        step0, ranks0 = first
+        for name in sorted(set(ranks) | set(ranks0)):
+            module = name.rsplit(".", 1)[0]
+            where = f"{ckpt.path / ADAPTER_WEIGHTS}: at step {step}, module '{module}'"
+            fix = ("the checkpoints of one run must share r and target_modules; pass only "
+                   "one run's checkpoints (--steps)")
+            if name not in ranks0 or name not in ranks:
+                what = (f"has a LoRA {name.rsplit('.', 1)[1]}, which step {step0} lacks"
+                        if name in ranks else f"has no LoRA {name.rsplit('.', 1)[1]} but "
+                        f"step {step0} has one")
+                raise RelexError(f"{where} {what} (target_modules changed); {fix}")
+            if ranks[name] != ranks0[name]:
+                raise RelexError(f"{where} has r={ranks[name]} but r={ranks0[name]} at step "
+                                 f"{step0}; {fix}")
 
 
 def reader(path: Path, base: str | Path | None = None) -> LoraReader:
