@@ -30,7 +30,7 @@ peft = pytest.importorskip("peft")
 STEPS = (2, 4, 6, 8, 10)
 
 
-def lora_run(root, *, dtype=torch.float32, record_base=False, **lora_kw):
+def lora_run(root, *, dtype=torch.float32, record_base=False, save_kw=None, **lora_kw):
     """Train a tiny qwen2 with LoRA for 10 Adam steps on a fixed batch; save the adapter (and
     peft's merged export) at STEPS. Returns (adapter run, merged run, base dir); the exact
     merged weights of each step (peft's merge in float64) are in EXACT[adapter run]."""
@@ -50,7 +50,7 @@ def lora_run(root, *, dtype=torch.float32, record_base=False, **lora_kw):
         opt.step()
         opt.zero_grad()
         if step in STEPS:
-            pm.save_pretrained(root / "run" / f"checkpoint-{step}")
+            pm.save_pretrained(root / "run" / f"checkpoint-{step}", **(save_kw or {}))
             merged = copy.deepcopy(pm).merge_and_unload()
             merged.save_pretrained(root / "merged" / f"checkpoint-{step}")
             exact = copy.deepcopy(pm).double().merge_and_unload().state_dict()
@@ -390,3 +390,138 @@ def test_factor_of_wrong_rank_refused(tmp_path, small_run):
     save_file(t, f, metadata={"format": "pt"})
     _cli_fails(tmp_path, run, base, r"checkpoint-4/adapter_model.safetensors: adapter for .*A "
                                     r"\[4, 32\] and B \[\d+, 3\] do not form")
+
+
+# ---------------------------------------------------------------- adapter outputs
+IDS = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def out_run(request, tmp_path_factory):
+    """Adapters and a modules_to_save lm_head; on the fp32 base on q/k/v with lora_B biases,
+    on the bf16 base on q/v/up with an embedding adapter (transposed factors; peft has no
+    lora_bias for embeddings)."""
+    root = tmp_path_factory.mktemp("lora-out")
+    fp32 = request.param == torch.float32
+    targets = ["q_proj", "k_proj", "v_proj"] if fp32 else ["q_proj", "v_proj", "up_proj",
+                                                          "embed_tokens"]
+    run, _, base = lora_run(root, dtype=request.param, lora_bias=fp32, target_modules=targets,
+                            modules_to_save=["lm_head"],
+                            save_kw={"save_embedding_layers": False})
+    return run, base, request.param
+
+
+def _logits(model_dir_or_model, ids=IDS):
+    from transformers import AutoModelForCausalLM
+    model = (AutoModelForCausalLM.from_pretrained(model_dir_or_model)
+             if not isinstance(model_dir_or_model, torch.nn.Module) else model_dir_or_model)
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits.double()
+
+
+def _adapter_deltas(adapter_dir, base_state):
+    """{weight: scaling * B @ A in float64} of an adapter directory, as peft merges it."""
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    t = load_file(adapter_dir / "adapter_model.safetensors")
+    scaling = cfg["lora_alpha"] / cfg["r"]
+    out = {}
+    for key, a in t.items():
+        module = key.removeprefix("base_model.model.")
+        if module.endswith(".lora_A.weight"):
+            b = t[key.replace("lora_A", "lora_B")]
+            out[module.removesuffix(".lora_A.weight") + ".weight"] = scaling * (
+                b.double() @ a.double())
+        elif module.endswith(".lora_embedding_A"):
+            b = t[key.replace("lora_embedding_A", "lora_embedding_B")]
+            out[module.removesuffix(".lora_embedding_A") + ".weight"] = scaling * (
+                b.double() @ a.double()).T
+    assert all(out[n].shape == base_state[n].shape for n in out)
+    return out
+
+
+def test_adapter_output_at_full_rank_loads_in_peft_and_matches_merged_output(tmp_path,
+                                                                            out_run):
+    """peft.PeftModel.from_pretrained(base, step-S) gives the logits of relex's merged output
+    of the same step; every tensor keeps its whole delta (norm share 1)."""
+    from transformers import AutoModelForCausalLM
+    run, base, dtype = out_run
+    full = len(STEPS) * 4
+    rep = relex.extrapolate(run, base=base, targets=[20], output=tmp_path / "a",
+                            output_format="lora", lora_rank=full, progress=False)
+    relex.extrapolate(run, base=base, targets=[20], output=tmp_path / "m", progress=False)
+    d = tmp_path / "a" / "step-20"
+    assert sorted(p.name for p in d.iterdir()) == ["adapter_config.json",
+                                                   "adapter_model.safetensors", "relex.json"]
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"]) == (full, full, {})
+    assert rep.output_format == "lora" and rep.lora_rank == full and not rep.notes
+    shares = rep.norm_share[20]
+    assert len(shares) == 2 * 3 + (dtype == torch.bfloat16)
+    assert min(shares.values()) > 1 - 1e-9
+    prov = json.loads((d / "relex.json").read_text())
+    assert prov["lora"]["norm_share"] == shares
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), d)
+    got, want = _logits(model), _logits(tmp_path / "m" / "step-20")
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert (got - want).abs().max() <= tol * want.abs().max(), (got - want).abs().max()
+    # and merged by peft, the weights are relex's merged output within 1 ulp of the dtype
+    merged = model.merge_and_unload().state_dict()
+    b = load_dir(base)
+    for name, t in load_dir(tmp_path / "m" / "step-20").items():
+        assert_within_ulp(merged[name], t.double().numpy(), name, b[name].double().numpy(),
+                          ulps=1.0 if dtype == torch.bfloat16 else 64.0)
+
+
+def test_adapter_output_at_reduced_rank_reports_true_norm_share(tmp_path, out_run):
+    """At rank 2 each adapted weight's delta is the best rank-2 approximation of the
+    extrapolated delta (float64 reference from the exact merged weights, in the test), and
+    the reported share is ||delta_2|| / ||delta||."""
+    run, base, dtype = out_run
+    rep = relex.extrapolate(run, base=base, targets=[20], output=tmp_path / "a",
+                            output_format="lora", lora_rank=2, progress=False)
+    b = load_dir(base)
+    (ref,) = exact_reference(run, base, [20])
+    got = _adapter_deltas(tmp_path / "a" / "step-20", b)
+    assert set(got) == set(rep.norm_share[20])
+    for name, dk in got.items():
+        full = ref[name] - b[name].double().numpy()
+        sv = np.linalg.svd(full, compute_uv=False)
+        share = np.sqrt((sv[:2] ** 2).sum() / (sv ** 2).sum())
+        assert abs(rep.norm_share[20][name] - share) < 1e-5, name
+        assert abs(np.linalg.norm(dk.numpy()) / np.linalg.norm(full) - share) < 1e-5, name
+        best = np.sqrt((sv[2:] ** 2).sum())  # Eckart-Young: nothing of rank 2 is closer
+        assert np.linalg.norm(full - dk.numpy()) <= best * (1 + 1e-4) + 1e-12, name
+    t = load_file(tmp_path / "a" / "step-20" / "adapter_model.safetensors")
+    lm = t["base_model.model.lm_head.weight"]  # kept whole, under the key peft saved it with
+    assert_within_ulp(lm, ref["lm_head.weight"], "lm_head", b["lm_head.weight"].double().numpy())
+    if dtype == torch.float32:  # a lora_B bias: the extrapolated bias delta
+        bias = t["base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"]
+        want = ref["model.layers.0.self_attn.q_proj.bias"] - \
+            b["model.layers.0.self_attn.q_proj.bias"].double().numpy()
+        assert np.allclose(bias.double().numpy(), want, rtol=1e-5, atol=1e-9)
+
+
+def test_adapter_output_rank_clamped_and_refusals(tmp_path, small_run, run_factory):
+    run, base = small_run
+    rep = relex.extrapolate(run, base=base, targets=[20], output=tmp_path / "a",
+                            output_format="lora", lora_rank=100, progress=False)
+    assert rep.lora_rank == 20 and rep.notes == [
+        "--lora-rank 100 is more than T*r = 5*4 = 20, the rank of the extrapolated delta: "
+        "using 20"]
+    t = load_file(tmp_path / "a" / "step-20" / "adapter_model.safetensors")
+    assert {v.shape[0] for k, v in t.items() if k.endswith("lora_A.weight")} == {20}
+    args = ["extrapolate", str(run), "--base", str(base), "--target", "20", "-q",
+            "--output-format", "lora"]
+    assert main(args + ["-o", str(tmp_path / "b")]) == 0  # default: the run's r
+    cfg = json.loads((tmp_path / "b" / "step-20" / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == 4
+    hf_run, hf_base = run_factory()
+    with pytest.raises(RelexError, match=r"--output-format lora: the checkpoint of step 2 "
+                                         r"\(.*checkpoint-2\) is a hf checkpoint, not a LoRA "
+                                         r"adapter") as e:
+        relex.extrapolate(hf_run, base=hf_base, targets=[20], output=tmp_path / "c",
+                          output_format="lora", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "c").exists()
+    with pytest.raises(RelexError, match="--lora-rank is the rank of an adapter output"):
+        relex.extrapolate(run, base=base, targets=[20], output=tmp_path / "c", lora_rank=2,
+                          progress=False)
