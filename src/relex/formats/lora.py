@@ -151,7 +151,8 @@ class _SharedBase:
 
 
 class LoraReader(Reader):
-    """A PEFT LoRA checkpoint seen as the merged model (base + scaling * B @ A), range by range.
+    """A PEFT LoRA checkpoint: exact deltas for the engine (delta_kind, factors, delta), and
+    the merged model (base + scaling * B @ A, as peft merges it) range by range (read).
 
     >>> ckpt = LoraReader("out/checkpoint-50", base="Qwen2.5-Math-1.5B")
     >>> rows = ckpt.read("model.layers.0.self_attn.q_proj.weight", 0, 4096)  # merged, 1-D
