@@ -501,7 +501,7 @@ def test_adapter_output_at_reduced_rank_reports_true_norm_share(tmp_path, out_ru
         assert np.allclose(bias.double().numpy(), want, rtol=1e-5, atol=1e-9)
 
 
-def test_adapter_output_rank_clamped_and_refusals(tmp_path, small_run, run_factory):
+def test_adapter_output_rank_clamped_and_refusals(tmp_path, small_run, run_factory, capsys):
     run, base = small_run
     rep = relex.extrapolate(run, base=base, targets=[20], output=tmp_path / "a",
                             output_format="lora", lora_rank=100, progress=False)
@@ -515,7 +515,16 @@ def test_adapter_output_rank_clamped_and_refusals(tmp_path, small_run, run_facto
     assert main(args + ["-o", str(tmp_path / "b")]) == 0  # default: the run's r
     cfg = json.loads((tmp_path / "b" / "step-20" / "adapter_config.json").read_text())
     assert cfg["r"] == cfg["lora_alpha"] == 4
+    capsys.readouterr()
+    assert main(args + ["-o", str(tmp_path / "d"), "--lora-rank", "64"]) == 0
+    assert capsys.readouterr().err == ("relex: note: --lora-rank 64 is more than T*r = 5*4 = "
+                                       "20, the rank of the extrapolated delta: using 20\n")
     hf_run, hf_base = run_factory()
+    assert main(["extrapolate", str(hf_run), "--base", str(hf_base), "--target", "20", "-q",
+                 "--output-format", "lora", "-o", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relex: error: --output-format lora: the checkpoint of step 2")
+    assert err.count("\n") == 1 and not (tmp_path / "c").exists()
     with pytest.raises(RelexError, match=r"--output-format lora: the checkpoint of step 2 "
                                          r"\(.*checkpoint-2\) is a hf checkpoint, not a LoRA "
                                          r"adapter") as e:
