@@ -534,3 +534,22 @@ def test_adapter_output_rank_clamped_and_refusals(tmp_path, small_run, run_facto
     with pytest.raises(RelexError, match="--lora-rank is the rank of an adapter output"):
         relex.extrapolate(run, base=base, targets=[20], output=tmp_path / "c", lora_rank=2,
                           progress=False)
+
+
+def test_saved_fit_and_analyze_on_adapters(tmp_path, small_run):
+    """The factor Gram is saved like any other: --from-fit reproduces the output bit for bit
+    and reads only the base and the factors; analyze takes the factor path too."""
+    run, base = small_run
+    first = relex.extrapolate(run, base=base, targets=[20], output=tmp_path / "a",
+                              progress=False)
+    again = relex.extrapolate(from_fit=tmp_path / "a", targets=[20], output=tmp_path / "b",
+                              progress=False)
+    x, y = load_dir(tmp_path / "a" / "step-20"), load_dir(tmp_path / "b" / "step-20")
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    n_base = sum(t.numel() * t.element_size() for t in load_dir(base).values())
+    n_factors = sum(t.numel() * t.element_size() for s in STEPS
+                    for t in load_file(run / f"checkpoint-{s}" / "adapter_model.safetensors")
+                    .values())
+    assert again.bytes_read == n_base + n_factors == first.bytes_read
+    res = relex.analyze(run, base=base, output=tmp_path / "r", progress=False)
+    assert res.summary and (tmp_path / "r" / "report.html").is_file()
