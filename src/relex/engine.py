@@ -453,17 +453,16 @@ class Engine:
         fit = weights(plan, gram)
         w = torch.from_numpy(fit.weights)  # (K, T) float64
         if self.lora_rank is not None:
-            shares = []
-            for k, writer in enumerate(writers):
-                if left.shape[1] == 0:  # nothing adapted: no adapter entry
-                    shares.append(1.0)
-                    continue
-                lo, hi, share = compress_factors(left * w[k][owner], right,
-                                                 writer.rank_of(plan.name))
-                writer.write_factors(plan.name, lo, hi)
-                shares.append(share)
-            with self._lock:
-                result.kept[plan.name] = shares
+            if left.shape[1]:  # (an unadapted tensor has no adapter entry)
+                shares = []
+                for k, writer in enumerate(writers):
+                    lo, hi, share = compress_factors(left * w[k][owner], right,
+                                                     writer.rank_of(plan.name))
+                    writer.write_factors(plan.name, lo, hi)
+                    shares.append(share)
+                with self._lock:
+                    result.kept[plan.name] = shares
+            self.traj.release(plan, 0, plan.numel)
             return gram, fit
         cd, code = plan.compute_dtype, DTYPES[plan.out_dtype]
         lws = [(left * w[k][owner]).to(cd) for k in range(len(writers))]
@@ -479,7 +478,7 @@ class Engine:
             for lw, writer in zip(lws, writers):
                 out = base if lw.shape[1] == 0 else torch.addmm(base, lw[r0:r1], right_cd)
                 writer.write_at(plan.name, a, out.reshape(-1).to(code))
-        self.traj.release(plan, 0, plan.numel, 1)
+        self.traj.release(plan, 0, plan.numel)  # the base's range and the factors' mappings
         return gram, fit
 
     def _factors(self, plan, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

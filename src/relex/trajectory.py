@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from relex.formats import DTYPES, FLOAT_CODES, Reader, TensorMeta
+from relex.formats import DTYPES, FLOAT_CODES, Reader, TensorMeta, lora
 from relex.errors import RelexError
 
 LM_HEAD = "lm_head.weight"
@@ -126,7 +126,6 @@ class Trajectory:
         skip = {LM_HEAD} if self.tied else set()
         for ckpt in checkpoints:
             self._check_names(ckpt, skip)
-        from relex.formats import lora
         lora.check_same_adapters(checkpoints, list(steps))
         plans = []
         for order, (name, b) in enumerate(base.tensors.items()):
