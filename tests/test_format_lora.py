@@ -197,7 +197,7 @@ def test_overlapping_offsets_refused(tmp_path, small_run):
     _cli_fails(tmp_path, run, base, "adapter_model.safetensors: corrupt safetensors header")
 
 
-def test_dora_refused_and_remote_base_needs_flag(tmp_path, small_run):
+def test_dora_config_without_magnitudes_and_remote_base_needs_flag(tmp_path, small_run):
     run, base, ck = _broken_copy(tmp_path, small_run)
     cfg = json.loads((ck / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "Qwen/Qwen2.5-Math-1.5B"
@@ -206,9 +206,12 @@ def test_dora_refused_and_remote_base_needs_flag(tmp_path, small_run):
     _cli_fails(tmp_path, run, None, "no --base given")
     with pytest.raises(RelexError, match=r"is not a local directory; pass --base"):
         open_reader(ck)
-    cfg["use_dora"] = True
+    cfg["use_dora"] = True  # without magnitude vectors in the file
     (ck / "adapter_config.json").write_text(json.dumps(cfg))
-    _cli_fails(tmp_path, run, base, "adapter_config.json: use_dora is set")
+    _cli_fails(tmp_path, run, base, r"checkpoint-4/adapter_model.safetensors: adapter for "
+                                    r"'model.layers.0.self_attn.q_proj': use_dora is true in "
+                                    r"adapter_config.json but the file lacks its "
+                                    r"lora_magnitude_vector")
 
 
 def test_verl_lora_adapter_layout_and_mixed_with_hf(tmp_path, small_run):
@@ -553,3 +556,25 @@ def test_saved_fit_and_analyze_on_adapters(tmp_path, small_run):
     assert again.bytes_read == n_base + n_factors == first.bytes_read
     res = relex.analyze(run, base=base, output=tmp_path / "r", progress=False)
     assert res.summary and (tmp_path / "r" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dora_exact(tmp_path, dtype):
+    """DoRA on linear layers: the exact row-rescaled delta m * V / ||V|| - W (V = W + s B A),
+    within 1 ulp of peft's float64 merge; no adapter output (the delta is not low rank)."""
+    run, merged, base = lora_run(tmp_path, dtype=dtype, use_dora=True,
+                                 target_modules=["q_proj", "v_proj", "up_proj"])
+    check_exact(tmp_path, run, merged, base)
+    with open_reader(run / "checkpoint-6", base=base) as r:  # read() is peft's merge
+        want = load_dir(merged / "checkpoint-6")
+        name = "model.layers.1.mlp.up_proj.weight"
+        flat = want[name].reshape(-1)
+        for a, b in [(0, flat.numel()), (7, 45), (33, flat.numel() - 20)]:
+            got = r.read(name, a, b)
+            assert_within_ulp(got, flat[a:b].double().numpy(), name, ulps=1.0)
+    with pytest.raises(RelexError, match=r"--output-format lora: .*checkpoint-10 is a DoRA "
+                                         r"adapter, whose extrapolated delta .* is not a "
+                                         r"low-rank product") as e:
+        relex.extrapolate(run, base=base, targets=[20], output=tmp_path / "x",
+                          output_format="lora", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "x").exists()

@@ -231,6 +231,11 @@ def _adapter_rank(traj: Trajectory, lora_rank: int | None, notes: list[str]) -> 
                              f"output needs a LoRA run (drop --output-format lora to write "
                              f"model directories)")
     last = traj.checkpoints[-1]
+    if last.dora:
+        raise RelexError(f"--output-format lora: {last.path} is a DoRA adapter, whose "
+                         f"extrapolated delta (rows rescaled by the magnitude vector) is not a "
+                         f"low-rank product; drop --output-format lora to write model "
+                         f"directories")
     r_max = max((ad.rank for ad in last.adapters.values()), default=0)
     if r_max == 0:
         raise RelexError(f"--output-format lora: {last.path} adapts no weight (only full "

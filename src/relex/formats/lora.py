@@ -23,7 +23,10 @@ scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), with per-module
 (in, out) (transformers Conv1D, where peft sets `fan_in_fan_out`) use the transpose, decided per
 layer from the shapes as peft decides per layer from the module type; `lora_B.bias` is added to
 the base bias; full tensors in the file (`modules_to_save`, saved embedding layers, trained
-biases) replace the base's. DoRA, other PEFT methods and adapters whose initialisation rewrote
+biases) replace the base's. DoRA on linear layers (`lora_magnitude_vector`) is read the same way
+row by row: W' = m * (W + s B A) / ||W + s B A|| with the norm of each output row, so its delta
+is exact but not low rank (delta_kind "delta"). DoRA on embeddings or Conv1D layers, other PEFT
+methods and adapters whose initialisation rewrote
 the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, MiCA) are refused.
 """
 
@@ -51,10 +54,12 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 _LORA = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\."
                    r"(?P<param>weight|bias)")
+_DORA = re.compile(r"(?P<module>.+)\.(?P<kind>lora_magnitude_vector)(?:\.(?P<adapter>[^.]+))?"
+                   r"(?:\.weight)?")
 _EMBED = re.compile(r"(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)"
                     r"(?:\.(?P<adapter>[^.]+))?")
 #: LoraConfig options that change what merging means; relex refuses adapters that set them
-_UNSUPPORTED = ("use_dora", "layer_replication", "target_parameters", "trainable_token_indices",
+_UNSUPPORTED = ("layer_replication", "target_parameters", "trainable_token_indices",
                 "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config")
 
 
@@ -115,6 +120,8 @@ class Adapter:
     #: the adapter file's key of the module ("base_model.model.<module>")
     prefix: str = ""
     embedding: bool = False  # lora_embedding_A/B (keys without ".weight")
+    #: DoRA's magnitude vector (one per output row), None for plain LoRA
+    magnitude: TensorInfo | None = None
 
     @property
     def rank(self) -> int:
@@ -187,6 +194,7 @@ class LoraReader(Reader):
             raise RelexError(f"{cfg_file}: missing or invalid r / lora_alpha ({e!r}); re-save "
                              f"the adapter") from None
         rslora, fan_in_fan_out = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
+        self.dora = bool(cfg.get("use_dora"))
         if base is None:
             base = base_of(self.path)
             if base is None:
@@ -217,6 +225,11 @@ class LoraReader(Reader):
         adapter_names = set()
         for key, info in entries.items():
             name = key.removeprefix("base_model.model.")
+            m = _DORA.fullmatch(name)
+            if m:
+                adapter_names.add(m.group("adapter"))
+                pairs.setdefault(m.group("module"), {})["M"] = info
+                continue
             m = _LORA.fullmatch(name) or _EMBED.fullmatch(name)
             if m:
                 adapter_names.add(m.group("adapter"))
@@ -255,6 +268,11 @@ class LoraReader(Reader):
 
     def _add(self, module, parts, r0, alpha0, rank_pattern, alpha_pattern, rslora, fifo) -> None:
         where = f"{self._file}: adapter for '{module}'"
+        if ("M" in parts) != self.dora:
+            raise RelexError(f"{where}: use_dora is {str(self.dora).lower()} in "
+                             f"{ADAPTER_CONFIG} but the file "
+                             f"{'has' if 'M' in parts else 'lacks'} its lora_magnitude_vector; "
+                             f"re-save the adapter")
         if "A" not in parts or "B" not in parts:
             raise RelexError(f"{where} lacks its lora_{'A' if 'A' not in parts else 'B'} "
                              f"weight; the file is incomplete, re-save the adapter")
@@ -293,8 +311,15 @@ class LoraReader(Reader):
                              f"{ADAPTER_CONFIG} (r / rank_pattern); re-save the adapter")
         alpha = float(_pattern_value(alpha_pattern, module, alpha0))
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        magnitude = parts.get("M")
+        if magnitude is not None and (transposed or magnitude.shape != (b_meta.shape[0],)
+                                      or not magnitude.is_float):
+            raise RelexError(f"{where}: DoRA on an embedding or Conv1D layer, or a magnitude "
+                             f"vector of shape {list(magnitude.shape)} for the weight's "
+                             f"{list(b_meta.shape)}: relex reads DoRA on linear layers only; "
+                             f"merge with peft (merge_and_unload + save_pretrained)")
         self.adapters[weight] = Adapter(a, b, scaling, transposed, prefix=parts["prefix"],
-                                        embedding=parts["embedding"])
+                                        embedding=parts["embedding"], magnitude=magnitude)
         if "B_bias" in parts:
             bias, b_bias = f"{module}.bias", parts["B_bias"]
             if bias not in self.tensors:
@@ -321,6 +346,9 @@ class LoraReader(Reader):
         ad = self.adapters.get(name)
         if ad is None:
             return base
+        if ad.magnitude is not None:  # peft: in float32 (the adapter's dtype), rounded once
+            wide = torch.promote_types(base.dtype, torch.float32)
+            return self._dora(name, ad, start, stop, wide, exact=False).to(base.dtype)
         if ad.bias:
             delta = self._view(ad.b, start, stop) * ad.scaling
         else:
@@ -332,7 +360,7 @@ class LoraReader(Reader):
         """"factors" for a LoRA'd weight, "delta" for a lora_B bias or a full tensor saved in
         the adapter file, "zero" for every other tensor (see Reader.delta_kind)."""
         ad = self.adapters.get(name)
-        if name in self._replaced or (ad is not None and ad.bias):
+        if name in self._replaced or (ad is not None and (ad.bias or ad.magnitude is not None)):
             return "delta"
         return "zero" if ad is None else "factors"
 
@@ -364,7 +392,24 @@ class LoraReader(Reader):
             return out
         if ad.bias:
             return out.add_(self._view(ad.b, start, stop).to(dtype), alpha=ad.scaling)
+        if ad.magnitude is not None:
+            return out.add_(self._dora(name, ad, start, stop, dtype, exact=True))
         return out.add_(self._delta(ad, self.tensors[name].shape[1], start, stop, dtype))
+
+    def _dora(self, name: str, ad: Adapter, start: int, stop: int, dtype: torch.dtype,
+              exact: bool) -> torch.Tensor:
+        """DoRA, for the rows the range touches: m * V / ||V|| (per row), V = W + s B A, in
+        `dtype`; minus W if exact (the delta), else the merged weight. Cut to [start, stop)."""
+        cols = self.tensors[name].shape[1]
+        r0, r1 = start // cols, -(-stop // cols)
+        src = (self._view(self._replaced[name], r0 * cols, r1 * cols) if name in self._replaced
+               else self.base.read(name, r0 * cols, r1 * cols))
+        w = src.to(dtype).view(r1 - r0, cols)
+        v = w + self._delta(ad, cols, r0 * cols, r1 * cols, dtype).view(r1 - r0, cols)
+        mag = self._view(ad.magnitude, r0, r1).to(dtype)
+        new = v * (mag / torch.linalg.vector_norm(v, dim=1))[:, None]
+        out = new - w if exact else new
+        return out.reshape(-1)[start - r0 * cols: stop - r0 * cols]
 
     def _delta(self, ad: Adapter, cols: int, start: int, stop: int,
                exact: torch.dtype | None = None) -> torch.Tensor:
@@ -400,7 +445,8 @@ class LoraReader(Reader):
             self.base.release(name, start, stop)
         ad = self.adapters.get(name)
         if ad is not None:
-            for info in {ad.a.name: ad.a, ad.b.name: ad.b}.values():
+            infos = [ad.a, ad.b] + ([ad.magnitude] if ad.magnitude is not None else [])
+            for info in {i.name: i for i in infos}.values():
                 self._maps.release(info.file, info.offset, info.nbytes)
 
     def files(self) -> list[Path]:
@@ -424,7 +470,8 @@ def check_same_adapters(checkpoints: list[Reader], steps: list[int]) -> None:
     for step, ckpt in zip(steps, checkpoints):
         if not isinstance(ckpt, LoraReader):
             continue
-        ranks = {n: ad.rank for n, ad in ckpt.adapters.items()}
+        ranks = {n: ad.rank if ad.magnitude is None else f"{ad.rank} (DoRA)"
+                 for n, ad in ckpt.adapters.items()}
         if first is None:
             first = (step, ranks)
             continue
