@@ -1,8 +1,9 @@
 """The Python API (`extrapolate`, `reconstruct`) that the CLI is a thin face of: from a run's checkpoints to ready-to-serve model directories.
 
 Both stream the trajectory once (see engine.py), write one Hugging Face model directory per
-requested step under `output` (step-S/), save the fit (relex-fit.safetensors) beside them, and
-only then move the whole output into place, so an interrupted run leaves nothing behind.
+requested step under `output` (step-S/; for a LoRA run, optionally a PEFT adapter directory
+instead: adapter_writer.py), save the fit (relex-fit.safetensors) beside them, and only then
+move the whole output into place, so an interrupted run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from relex import __version__, distributed
-from relex.formats import DTYPES, hub, open_reader
+from relex.adapter_writer import AdapterWriter
+from relex.formats import DTYPES, hub, lora, open_reader
 from relex.engine import Engine, available_memory
 from relex.errors import RelexError
 from relex.fit import FitConfig, TensorFit, extrapolation_weights, reconstruction_weights
@@ -56,6 +59,14 @@ class Report:
     seconds: float
     stats: dict[str, dict] = field(default_factory=dict)
     rank: int = 1
+    #: "hf" (model directories) or "lora" (PEFT adapter directories)
+    output_format: str = "hf"
+    #: adapter outputs: their r, and per target step the share of each LoRA'd tensor's
+    #: extrapolated delta (Frobenius norm) the rank-r adapter keeps
+    lora_rank: int | None = None
+    norm_share: dict[int, dict[str, float]] = field(default_factory=dict)
+    #: things the run changed or noticed on the way (a clamped --lora-rank)
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         """Mean / min explained variance (at the fit's rank) and R^2 over moving tensors."""
@@ -69,6 +80,10 @@ class Report:
             out.update(explained_variance_mean=float(np.mean(ev)),
                        explained_variance_min=float(np.min(ev)),
                        r2_mean=float(np.mean(r2)), r2_min=float(np.min(r2)))
+        shares = [v for per in self.norm_share.values() for v in per.values()]
+        if shares:
+            out.update(lora_rank=self.lora_rank, norm_share_mean=float(np.mean(shares)),
+                       norm_share_min=float(np.min(shares)))
         return out
 
 
@@ -103,17 +118,27 @@ def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
                 allow_interpolation: bool = False, overwrite: bool = False,
                 max_memory: str | int | None = None, max_shard_size: str | int = "5GB",
                 device: str = "cpu", threads: int | None = None,
-                from_fit: str | Path | None = None, progress: bool = True) -> Report:
+                from_fit: str | Path | None = None, progress: bool = True,
+                output_format: str = "hf", lora_rank: int | None = None) -> Report:
     """Write the model of each target step, predicted from the observed checkpoints.
 
     Writes output/step-S/ for every S in targets (a Hugging Face model directory with a relex.json
     provenance file) and output/relex-fit.safetensors (reusable with from_fit).
+
+    output_format="lora" (a LoRA run only): step-S/ is a PEFT adapter directory instead, the
+    extrapolated delta compressed to rank `lora_rank` (default: the run's r; at most T * r,
+    the delta's rank); Report.norm_share says how much of each delta it keeps.
 
     >>> relex.extrapolate("runs/grpo", base="Qwen2.5-Math-1.5B", observe_until=75,
     ...                   targets=[500, 750], output="out")
     """
     config = FitConfig(method, rank, parse_fit(fit), window)
     targets = _parse_targets(targets)
+    if output_format not in ("hf", "lora"):
+        raise RelexError(f"--output-format {output_format}: expected hf or lora")
+    if lora_rank is not None and output_format != "lora":
+        raise RelexError("--lora-rank is the rank of an adapter output: add --output-format "
+                         "lora")
     if from_fit is not None:
         saved = _load_fit_alone(from_fit, run_dir, checkpoints)
         inputs = resolve_inputs(base=base if base is not None else saved.base,
@@ -140,10 +165,15 @@ def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
         def weights(plan: TensorPlan, gram: np.ndarray) -> TensorFit:
             return extrapolation_weights(gram, steps_arr, np.asarray(targets, float), config)
 
+        notes: list[str] = []
+        adapter_rank = (_adapter_rank(traj, lora_rank, notes) if output_format == "lora"
+                        else None)
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
         return _write(traj, inputs, targets, weights, config, output, overwrite, max_memory,
                       max_shard_size, device, threads, progress,
                       grams if saved is not None else None, mode="extrapolate",
-                      from_fit=from_fit)
+                      from_fit=from_fit, adapter_rank=adapter_rank, notes=notes)
     finally:
         traj.close()
 
@@ -191,6 +221,36 @@ def _open(base: Path, checkpoints: dict[int, Path], dtype: str | None = None) ->
                       list(checkpoints), dtype)
 
 
+def _adapter_rank(traj: Trajectory, lora_rank: int | None, notes: list[str]) -> int:
+    """The r of an adapter output: lora_rank (default the run's r), clamped to T * r, the rank
+    of any extrapolated delta (and said in `notes`). Refuses runs that are not all LoRA."""
+    for step, ckpt in zip(traj.steps, traj.checkpoints):
+        if ckpt.format != "lora":
+            raise RelexError(f"--output-format lora: the checkpoint of step {step} ({ckpt.path})"
+                             f" is a {ckpt.format} checkpoint, not a LoRA adapter; an adapter "
+                             f"output needs a LoRA run (drop --output-format lora to write "
+                             f"model directories)")
+    last = traj.checkpoints[-1]
+    if last.dora:
+        raise RelexError(f"--output-format lora: {last.path} is a DoRA adapter, whose "
+                         f"extrapolated delta (rows rescaled by the magnitude vector) is not a "
+                         f"low-rank product; drop --output-format lora to write model "
+                         f"directories")
+    r_max = max((ad.rank for ad in last.adapters.values()), default=0)
+    if r_max == 0:
+        raise RelexError(f"--output-format lora: {last.path} adapts no weight (only full "
+                         f"tensors); drop --output-format lora")
+    k = int(lora.read_config(last.path)["r"]) if lora_rank is None else int(lora_rank)
+    if k < 1:
+        raise RelexError(f"--lora-rank {k}: give a positive rank")
+    if k > traj.T * r_max:
+        notes.append(f"--lora-rank {k} is more than T*r = {traj.T}*{r_max} = "
+                     f"{traj.T * r_max}, the rank of the extrapolated delta: using "
+                     f"{traj.T * r_max}")
+        k = traj.T * r_max
+    return k
+
+
 def _load_fit_alone(from_fit, run_dir, checkpoints):
     """load_fit, refusing other checkpoint sources beside it."""
     if run_dir is not None or checkpoints:
@@ -223,8 +283,11 @@ def _budget(max_memory, local_processes: int = 1) -> int:
 def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitConfig,
            output, overwrite: bool, max_memory, max_shard_size, device: str,
            threads: int | None, progress: bool, grams: dict | None, mode: str,
-           from_fit=None) -> Report:
-    """Stream, write and finalize; under torchrun each rank does its share (distributed.py)."""
+           from_fit=None, adapter_rank: int | None = None,
+           notes: list[str] | None = None) -> Report:
+    """Stream, write and finalize; under torchrun each rank does its share (distributed.py).
+
+    adapter_rank: write PEFT adapter directories of this r (AdapterWriter) instead of models."""
     output = Path(output)
     group = distributed.group(device)
     device = distributed.device_of(device, group)
@@ -233,7 +296,10 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
         "overwrite": overwrite, "max_memory": max_memory, "max_shard_size": max_shard_size,
         "device": device.split(":")[0], "from_fit": str(from_fit), "grams": grams is not None,
         "inputs": traj.fingerprint(), "plans": [(p.name, p.out_dtype) for p in traj.plans]})
-    out_bytes = sum(p.numel * DTYPES[p.out_dtype].itemsize for p in traj.plans)
+    out_bytes = sum(p.numel * DTYPES[p.out_dtype].itemsize for p in traj.plans
+                    if adapter_rank is None or (p.exact and not p.factored))
+    if adapter_rank is not None:
+        out_bytes += sum(4 * adapter_rank * sum(p.shape) for p in traj.plans if p.factored)
     group.attempt("checking the output", lambda: check_output(
         output, overwrite, [inputs.base, *inputs.observed.values()], out_bytes * len(targets))
         if group.leader else None)
@@ -245,6 +311,7 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
     owner = distributed.split([sum(i.nbytes for i in (p.sources if p.moves else (p.base,)))
                                for p in traj.plans], group.size)
     engine.plans = [p for p, r in zip(traj.plans, owner) if r == group.rank]
+    engine.lora_rank = adapter_rank
     owned = {p.name for p in engine.plans}
     specs = [(p.name, p.out_dtype, p.shape) for p in traj.plans]
     meta_src = _metadata_source(traj)
@@ -257,7 +324,12 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
             for d in dirs.values():
                 if create:
                     d.mkdir()
-                writers.append(ModelWriter(d, specs, shard, create=create, owned=owned))
+                if adapter_rank is not None:
+                    writers.append(AdapterWriter(d, traj, adapter_rank, create=create,
+                                                 owned=owned))
+                    engine.delta_out = writers[-1].delta_out
+                else:
+                    writers.append(ModelWriter(d, specs, shard, create=create, owned=owned))
 
         try:
             # rank 0 creates the shard files before the other ranks open them
@@ -280,17 +352,26 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
             for w in writers:
                 w.abort()
         if group.size > 1:  # rank 0 gathers every rank's Gram matrices and statistics
-            parts = group.all_gather((result.grams, result.stats, result.bytes_read))
+            parts = group.all_gather((result.grams, result.stats, result.bytes_read,
+                                      result.kept))
             merged = {k: v for part in parts for k, v in part[0].items()}
             stats = {k: v for part in parts for k, v in part[1].items()}
+            kept = {k: v for part in parts for k, v in part[3].items()}
             result.grams = {p.name: merged[p.name] for p in traj.plans if p.name in merged}
             result.stats = {p.name: stats[p.name] for p in traj.plans if p.name in stats}
+            result.kept = {p.name: kept[p.name] for p in traj.plans if p.name in kept}
             result.bytes_read = sum(part[2] for part in parts)
         report = Report(output, {s: output / f"step-{s}" for s in targets},
                         list(map(int, traj.steps)), len(traj.plans),
                         sum(p.moves for p in traj.plans), sum(not p.moves for p in traj.plans),
                         traj.dropped, result.bytes_read, time.perf_counter() - started,
-                        result.stats, config.rank)
+                        result.stats, config.rank,
+                        output_format="hf" if adapter_rank is None else "lora",
+                        lora_rank=adapter_rank, notes=list(notes or []))
+        if adapter_rank is not None:
+            report.norm_share = {s: {name: shares[k] for name, shares in result.kept.items()
+                                     if name in writers[0].ranks}
+                                 for k, s in enumerate(targets)}
 
         def finalize():
             if not group.leader:
@@ -299,7 +380,8 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
                      grams if grams is not None else result.grams,
                      {p.name: p.numel for p in traj.plans})
             for step, d in dirs.items():
-                _copy_model_files(meta_src, d, traj)
+                if adapter_rank is None:
+                    _copy_model_files(meta_src, d, traj)
                 _write_provenance(d / "relex.json", report, traj, config, step, mode, from_fit)
 
         group.attempt("finalizing the output", finalize)
@@ -355,6 +437,10 @@ def _write_provenance(path: Path, report: Report, traj: Trajectory, config: FitC
         "summary": report.summary(),
         "tensors": report.stats,
     }
+    if report.output_format == "lora":
+        prov["output_format"] = "lora"
+        prov["lora"] = {"rank": report.lora_rank, "norm_share": report.norm_share.get(step, {}),
+                        "notes": report.notes}
     path.write_text(json.dumps(prov, indent=1) + "\n")
 
 

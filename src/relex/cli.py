@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 import torch
 
@@ -116,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--allow-interpolation", action="store_true",
                    help="allow targets at or before the last observed step")
     _output(ex)
+    lo = ex.add_argument_group("LoRA runs")
+    lo.add_argument("--output-format", default="hf", choices=["hf", "lora"],
+                    help="hf: a model directory per target (default); lora: a PEFT adapter "
+                         "directory per target (adapter_config.json + "
+                         "adapter_model.safetensors; a LoRA run only)")
+    lo.add_argument("--lora-rank", type=int, metavar="R",
+                    help="with --output-format lora: the adapter's rank (default: the run's r; "
+                         "at most T*r, the rank of the extrapolated delta)")
 
     rc = sub.add_parser("reconstruct", help="write the rank-r projection of observed steps",
                         description="Write theta_0 + the rank-r projection of each observed "
@@ -263,6 +272,10 @@ def _table(report) -> str:
                            if s["dropped_tensors"] else "") + ")"),
             ("read", f"{s['bytes_read'] / 1e9:.2f} GB in {report.seconds:.1f} s "
                      f"({s['bytes_read'] / 1e9 / max(report.seconds, 1e-9):.2f} GB/s)")]
+    if "norm_share_mean" in s:
+        rows.append((f"adapter rank {s['lora_rank']}",
+                     f"keeps {s['norm_share_mean']:.4f} of the delta's Frobenius norm on "
+                     f"average, {s['norm_share_min']:.4f} at least"))
     if "explained_variance_mean" in s:
         rows.append((f"explained var. (rank {report.rank})",
                      f"mean {s['explained_variance_mean']:.4f}, min "
@@ -299,10 +312,15 @@ def main(argv: list[str] | None = None) -> int:
                       max_shard_size=args.max_shard_size, device=args.device,
                       threads=args.threads, progress=not args.quiet)
         if args.command == "extrapolate":
-            report = relex.extrapolate(args.run_dir, targets=args.target, method=args.method,
-                                       rank=args.rank, fit=args.fit, window=args.window,
-                                       allow_interpolation=args.allow_interpolation,
-                                       from_fit=args.from_fit, **common)
+            with warnings.catch_warnings():  # notes are printed below, as one line each
+                warnings.simplefilter("ignore", UserWarning)
+                report = relex.extrapolate(args.run_dir, targets=args.target,
+                                           method=args.method, rank=args.rank, fit=args.fit,
+                                           window=args.window,
+                                           allow_interpolation=args.allow_interpolation,
+                                           from_fit=args.from_fit,
+                                           output_format=args.output_format,
+                                           lora_rank=args.lora_rank, **common)
         else:
             report = relex.reconstruct(args.run_dir, rank=args.rank, **common)
     except RelexError as e:
@@ -319,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("relex: interrupted; nothing was written", file=sys.stderr)
         return 130
+    if os.environ.get("RANK", "0") == "0":
+        for note in report.notes:
+            print(f"relex: note: {note}", file=sys.stderr)
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
         print(f"relex {args.command}: wrote {report.output}")
         print(_table(report))

@@ -25,6 +25,14 @@ pinned host memory and send them in one copy; the GPU converts them (_fill_gpu).
   by block and read twice, right after itself, so the second read hits the page cache.
 - With a saved fit there is no Gram step and every tensor is read once.
 
+LoRA runs never materialise a delta of an adapted weight: there delta_t = s_t B_t A_t, so the
+Gram matrix comes from (T r) x (T r) products of the factors in float64 (factor_gram,
+O((T r)^2 (m + n)) instead of O(T^2 m n)) and the output theta_0 + sum_t w_t s_t B_t A_t is
+formed row block by row block from them, or compressed to an adapter (compress_factors). The
+other tensors of a LoRA run (lora_B biases, modules_to_save) take their exact deltas from the
+reader (Reader.delta) on the torch path, so nothing is rounded to the base's dtype before the
+subtraction.
+
 Reading overlaps computing: a Prefetcher's thread asks the readers (Reader.prefetch) for each
 file's next ranges, 8 MiB per file and request, up to 512 MiB ahead of the furthest worker, so the
 kernel reads in large sequential requests while the workers compute; a second pass that the page
@@ -115,7 +123,7 @@ class Prefetcher:
         self._todo: list[tuple[int, TensorPlan, int, int]] = []  # (end byte, plan, a, b)
         pos = 0
         for plan, npass in passes:
-            srcs = plan.sources if plan.moves else (plan.base,)
+            srcs = plan.sources if plan.moves and not plan.factored else (plan.base,)
             per_elem = sum(i.itemsize for i in srcs)
             step = max(1, chunk // max(i.itemsize for i in srcs))
             for k in range(npass):
@@ -157,7 +165,7 @@ class Prefetcher:
                     return
                 _, p, a, b = self._todo[self._next]
                 self._next += 1
-            for reader in readers[: len(p.sources) if p.moves else 1]:
+            for reader in readers[: len(p.sources) if p.moves and not p.factored else 1]:
                 if self._closed:  # each ask can wait on the disk's queue: stop promptly
                     return
                 try:
@@ -182,6 +190,9 @@ class EngineResult:
     grams: dict[str, np.ndarray] = field(default_factory=dict)
     stats: dict[str, dict] = field(default_factory=dict)
     bytes_read: int = 0
+    #: adapter outputs: tensor -> share of the extrapolated delta's Frobenius norm kept, per
+    #: target (compress_factors)
+    kept: dict[str, list[float]] = field(default_factory=dict)
 
 
 class Engine:
@@ -250,6 +261,12 @@ class Engine:
         self._prefetch: Prefetcher | None = None
         #: tensors run() handles (all by default; a rank's share under torchrun)
         self.plans: list[TensorPlan] = list(traj.plans)
+        #: adapter outputs (api's output_format="lora"): factored tensors are compressed to
+        #: the writers' ranks and written as factors; None writes merged tensors
+        self.lora_rank: int | None = None
+        #: tensors written as their extrapolated delta W @ D (not theta_0 + W @ D), in the
+        #: given dtype code: lora_B biases of an adapter output
+        self.delta_out: dict[str, str] = {}
 
     # ------------------------------------------------------------------ planning
     def _kernel_rows(self, plan: TensorPlan) -> torch.dtype | None:
@@ -258,7 +275,8 @@ class Engine:
         mixed inputs, numba unavailable)."""
         if plan.name not in self._kernel_dtypes:
             stored = {r.dtype for r in plan.rows}
-            ok = (self.cpu and plan.moves and plan.compute_dtype == torch.float32
+            ok = (self.cpu and plan.moves and not plan.exact
+                  and plan.compute_dtype == torch.float32
                   and len(stored) == 1 and next(iter(stored)) in _KERNEL_DTYPES
                   and hasattr(torch, "_foreach_copy_") and kernels.available())
             self._kernel_dtypes[plan.name] = _KERNEL_DTYPES[plan.rows[0].dtype] if ok else None
@@ -275,13 +293,19 @@ class Engine:
 
     def _single(self, plan: TensorPlan) -> bool:
         """Whether one worker handles the whole tensor (else all workers share its blocks)."""
-        return not plan.moves or sum(self._resident_sizes(plan)) <= self.capacity
+        return (not plan.moves or plan.factored
+                or sum(self._resident_sizes(plan)) <= self.capacity)
 
     def _blocks(self, plan: TensorPlan, parts: int = 1) -> list[tuple[int, int]]:
         """Block ranges: at most `block` elements, and at least `parts` blocks when possible."""
         n = plan.numel
         size = min(self.block, max(MIN_BLOCK, -(-n // parts)))
         return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+    def _factor_bytes(self, plan: TensorPlan) -> int:
+        """Bytes of the LoRA factors of a factored tensor, over all checkpoints."""
+        return sum(c.factor_nbytes(plan.name) for c, k in zip(self.traj.checkpoints, plan.kinds)
+                   if k == "factors")
 
     def _passes(self, plan: TensorPlan, grams, gram_only: bool = False) -> int:
         """How many times run() reads a tensor's inputs (2: over the budget, without grams)."""
@@ -294,6 +318,9 @@ class Engine:
         gram_only: the Gram step alone, every moving tensor once)."""
         total = 0
         for plan in self.plans:
+            if plan.factored:
+                total += self._factor_bytes(plan) + (0 if gram_only else plan.base.nbytes)
+                continue
             if gram_only:
                 total += sum(i.nbytes for i in plan.sources) if plan.moves else 0
                 continue
@@ -377,6 +404,8 @@ class Engine:
 
     def _whole(self, plan, weights, writers, grams, result):
         """One worker: Gram step, fit and output step of one tensor (or a copy)."""
+        if plan.factored:
+            return self._factored(plan, weights, writers, grams, result)
         blocks = self._blocks(plan)
         if not plan.moves:
             if weights is not None:
@@ -405,6 +434,72 @@ class Engine:
         if mapped:
             self.traj.release(plan, 0, plan.numel)
         return gram, fit
+
+    def _factored(self, plan, weights, writers, grams, result):
+        """One LoRA'd tensor (or one no checkpoint changes) from its factors alone.
+
+        delta_t = L_t @ R_t (scaling folded into L_t, float64), so the Gram matrix is
+        factor_gram's r x r products, O((T r)^2 (m + n)) instead of O(T^2 m n), and the output
+        theta_0 + sum_t w_t L_t R_t is formed row block by row block (or, for an adapter
+        output, compressed: compress_factors). Runs on the CPU: the factors are small."""
+        left, right, owner = self._factors(plan, result)
+        if grams is None:
+            gram = factor_gram(left, right, owner, self.traj.T)
+            self._check_finite(plan, gram)
+        else:
+            gram = grams[plan.name]
+        if weights is None:
+            return gram, None
+        fit = weights(plan, gram)
+        w = torch.from_numpy(fit.weights)  # (K, T) float64
+        if self.lora_rank is not None:
+            if left.shape[1]:  # (an unadapted tensor has no adapter entry)
+                shares = []
+                for k, writer in enumerate(writers):
+                    lo, hi, share = compress_factors(left * w[k][owner], right,
+                                                     writer.rank_of(plan.name))
+                    writer.write_factors(plan.name, lo, hi)
+                    shares.append(share)
+                with self._lock:
+                    result.kept[plan.name] = shares
+            self.traj.release(plan, 0, plan.numel)
+            return gram, fit
+        cd, code = plan.compute_dtype, DTYPES[plan.out_dtype]
+        lws = [(left * w[k][owner]).to(cd) for k in range(len(writers))]
+        right_cd = right.to(cd)
+        n = right.shape[1]
+        rows = max(1, self.block // n)
+        for r0 in range(0, left.shape[0], rows):
+            r1 = min(r0 + rows, left.shape[0])
+            a, b = r0 * n, r1 * n
+            self._prefetch.advance(plan, 0, a)
+            base = self.traj.read(plan, 0, a, b).to(cd).view(r1 - r0, n)
+            self._count(plan.base.itemsize * (b - a), result)
+            for lw, writer in zip(lws, writers):
+                out = base if lw.shape[1] == 0 else torch.addmm(base, lw[r0:r1], right_cd)
+                writer.write_at(plan.name, a, out.reshape(-1).to(code))
+        self.traj.release(plan, 0, plan.numel)  # the base's range and the factors' mappings
+        return gram, fit
+
+    def _factors(self, plan, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(left (m, T r), right (T r, n), owner (T r,)) in float64: every checkpoint's
+        scaling * L_t and R_t side by side, owner[j] = the checkpoint of column j."""
+        shape = plan.shape
+        n = shape[-1] if len(shape) >= 1 and shape[-1] else 1
+        m = plan.numel // n
+        lefts, rights, owner = [], [], []
+        for t, (ckpt, kind) in enumerate(zip(self.traj.checkpoints, plan.kinds)):
+            if kind != "factors":
+                continue
+            lo, hi, scaling = ckpt.factors(plan.name)
+            lefts.append(lo.to(torch.float64) * scaling)
+            rights.append(hi.to(torch.float64))
+            owner += [t] * lo.shape[1]
+            self._count(ckpt.factor_nbytes(plan.name), result)
+        if not lefts:
+            return (torch.zeros(m, 0, dtype=torch.float64),
+                    torch.zeros(0, n, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
+        return torch.cat(lefts, 1), torch.cat(rights, 0), torch.tensor(owner)
 
     def _shared(self, plan, pool, weights, writers, grams, result) -> None:
         """All workers share one large tensor's blocks; it is read twice without grams."""
@@ -532,7 +627,9 @@ class Engine:
               gram: bool = False) -> torch.Tensor | None:
         """The torch path (where the kernels do not apply): d = rows - base for elements
         [a, b); returns the Gram matrix of d (float64) if gram."""
-        if not self.cpu:
+        if plan.exact:
+            self._fill_exact(plan, a, b, d, base, result, npass)
+        elif not self.cpu:
             self._fill_gpu(plan, a, b, d, base, result, npass)
         else:
             self._subtract(d, self._read(plan, a, b, base, result, npass), base)
@@ -541,6 +638,25 @@ class Engine:
         if self.cpu:
             return torch.from_numpy(kernels.gram(d.numpy()))
         return (d @ d.T).to(torch.float64)
+
+    def _fill_exact(self, plan, a, b, d, base, result, npass: int) -> None:
+        """_fill where some reader gives its delta itself (LoRA: scaling * B @ A in d's dtype,
+        never rounded to the base's dtype): d[t] = that delta, or rows - base for checkpoints
+        read whole (a run mixing merged exports with adapters)."""
+        self._prefetch.advance(plan, npass, a)
+        base.copy_(self.traj.read(plan, 0, a, b))
+        nbytes = plan.base.itemsize * (b - a)
+        for t, (ckpt, kind) in enumerate(zip(self.traj.checkpoints, plan.kinds)):
+            if kind == "zero":
+                d[t].zero_()
+                continue
+            if kind == "full":
+                d[t].copy_(ckpt.read(plan.name, a, b))
+                d[t].sub_(base)
+            else:
+                d[t].copy_(ckpt.delta(plan.name, a, b, d.dtype))
+            nbytes += plan.rows[t].itemsize * (b - a)
+        self._count(nbytes, result)
 
     def _fill_gpu(self, plan, a, b, d, base, result, npass: int) -> None:
         """_fill to a GPU: the block's base and checkpoint rows, as stored, are gathered into
@@ -607,7 +723,10 @@ class Engine:
             d, base = self._torch_buffers(plan, a, b, full)
             if full is None:
                 self._fill(plan, a, b, d, base, result, npass)
-            torch.addmm(base, w, d, out=out)
+            if plan.name in self.delta_out:
+                torch.mm(w, d, out=out)
+            else:
+                torch.addmm(base, w, d, out=out)
         else:
             if full is not None:
                 rows, base = full[0].pop(a), full[1][a:b]
@@ -616,7 +735,7 @@ class Engine:
                 rows = self._read_as_is(plan, a, b, base, kdt, result, npass)
             kernels.delta_combine(_addresses(rows), base.numpy(), w.numpy(), out.numpy(),
                                   kdt == torch.bfloat16)
-        code = DTYPES[plan.out_dtype]
+        code = DTYPES[self.delta_out.get(plan.name, plan.out_dtype)]
         for k, writer in enumerate(writers):
             writer.write_at(plan.name, a, out[k].to(code))
 
@@ -637,6 +756,49 @@ class Engine:
             where = ", ".join(str(self.traj.checkpoints[i].path) for i in bad[:3])
         raise RelexError(f"tensor '{plan.name}': NaN or Inf values in {where}; the run diverged "
                          f"or the file is damaged: leave that checkpoint out (--steps)")
+
+
+def factor_gram(left: torch.Tensor, right: torch.Tensor, owner: torch.Tensor,
+                t: int) -> np.ndarray:
+    """The T x T Gram matrix of deltas D_t = L_t @ R_t from the factors alone (float64).
+
+    <L_i R_i, L_j R_j> = trace((L_i^T L_j)(R_j R_i^T)): the (i, j) block sum of the elementwise
+    product of L^T L and R R^T (both (T r) x (T r)), with L = [L_1 .. L_T] (m, T r) and R the
+    R_t stacked (T r, n)."""
+    if left.shape[1] == 0:
+        return np.zeros((t, t))
+    prod = (left.T @ left) * (right @ right.T)
+    ind = torch.zeros(t, len(owner), dtype=torch.float64)
+    ind[owner, torch.arange(len(owner))] = 1.0
+    return (ind @ prod @ ind.T).numpy()
+
+
+def compress_factors(left: torch.Tensor, right: torch.Tensor,
+                     rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-`rank` approximation of left @ right ((m, q) @ (q, n), q = T r), as
+    factors (lo (m, rank), hi (rank, n)) split sqrt(sigma) each, and the share of the
+    Frobenius norm it keeps, sqrt(sum_kept sigma^2 / sum sigma^2).
+
+    QR of both factors (Householder, Q never formed: ormqr applies it to the k kept vectors;
+    forming Q took twice the time on a 4864 x 480 factor), then the SVD of the small core
+    R_l R_r^T (at most q x q): never an m x n matrix. Columns past the product's rank are
+    zero."""
+    m, n = left.shape[0], right.shape[1]
+    a_l, tau_l = torch.geqrf(left)
+    a_r, tau_r = torch.geqrf(right.T.contiguous())
+    r_l, r_r = a_l[: len(tau_l)].triu(), a_r[: len(tau_r)].triu()
+    u, sigma, vh = torch.linalg.svd(r_l @ r_r.T)
+    k = min(rank, len(sigma))
+    root = sigma[:k].sqrt()
+    lo = torch.zeros(m, rank, dtype=left.dtype)
+    hi_t = torch.zeros(n, rank, dtype=left.dtype)
+    lo[: u.shape[0], :k] = u[:, :k] * root
+    hi_t[: vh.shape[1], :k] = vh[:k].T * root
+    lo = torch.ormqr(a_l, tau_l, lo)  # Q_l @ [U_k sqrt(S_k); 0]
+    hi = torch.ormqr(a_r, tau_r, hi_t).T
+    total = float((sigma ** 2).sum())
+    share = 1.0 if total == 0 else float(((sigma[:k] ** 2).sum() / total).sqrt())
+    return lo, hi, share
 
 
 def available_memory() -> int:

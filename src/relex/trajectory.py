@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from relex.formats import DTYPES, FLOAT_CODES, Reader, TensorMeta
+from relex.formats import DTYPES, FLOAT_CODES, Reader, TensorMeta, lora
 from relex.errors import RelexError
 
 LM_HEAD = "lm_head.weight"
@@ -23,13 +23,29 @@ LM_HEAD = "lm_head.weight"
 class TensorPlan:
     """One output tensor: its base entry, its entry in each observed checkpoint, output dtype.
 
-    `rows` is empty for tensors copied from the base (non-float tensors).
+    `rows` is empty for tensors copied from the base (non-float tensors). `kinds` says per
+    checkpoint how its reader holds the tensor (Reader.delta_kind: "full", "zero", "delta",
+    "factors"; empty means all "full").
     """
 
     name: str
     base: TensorMeta
     rows: tuple[TensorMeta, ...]
     out_dtype: str
+    kinds: tuple[str, ...] = ()
+
+    @property
+    def factored(self) -> bool:
+        """Every checkpoint's delta is a LoRA product or zero: the Gram matrix comes from the
+        factors and no delta is ever materialised (engine._factored)."""
+        return self.moves and all(k in ("factors", "zero") for k in self.kinds) and \
+            bool(self.kinds)
+
+    @property
+    def exact(self) -> bool:
+        """Some checkpoint gives its delta directly (Reader.delta): the engine asks for it
+        instead of subtracting the base from a merged, rounded tensor."""
+        return self.moves and any(k != "full" for k in self.kinds)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -110,6 +126,7 @@ class Trajectory:
         skip = {LM_HEAD} if self.tied else set()
         for ckpt in checkpoints:
             self._check_names(ckpt, skip)
+        lora.check_same_adapters(checkpoints, list(steps))
         plans = []
         for order, (name, b) in enumerate(base.tensors.items()):
             if name in skip:
@@ -118,8 +135,10 @@ class Trajectory:
             for ckpt, row in zip(checkpoints, rows):
                 self._check_tensor(ckpt, b, row)
             moves = b.is_float
+            kinds = tuple(c.delta_kind(name) for c in checkpoints) if moves else ()
             plans.append((order, TensorPlan(name, b, rows if moves else (),
-                                            (out_code or b.dtype) if moves else b.dtype)))
+                                            (out_code or b.dtype) if moves else b.dtype,
+                                            kinds if any(k != "full" for k in kinds) else ())))
         plans.sort(key=lambda p: (-DTYPES[p[1].out_dtype].itemsize, p[0]))
         self.plans: list[TensorPlan] = [p for _, p in plans]
 

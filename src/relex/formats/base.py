@@ -103,6 +103,19 @@ class Reader:
     def release(self, name: str, start: int, stop: int) -> None:
         """Hint that elements [start, stop) will not be read again soon (bounds RSS)."""
 
+    def delta_kind(self, name: str) -> str:
+        """How this checkpoint holds tensor `name` relative to the run's base: "full" (read()
+        gives the tensor; the engine subtracts the base), "zero" (it is the base's), "delta"
+        (delta() gives the exact difference) or "factors" (a LoRA product, see
+        formats.lora.LoraReader.factors). Formats that store differences say so here, so that
+        nothing is rounded to the base's dtype before the subtraction."""
+        return "full"
+
+    def delta(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Elements [start, stop) of this checkpoint minus the base, exact, in float `dtype`
+        (formats whose delta_kind is not "full")."""
+        raise NotImplementedError
+
     def prefetch(self, name: str, start: int, stop: int) -> None:
         """Hint that elements [start, stop) will be read soon: start reading them in the
         background (readers on MappedFiles: MappedFiles.prefetch). Default: nothing."""

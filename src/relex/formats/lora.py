@@ -1,5 +1,13 @@
 """PEFT LoRA adapters (`checkpoint-N/adapter_model.safetensors` + `adapter_config.json`, also
-verl's `actor/lora_adapter/`), read as the merged model base + scaling * B @ A.
+verl's `actor/lora_adapter/`): exact deltas scaling * B @ A for the engine, and the merged model
+base + scaling * B @ A for anyone who reads the checkpoint as a model.
+
+What relex fits is the delta, so the engine never sees a merged weight: for a LoRA'd weight
+`delta_kind` is "factors" and `factors` hands out (scaling * L, R) with delta = L @ R (the Gram
+matrix comes from r x r products of them, engine.py), for a lora_B bias or a full tensor saved in
+the adapter file it is "delta" (`delta`: exact, in float32/float64), and for every other tensor
+"zero". Merging first and rounding each checkpoint to a bf16 base's dtype, as peft's
+`merge_and_unload` does, loses most of an RL-sized delta (docs/lora.md has the measurements).
 
 A LoRA run saves only the adapters, and merging each checkpoint first (peft's
 `merge_and_unload`) loads the whole model and writes another full copy per step. Here a
@@ -8,15 +16,17 @@ range touches, B[rows] @ A (r multiply-adds per element), added to the base's by
 Nothing bigger than one block is ever materialised, and tensors without an adapter are the base's
 own mapped bytes (delta 0, so relex copies them).
 
-The arithmetic follows peft's merge exactly, so relex's output from the adapters equals its output
-from peft's merged export: delta = (B @ A) * scaling in the adapter's dtype (float32 on the CPU
+`read` follows peft's merge exactly (what a merged export of the checkpoint holds): delta = (B @ A) * scaling in the adapter's dtype (float32 on the CPU
 for half-precision adapters, cast back), added to the base weight in the base's dtype;
 scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), with per-module `rank_pattern` /
 `alpha_pattern`; embeddings (`lora_embedding_A/B`) and layers whose base weight is stored
 (in, out) (transformers Conv1D, where peft sets `fan_in_fan_out`) use the transpose, decided per
 layer from the shapes as peft decides per layer from the module type; `lora_B.bias` is added to
 the base bias; full tensors in the file (`modules_to_save`, saved embedding layers, trained
-biases) replace the base's. DoRA, other PEFT methods and adapters whose initialisation rewrote
+biases) replace the base's. DoRA on linear layers (`lora_magnitude_vector`) is read the same way
+row by row: W' = m * (W + s B A) / ||W + s B A|| with the norm of each output row, so its delta
+is exact but not low rank (delta_kind "delta"). DoRA on embeddings or Conv1D layers, other PEFT
+methods and adapters whose initialisation rewrote
 the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, MiCA) are refused.
 """
 
@@ -44,10 +54,12 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 _LORA = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\."
                    r"(?P<param>weight|bias)")
+_DORA = re.compile(r"(?P<module>.+)\.(?P<kind>lora_magnitude_vector)(?:\.(?P<adapter>[^.]+))?"
+                   r"(?:\.weight)?")
 _EMBED = re.compile(r"(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)"
                     r"(?:\.(?P<adapter>[^.]+))?")
 #: LoraConfig options that change what merging means; relex refuses adapters that set them
-_UNSUPPORTED = ("use_dora", "layer_replication", "target_parameters", "trainable_token_indices",
+_UNSUPPORTED = ("layer_replication", "target_parameters", "trainable_token_indices",
                 "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config")
 
 
@@ -105,6 +117,15 @@ class Adapter:
     scaling: float
     transposed: bool = False
     bias: bool = False  # a lora_B bias: bias += scaling * b (a is unused)
+    #: the adapter file's key of the module ("base_model.model.<module>")
+    prefix: str = ""
+    embedding: bool = False  # lora_embedding_A/B (keys without ".weight")
+    #: DoRA's magnitude vector (one per output row), None for plain LoRA
+    magnitude: TensorInfo | None = None
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.bias else self.a.shape[0]
 
 
 class _SharedBase:
@@ -137,7 +158,8 @@ class _SharedBase:
 
 
 class LoraReader(Reader):
-    """A PEFT LoRA checkpoint seen as the merged model (base + scaling * B @ A), range by range.
+    """A PEFT LoRA checkpoint: exact deltas for the engine (delta_kind, factors, delta), and
+    the merged model (base + scaling * B @ A, as peft merges it) range by range (read).
 
     >>> ckpt = LoraReader("out/checkpoint-50", base="Qwen2.5-Math-1.5B")
     >>> rows = ckpt.read("model.layers.0.self_attn.q_proj.weight", 0, 4096)  # merged, 1-D
@@ -172,6 +194,7 @@ class LoraReader(Reader):
             raise RelexError(f"{cfg_file}: missing or invalid r / lora_alpha ({e!r}); re-save "
                              f"the adapter") from None
         rslora, fan_in_fan_out = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
+        self.dora = bool(cfg.get("use_dora"))
         if base is None:
             base = base_of(self.path)
             if base is None:
@@ -195,11 +218,18 @@ class LoraReader(Reader):
         entries, _ = read_header(self._file)
         self.tensors = dict(self.base.tensors)
         self._replaced: dict[str, TensorInfo] = {}
+        #: tensor name -> its key in the adapter file, for the full tensors saved there
+        self.full_keys: dict[str, str] = {}
         self.adapters: dict[str, Adapter] = {}
         pairs: dict[str, dict[str, TensorInfo]] = {}
         adapter_names = set()
         for key, info in entries.items():
             name = key.removeprefix("base_model.model.")
+            m = _DORA.fullmatch(name)
+            if m:
+                adapter_names.add(m.group("adapter"))
+                pairs.setdefault(m.group("module"), {})["M"] = info
+                continue
             m = _LORA.fullmatch(name) or _EMBED.fullmatch(name)
             if m:
                 adapter_names.add(m.group("adapter"))
@@ -207,6 +237,8 @@ class LoraReader(Reader):
                 kind = m.group("kind")[-1] + ("_bias" if param == "bias" else "")
                 pairs.setdefault(m.group("module"), {})[kind] = info
                 pairs[m.group("module")]["embedding"] = "embedding" in m.group("kind")
+                pairs[m.group("module")]["prefix"] = key[: len(key) - len(name)] + \
+                    m.group("module")
                 continue
             if "lora_" in name or "trainable_tokens" in name:
                 raise RelexError(f"{self._file}: entry '{key}' is not a LoRA weight relex "
@@ -214,6 +246,7 @@ class LoraReader(Reader):
             target = re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", name)
             target = target.replace(".base_layer.", ".")
             self._replace(target, info)
+            self.full_keys[target] = key
         if len(adapter_names) > 1:
             raise RelexError(f"{self._file}: holds several adapters "
                              f"({sorted(map(str, adapter_names))}); save one per checkpoint")
@@ -235,6 +268,11 @@ class LoraReader(Reader):
 
     def _add(self, module, parts, r0, alpha0, rank_pattern, alpha_pattern, rslora, fifo) -> None:
         where = f"{self._file}: adapter for '{module}'"
+        if ("M" in parts) != self.dora:
+            raise RelexError(f"{where}: use_dora is {str(self.dora).lower()} in "
+                             f"{ADAPTER_CONFIG} but the file "
+                             f"{'has' if 'M' in parts else 'lacks'} its lora_magnitude_vector; "
+                             f"re-save the adapter")
         if "A" not in parts or "B" not in parts:
             raise RelexError(f"{where} lacks its lora_{'A' if 'A' not in parts else 'B'} "
                              f"weight; the file is incomplete, re-save the adapter")
@@ -273,7 +311,15 @@ class LoraReader(Reader):
                              f"{ADAPTER_CONFIG} (r / rank_pattern); re-save the adapter")
         alpha = float(_pattern_value(alpha_pattern, module, alpha0))
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.adapters[weight] = Adapter(a, b, scaling, transposed)
+        magnitude = parts.get("M")
+        if magnitude is not None and (transposed or magnitude.shape != (b_meta.shape[0],)
+                                      or not magnitude.is_float):
+            raise RelexError(f"{where}: DoRA on an embedding or Conv1D layer, or a magnitude "
+                             f"vector of shape {list(magnitude.shape)} for the weight's "
+                             f"{list(b_meta.shape)}: relex reads DoRA on linear layers only; "
+                             f"merge with peft (merge_and_unload + save_pretrained)")
+        self.adapters[weight] = Adapter(a, b, scaling, transposed, prefix=parts["prefix"],
+                                        embedding=parts["embedding"], magnitude=magnitude)
         if "B_bias" in parts:
             bias, b_bias = f"{module}.bias", parts["B_bias"]
             if bias not in self.tensors:
@@ -282,7 +328,8 @@ class LoraReader(Reader):
             if b_bias.shape != self.tensors[bias].shape:
                 raise RelexError(f"{where}: lora_B bias shape {list(b_bias.shape)} differs from "
                                  f"the base's {list(self.tensors[bias].shape)}")
-            self.adapters[bias] = Adapter(b_bias, b_bias, scaling, bias=True)
+            self.adapters[bias] = Adapter(b_bias, b_bias, scaling, bias=True,
+                                          prefix=parts["prefix"])
 
     # ------------------------------------------------------------------ reading
     def _view(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
@@ -299,15 +346,75 @@ class LoraReader(Reader):
         ad = self.adapters.get(name)
         if ad is None:
             return base
+        if ad.magnitude is not None:  # peft: in float32 (the adapter's dtype), rounded once
+            wide = torch.promote_types(base.dtype, torch.float32)
+            return self._dora(name, ad, start, stop, wide, exact=False).to(base.dtype)
         if ad.bias:
             delta = self._view(ad.b, start, stop) * ad.scaling
         else:
             delta = self._delta(ad, self.tensors[name].shape[1], start, stop)
         return (base + delta).to(base.dtype)  # peft's in-place add: promote, round to base
 
-    def _delta(self, ad: Adapter, cols: int, start: int, stop: int) -> torch.Tensor:
+    # ------------------------------------------------------------------ exact deltas
+    def delta_kind(self, name: str) -> str:
+        """"factors" for a LoRA'd weight, "delta" for a lora_B bias or a full tensor saved in
+        the adapter file, "zero" for every other tensor (see Reader.delta_kind)."""
+        ad = self.adapters.get(name)
+        if name in self._replaced or (ad is not None and (ad.bias or ad.magnitude is not None)):
+            return "delta"
+        return "zero" if ad is None else "factors"
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(L, R, scaling) of a LoRA'd weight as stored (views of the mapped file): the delta
+        is scaling * L @ R, L (m, r), R (r, n) for the weight's (m, n): B and A, or A^T and B^T
+        for embeddings and Conv1D layers."""
+        ad = self.adapters[name]
+        a = self._view(ad.a, 0, ad.a.numel).view(ad.a.shape)
+        b = self._view(ad.b, 0, ad.b.numel).view(ad.b.shape)
+        return (a.T, b.T, ad.scaling) if ad.transposed else (b, a, ad.scaling)
+
+    def factor_nbytes(self, name: str) -> int:
+        """Bytes of the factors `factors` reads for a LoRA'd weight."""
+        ad = self.adapters[name]
+        return ad.a.nbytes + ad.b.nbytes
+
+    def delta(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Elements [start, stop) of this checkpoint minus the base, in `dtype` (float32 or
+        float64), never rounded to the base's dtype: a saved full tensor minus the base, plus
+        scaling * (B @ A) (or a lora_B bias) computed in `dtype`."""
+        if name in self._replaced:
+            full = self._view(self._replaced[name], start, stop).to(dtype)
+            out = full - self.base.read(name, start, stop).to(dtype)
+        else:
+            out = torch.zeros(stop - start, dtype=dtype)
+        ad = self.adapters.get(name)
+        if ad is None:
+            return out
+        if ad.bias:
+            return out.add_(self._view(ad.b, start, stop).to(dtype), alpha=ad.scaling)
+        if ad.magnitude is not None:
+            return out.add_(self._dora(name, ad, start, stop, dtype, exact=True))
+        return out.add_(self._delta(ad, self.tensors[name].shape[1], start, stop, dtype))
+
+    def _dora(self, name: str, ad: Adapter, start: int, stop: int, dtype: torch.dtype,
+              exact: bool) -> torch.Tensor:
+        """DoRA, for the rows the range touches: m * V / ||V|| (per row), V = W + s B A, in
+        `dtype`; minus W if exact (the delta), else the merged weight. Cut to [start, stop)."""
+        cols = self.tensors[name].shape[1]
+        r0, r1 = start // cols, -(-stop // cols)
+        src = (self._view(self._replaced[name], r0 * cols, r1 * cols) if name in self._replaced
+               else self.base.read(name, r0 * cols, r1 * cols))
+        w = src.to(dtype).view(r1 - r0, cols)
+        v = w + self._delta(ad, cols, r0 * cols, r1 * cols, dtype).view(r1 - r0, cols)
+        mag = self._view(ad.magnitude, r0, r1).to(dtype)
+        new = v * (mag / torch.linalg.vector_norm(v, dim=1))[:, None]
+        out = new - w if exact else new
+        return out.reshape(-1)[start - r0 * cols: stop - r0 * cols]
+
+    def _delta(self, ad: Adapter, cols: int, start: int, stop: int,
+               exact: torch.dtype | None = None) -> torch.Tensor:
         """scaling * (B @ A) (or its transpose) for the rows the range touches, flattened and
-        cut to [start, stop)."""
+        cut to [start, stop): in `exact` if given, else as peft's merge computes it."""
         r0, r1 = start // cols, -(-stop // cols)
         a_full, b_full = self._view(ad.a, 0, ad.a.numel), self._view(ad.b, 0, ad.b.numel)
         a, b = a_full.view(ad.a.shape), b_full.view(ad.b.shape)
@@ -316,8 +423,10 @@ class LoraReader(Reader):
         else:
             b = b[r0:r1]
         dtype = a.dtype
-        half = dtype in (torch.float16, torch.bfloat16)
-        if half:
+        half = dtype in (torch.float16, torch.bfloat16) and exact is None
+        if exact is not None:
+            a, b = a.to(exact), b.to(exact)
+        elif half:
             a, b = a.float(), b.float()
         prod = b @ a
         if ad.transposed:
@@ -336,7 +445,8 @@ class LoraReader(Reader):
             self.base.release(name, start, stop)
         ad = self.adapters.get(name)
         if ad is not None:
-            for info in {ad.a.name: ad.a, ad.b.name: ad.b}.values():
+            infos = [ad.a, ad.b] + ([ad.magnitude] if ad.magnitude is not None else [])
+            for info in {i.name: i for i in infos}.values():
                 self._maps.release(info.file, info.offset, info.nbytes)
 
     def files(self) -> list[Path]:
@@ -350,6 +460,35 @@ class LoraReader(Reader):
         if self.base is not None:
             _SharedBase.release(self.base)
             self.base = None
+
+
+def check_same_adapters(checkpoints: list[Reader], steps: list[int]) -> None:
+    """Every LoRA checkpoint of a run must adapt the same weights with the same r: a delta
+    whose rank or support changes mid-run is not one trajectory (and is usually a mix-up of
+    runs). Raises RelexError naming the first step and module that differ."""
+    first = None
+    for step, ckpt in zip(steps, checkpoints):
+        if not isinstance(ckpt, LoraReader):
+            continue
+        ranks = {n: ad.rank if ad.magnitude is None else f"{ad.rank} (DoRA)"
+                 for n, ad in ckpt.adapters.items()}
+        if first is None:
+            first = (step, ranks)
+            continue
+        step0, ranks0 = first
+        for name in sorted(set(ranks) | set(ranks0)):
+            module = name.rsplit(".", 1)[0]
+            where = f"{ckpt.path / ADAPTER_WEIGHTS}: at step {step}, module '{module}'"
+            fix = ("the checkpoints of one run must share r and target_modules; pass only "
+                   "one run's checkpoints (--steps)")
+            if name not in ranks0 or name not in ranks:
+                what = (f"has a LoRA {name.rsplit('.', 1)[1]}, which step {step0} lacks"
+                        if name in ranks else f"has no LoRA {name.rsplit('.', 1)[1]} but "
+                        f"step {step0} has one")
+                raise RelexError(f"{where} {what} (target_modules changed); {fix}")
+            if ranks[name] != ranks0[name]:
+                raise RelexError(f"{where} has r={ranks[name]} but r={ranks0[name]} at step "
+                                 f"{step0}; {fix}")
 
 
 def reader(path: Path, base: str | Path | None = None) -> LoraReader:
