@@ -32,6 +32,11 @@ RUN_DIR layouts read: verl global_step_N/actor/huggingface, TRL/ROLL checkpoint-
 OpenRLHF global_stepN_hf, NeMo-RL step_N (consolidated HF), plain step-N / step_N."""
 
 
+def one_line(e: Exception) -> str:
+    """The message on one line: names taken from a damaged file may hold line breaks."""
+    return str(e).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _positive(text: str) -> int:
     n = int(text)
     if n < 1:
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report = relex.reconstruct(args.run_dir, rank=args.rank, **common)
     except RelexError as e:
-        print(f"relex: error: {e}", file=sys.stderr)
+        print(f"relex: error: {one_line(e)}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError as e:
         print(f"relex: error: the GPU ran out of memory ({str(e).splitlines()[0][:160]}); "

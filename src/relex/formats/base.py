@@ -107,6 +107,10 @@ class Reader:
         """Hint that elements [start, stop) will be read soon: start reading them in the
         background (readers on MappedFiles: MappedFiles.prefetch). Default: nothing."""
 
+    def verify(self) -> None:
+        """After a pass: check what it read against the checksums the files carry (torch.save
+        archives' CRC-32s, see torchfile.Checksums); raises RelexError. Default: nothing."""
+
     def files(self) -> list[Path]:
         """The data files this checkpoint's tensors come from (for fingerprints)."""
         return []

@@ -34,6 +34,7 @@ import struct
 import threading
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,6 +315,18 @@ def restricted_loads(data: bytes, where: str, extra: dict | None = None):
     return obj
 
 
+@contextmanager
+def records_of(where: str):
+    """Reading fields of unpickled records: a damaged pickle can put any type where a field
+    should be (a string for a shape, a dict for a dim), which surfaces as one of these."""
+    try:
+        yield
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError,
+            RecursionError) as e:
+        raise RelexError(f"{where}: corrupt checkpoint records ({type(e).__name__}: "
+                         f"{short(str(e))}); re-copy the checkpoint") from None
+
+
 def _children(x):
     if isinstance(x, dict):
         return (*x.keys(), *x.values())
@@ -417,6 +430,8 @@ def load(file: Path, offset: int = 0, length: int | None = None, where: str | No
     file = Path(file)
     where = where or str(file)
     fix = "re-copy the checkpoint or re-save it"
+    if not file.is_file():  # a FIFO or device would block or never end
+        raise RelexError(f"{file}: missing or not a regular file; {fix}")
     size = file.stat().st_size
     length = size - offset if length is None else length
     if offset < 0 or length < 0 or offset + length > size:
@@ -449,6 +464,9 @@ def load(file: Path, offset: int = 0, length: int | None = None, where: str | No
                              f"({type(e).__name__}: {str(e)[:100]}); {fix}") from None
         try:
             data = zf.read(info)  # zipfile checks its local header and CRC-32
+            for m in members.values():  # the small records too (version, byteorder, ...)
+                if m is not info and not m.filename.startswith(f"{prefix}data/"):
+                    zf.read(m)
         except _ZIP_ERRORS as e:
             raise RelexError(f"{where}: corrupt data.pkl ({type(e).__name__}: "
                              f"{str(e)[:100]}); {fix}") from None
@@ -526,6 +544,17 @@ def _member_data(f, offset: int, length: int, member: zipfile.ZipInfo, ends: lis
     return start
 
 
+def _aliased(shape, stride) -> bool:
+    """Two elements at one address (stride 0, or dims interleaved): no saved parameter is
+    like that, and a damaged record that is would read the same bytes twice."""
+    span = 1
+    for size, st in sorted((x for x in zip(shape, stride) if x[0] > 1), key=lambda x: x[1]):
+        if st < span:
+            return True
+        span = st * size
+    return False
+
+
 def _place(obj, storages: dict[str, Storage], where: str):
     """obj with every StoredTensor pointing at its placed storage, checked against its size."""
     memo: dict[int, object] = {}
@@ -537,7 +566,8 @@ def _place(obj, storages: dict[str, Storage], where: str):
             st = storages[x.storage.key]
             t = StoredTensor(st, x.offset, x.shape, x.stride)
             if (len(x.stride) != len(x.shape) or x.offset < 0
-                    or any(s < 0 for s in x.shape) or any(s < 0 for s in x.stride)):
+                    or any(s < 0 for s in x.shape) or any(s < 0 for s in x.stride)
+                    or _aliased(x.shape, x.stride)):
                 raise RelexError(f"{where}: corrupt tensor record (shape {list(x.shape)}, "
                                  f"stride {list(x.stride)}); re-copy the checkpoint")
             if t.numel and t.span()[0] + t.span()[1] > st.offset + st.numel * st.dtype.itemsize:
@@ -590,6 +620,7 @@ class ChunkedTensor:
                  maps: MappedFiles, where: str):
         self.name, self.dtype, self.shape, self.maps = name, dtype, tuple(shape), maps
         self.chunks = [c for c in chunks if c.tensor.numel]
+        self.checksums: Checksums | None = None  # set by ChunkedReader._add
         fix = "the checkpoint is damaged or was written by an unsupported version"
         for c in self.chunks:
             t = c.tensor
@@ -661,6 +692,8 @@ class ChunkedTensor:
 
     def release(self, a: int, b: int) -> None:
         for file, start, nbytes in self._spans(a, b):
+            if self.checksums is not None:  # the bytes are still mapped: check them first
+                self.checksums.fold(file, start, nbytes)
             self.maps.release(file, start, nbytes)
 
     def prefetch(self, a: int, b: int) -> None:
@@ -677,10 +710,17 @@ class ChunkedReader(Reader):
         super().__init__(Path(path))
         self._maps = MappedFiles()
         self._chunked: dict[str, ChunkedTensor] = {}
+        self.checksums = Checksums(self._maps)
 
     def _add(self, tensor: ChunkedTensor) -> None:
         self._chunked[tensor.name] = tensor
         self.tensors[tensor.name] = TensorMeta(tensor.name, tensor.dtype, tensor.shape)
+        tensor.checksums = self.checksums
+        for c in tensor.chunks:
+            self.checksums.add(c.tensor.storage)
+
+    def verify(self) -> None:
+        self.checksums.finish()
 
     def read(self, name, start, stop):
         return self._chunked[name].read(start, stop)
@@ -693,6 +733,72 @@ class ChunkedReader(Reader):
 
     def close(self) -> None:
         self._maps.close()
+
+
+class _Member:
+    """One zip member's bytes [start, end) in `file`, and its CRC-32 folded up to `pos`."""
+
+    def __init__(self, storage: Storage):
+        self.storage, self.start = storage, storage.offset
+        self.end = storage.offset + storage.numel * storage.dtype.itemsize
+        self.pos, self.crc, self.lock = self.start, 0, threading.Lock()
+
+
+class Checksums:
+    """The CRC-32 of every zip member a pass reads, computed as the pass releases its bytes.
+
+    torch.save records each storage's CRC-32 but nothing else checks it when bytes are
+    mapped in place: a flipped bit in tensor data would be used as is. The engine releases
+    each tensor's ranges in order right after using them (mapped, usually in the CPU cache),
+    so each member's CRC is folded in there, from the furthest byte folded onwards (ranges
+    released again, or before that point, cost nothing); `finish` folds what the pass never
+    released (a storage's padding past its tensor) and checks every member it touched."""
+
+    def __init__(self, maps: MappedFiles):
+        self.maps, self.enabled = maps, True
+        self._members: dict[Path, dict[int, _Member]] = {}
+        self._starts: dict[Path, list[int]] = {}
+
+    def add(self, storage: Storage) -> None:
+        if storage.crc is None or storage.numel == 0:
+            return
+        members = self._members.setdefault(storage.file, {})
+        if storage.offset not in members:
+            members[storage.offset] = _Member(storage)
+            self._starts[storage.file] = sorted(members)
+
+    def fold(self, file: Path, start: int, nbytes: int) -> None:
+        """Fold bytes [start, start + nbytes) of `file` into the members they belong to."""
+        import bisect
+        starts = self._starts.get(file)
+        if not self.enabled or not starts or nbytes <= 0:
+            return
+        end = start + nbytes
+        i = max(0, bisect.bisect_right(starts, start) - 1)
+        while i < len(starts) and starts[i] < end:
+            m = self._members[file][starts[i]]
+            i += 1
+            with m.lock:
+                if start <= m.pos < min(end, m.end):
+                    self._fold(m, min(end, m.end))
+
+    def _fold(self, m: _Member, upto: int) -> None:
+        data = self.maps.view(m.storage.file, m.pos, upto - m.pos, torch.uint8).numpy()
+        m.crc, m.pos = zlib.crc32(data, m.crc), upto
+        if m.pos == m.end and m.crc != m.storage.crc:
+            raise RelexError(f"{m.storage.file}: the bytes of storage '{m.storage.key}' (file "
+                             f"bytes {m.start}-{m.end}) fail their CRC-32 check: the tensor "
+                             f"data is damaged; re-copy the checkpoint")
+
+    def finish(self) -> None:
+        """Check every member the pass read from, reading what it left out."""
+        if not self.enabled:
+            return
+        for members in self._members.values():
+            for m in members.values():
+                with m.lock:
+                    if m.start < m.pos < m.end:
+                        self._fold(m, m.end)
 
 
 def _overlapping(chunks: list[Chunk]) -> tuple[Chunk, Chunk] | None:
