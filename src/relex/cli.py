@@ -63,6 +63,16 @@ def _inputs(p: argparse.ArgumentParser, run_dir_required: bool = False) -> None:
     sel.add_argument("--steps", metavar="S1,S2,...", help="use exactly these observed steps")
 
 
+def _integrity(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("damaged inputs (see docs/robustness.md)")
+    g.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out discovered checkpoints that cannot be opened, with a warning "
+                        "naming each (default: stop with an error)")
+    g.add_argument("--no-verify-checksums", dest="verify_checksums", action="store_false",
+                   help="do not check the CRC-32 of torch.save tensor bytes as they are read "
+                        "(verl FSDP, DCP, DeepSpeed); damaged bytes then go unnoticed")
+
+
 def _output(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output and resources")
     g.add_argument("--output", "-o", required=True, metavar="DIR",
@@ -96,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Fit the observed checkpoints and write the model of each "
                                     "--target step as a Hugging Face directory OUT/step-S/.")
     _inputs(ex)
+    _integrity(ex)
     ex.add_argument("--from-fit", metavar="PATH",
                     help="reuse a saved fit (an extrapolate/analyze output dir or its "
                          "relex-fit.safetensors): no Gram pass; --steps / --observe-until pick "
@@ -119,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Write theta_0 + the rank-r projection of each observed "
                                     "checkpoint's delta (is the trajectory really rank r?).")
     _inputs(rc)
+    _integrity(rc)
     rc.add_argument("--rank", type=int, default=1, help="singular components kept (default 1)")
     _output(rc)
 
@@ -131,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "OUT/report.html (self-contained), PNG figures, summary.json "
                                     "and tensors.csv.")
     _inputs(an)
+    _integrity(an)
     an.add_argument("--from-fit", metavar="PATH",
                     help="analyse a saved fit (relex-fit.safetensors or its directory); reads no "
                          "weights")
@@ -295,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
                       observe_until=args.observe_until, output=args.output, dtype=args.dtype,
                       overwrite=args.overwrite, max_memory=args.max_memory,
                       max_shard_size=args.max_shard_size, device=args.device,
-                      threads=args.threads, progress=not args.quiet)
+                      threads=args.threads, progress=not args.quiet,
+                      skip_unreadable=args.skip_unreadable,
+                      verify_checksums=args.verify_checksums)
         if args.command == "extrapolate":
             report = relex.extrapolate(args.run_dir, targets=args.target, method=args.method,
                                        rank=args.rank, fit=args.fit, window=args.window,
@@ -330,7 +345,8 @@ def _analyze(args) -> int:
                         revision_pattern=args.revision_pattern,
                         from_fit=args.from_fit, overwrite=args.overwrite,
                         max_memory=args.max_memory, device=args.device, threads=args.threads,
-                        progress=not args.quiet)
+                        progress=not args.quiet, skip_unreadable=args.skip_unreadable,
+                        verify_checksums=args.verify_checksums)
     if args.quiet:
         return 0
     s = res.summary

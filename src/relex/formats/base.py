@@ -87,6 +87,8 @@ class Reader:
 
     #: short format name shown in messages and recorded in fingerprints
     format = "?"
+    #: torchfile.Checksums of the zip members its tensors come from, or None (not a zip)
+    checksums = None
 
     def __init__(self, path: Path):
         self.path = Path(path)
