@@ -31,6 +31,7 @@ import pickle
 import re
 import reprlib
 import struct
+import sys
 import threading
 import zipfile
 import zlib
@@ -269,6 +270,16 @@ class RestrictedUnpickler(pickle.Unpickler):
                  extra: dict | None = None, file: Path | None = None):
         super().__init__(io.BytesIO(data))
         self.where, self.storages, self.extra, self.file = where, storages, extra or {}, file
+
+    def load(self):
+        # A damaged BYTEARRAY8 length makes CPython's unpickler raise MemoryError after printing
+        # "SystemError: deallocated bytearray object has exported buffers" through
+        # sys.excepthook (bytearray_dealloc): keep that line off the user's terminal.
+        hook, sys.excepthook = sys.excepthook, lambda *exc: None
+        try:
+            return super().load()
+        finally:
+            sys.excepthook = hook
 
     def find_class(self, module, name):
         obj = _allowed(module, name, self.extra)
