@@ -243,6 +243,17 @@ def test_memo_bomb_in_transform_descriptors(capsys, clean, runs):
     _refused(capsys, clean, runs, "dcp", rf"{md_file}: the pickle unfolds into more than")
 
 
+def test_real_pickles_stay_below_one_node_per_byte(clean, monkeypatch):
+    """The bound on unpickled objects (torchfile.NODES_PER_BYTE = 8) has room: real rank files
+    and DCP metadata load with 1 node per byte and no floor."""
+    from relex.formats import open_reader, torchfile
+    monkeypatch.setattr(torchfile, "NODES_PER_BYTE", 1)
+    monkeypatch.setattr(torchfile, "MIN_NODES", 0)
+    for path in (clean / "verl" / "global_step_2" / "actor", _dcp(clean, 2)):
+        with open_reader(path) as r:
+            assert len(r.tensors) > 10
+
+
 # --------------------------------------------------------------------- zip end records
 def _flip_end_records(runs, which: str) -> Path:
     """Make the first archive's zip64 end record (or, if none, its end record) point its
@@ -305,6 +316,24 @@ def test_stale_crc_in_tensor_bytes(capsys, clean, runs):
         # asked not to check: used as is
         code, _ = _outcome(capsys, clean, runs, kind, "--no-verify-checksums", same=False)
         assert code == 0
+
+
+def test_crc_checked_when_read_but_not_released(runs):
+    """Reader.verify checks every storage a pass read, released or not, and only those."""
+    from relex.formats import open_reader
+    f = _rank(runs, 2, 0)
+    raw = bytearray(f.read_bytes())
+    m = max((v for k, v in _members(bytes(raw), 0, len(raw)).items() if "/data/" in k),
+            key=lambda v: v["size"])
+    raw[m["data"] + 1] ^= 1
+    f.write_bytes(bytes(raw))
+    with open_reader(f.parent) as r:
+        r.verify()  # nothing read yet: nothing to check
+        for name, t in r.tensors.items():
+            r.read(name, 0, t.numel)
+        with pytest.raises(RelexError, match=rf"{f}: the bytes of storage '.*' .* fail their "
+                                             r"CRC-32 check"):
+            r.verify()
 
 
 @pytest.mark.parametrize("delta", [-4, 4, 8])

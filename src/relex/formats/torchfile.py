@@ -476,7 +476,8 @@ def load(file: Path, offset: int = 0, length: int | None = None, where: str | No
         try:
             data = zf.read(info)  # zipfile checks its local header and CRC-32
             for m in members.values():  # the small records too (version, byteorder, ...)
-                if m is not info and not m.filename.startswith(f"{prefix}data/"):
+                if (m is not info and not m.filename.startswith(f"{prefix}data/")
+                        and m.compress_type == zipfile.ZIP_STORED and m.file_size < 1 << 20):
                     zf.read(m)
         except _ZIP_ERRORS as e:
             raise RelexError(f"{where}: corrupt data.pkl ({type(e).__name__}: "
@@ -632,6 +633,7 @@ class ChunkedTensor:
         self.name, self.dtype, self.shape, self.maps = name, dtype, tuple(shape), maps
         self.chunks = [c for c in chunks if c.tensor.numel]
         self.checksums: Checksums | None = None  # set by ChunkedReader._add
+        self.touched = False
         fix = "the checkpoint is damaged or was written by an unsupported version"
         for c in self.chunks:
             t = c.tensor
@@ -673,6 +675,7 @@ class ChunkedTensor:
 
     def read(self, a: int, b: int) -> torch.Tensor:
         """Elements [a, b) of the flattened global tensor, 1-D."""
+        self.touched = True  # its members are checked after the pass, released or not
         hit = self._row_chunk(a, b)
         if hit is not None:
             s, c = hit
@@ -731,7 +734,8 @@ class ChunkedReader(Reader):
             self.checksums.add(c.tensor.storage)
 
     def verify(self) -> None:
-        self.checksums.finish()
+        self.checksums.finish([c.tensor.storage for t in self._chunked.values() if t.touched
+                               for c in t.chunks])
 
     def read(self, name, start, stop):
         return self._chunked[name].read(start, stop)
@@ -801,14 +805,16 @@ class Checksums:
                              f"bytes {m.start}-{m.end}) fail their CRC-32 check: the tensor "
                              f"data is damaged; re-copy the checkpoint")
 
-    def finish(self) -> None:
-        """Check every member the pass read from, reading what it left out."""
+    def finish(self, read: list[Storage] = ()) -> None:
+        """Check every member the pass released bytes of, or that holds a storage in `read`,
+        reading what it left out."""
         if not self.enabled:
             return
-        for members in self._members.values():
+        wanted = {(st.file, st.offset) for st in read}
+        for file, members in self._members.items():
             for m in members.values():
                 with m.lock:
-                    if m.start < m.pos < m.end:
+                    if m.pos < m.end and (m.pos > m.start or (file, m.start) in wanted):
                         self._fold(m, m.end)
 
 
