@@ -4,7 +4,9 @@ The 100M x 30 synthetic run of bench_extrapolate.py (generated once into --data)
 more as verl rank files (world size 1: `global_step_N/actor/model_world_size_1_rank_0.pt`, plain
 bf16 tensors by torch.save, config in actor/huggingface/); the base stays HF. Rounds alternate
 relex with the check (default) and with --no-verify-checksums; medians and the median ratio are
-printed. The page cache holds the inputs after the first round (6.2 GB), so this is the CPU cost.
+printed, of wall time and of CPU time (user + system: less disturbed by other load on a shared
+machine). The page cache holds the inputs after the first round (6.2 GB), so this is the CPU
+cost.
 
     python benchmarks/bench_checksums.py                 # 100M x 30, 3 rounds
     python benchmarks/bench_checksums.py --repeat 5 --checkpoints 10
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from bench_extrapolate import HERE, generate, median, timed_child
+from bench_extrapolate import HERE, LAST_CPU, generate, median, timed_child
 
 
 def verl_run(data: Path, checkpoints: int) -> Path:
@@ -53,6 +55,7 @@ def main() -> None:
     run = verl_run(args.data, args.checkpoints)
     subprocess.run(["sync"], check=True)
     times: dict[str, list[float]] = {"crc": [], "no-crc": []}
+    cpu: dict[str, list[float]] = {"crc": [], "no-crc": []}
     with tempfile.TemporaryDirectory(dir=args.data) as tmp:
         for r in range(args.repeat + 1):  # round 0 fills the page cache, not counted
             for label, extra in (("crc", []), ("no-crc", ["--no-verify-checksums"])):
@@ -64,11 +67,15 @@ def main() -> None:
                 shutil.rmtree(out)
                 if r:
                     times[label].append(wall)
-                print(f"round {r} {label:>6}: {wall:6.2f} s, peak RSS {rss / 1e9:.2f} GB",
-                      flush=True)
+                    cpu[label].append(LAST_CPU[0])
+                print(f"round {r} {label:>6}: {wall:6.2f} s, CPU {LAST_CPU[0]:6.2f} s, peak RSS "
+                      f"{rss / 1e9:.2f} GB", flush=True)
     a, b = median(times["crc"]), median(times["no-crc"])
     ratios = median([x / y for x, y in zip(times["crc"], times["no-crc"])])
     print(f"median: with CRC-32 check {a:.2f} s, without {b:.2f} s; median ratio {ratios:.3f}")
+    a, b = median(cpu["crc"]), median(cpu["no-crc"])
+    ratios = median([x / y for x, y in zip(cpu["crc"], cpu["no-crc"])])
+    print(f"CPU:    with CRC-32 check {a:.2f} s, without {b:.2f} s; median ratio {ratios:.3f}")
 
 
 if __name__ == "__main__":
