@@ -104,7 +104,7 @@ def resolve_inputs(run_dir: str | Path | None = None, *, base: str | Path | None
         found = hub.checkpoints(run_dir, _wanted(observe_until, steps, later, base is None),
                                 revision_pattern)
     else:
-        found = dict(discover(run_dir)) if run_dir is not None else {}
+        found = dict(discover(run_dir, skip_unreadable)) if run_dir is not None else {}
     pairs = (checkpoints.items() if isinstance(checkpoints, dict)
              else [parse_checkpoint_arg(c) for c in checkpoints or []])
     explicit: dict[int, Path] = {}
