@@ -103,7 +103,8 @@ def runs(clean, tmp_path):
 
 
 def _rank(root, step=4, rank=1) -> Path:
-    return root / "verl" / f"global_step_{step}" / "actor" / f"model_world_size_{WORLD}_rank_{rank}.pt"
+    actor = root / "verl" / f"global_step_{step}" / "actor"
+    return actor / f"model_world_size_{WORLD}_rank_{rank}.pt"
 
 
 def _dcp(root, step=4) -> Path:
@@ -262,11 +263,9 @@ def _flip_end_records(runs, which: str) -> Path:
     raw = bytearray(f.read_bytes())
     start, end = _archives(bytes(raw))[0]
     z64 = raw.rfind(b"PK\x06\x06", start, end)
-    if z64 >= 0:
-        struct.pack_into("<Q", raw, z64 + 48, struct.unpack_from("<Q", raw, z64 + 48)[0] + (1 << 20))
-    else:
-        eocd = raw.rfind(b"PK\x05\x06", start, end)
-        struct.pack_into("<I", raw, eocd + 16, struct.unpack_from("<I", raw, eocd + 16)[0] + (1 << 20))
+    # the offset of the central directory: zip64 end record +48 (8 bytes), end record +16 (4)
+    at, fmt = (z64 + 48, "<Q") if z64 >= 0 else (raw.rfind(b"PK\x05\x06", start, end) + 16, "<I")
+    struct.pack_into(fmt, raw, at, struct.unpack_from(fmt, raw, at)[0] + (1 << 20))
     f.write_bytes(bytes(raw))
     return f
 

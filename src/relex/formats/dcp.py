@@ -180,8 +180,9 @@ class DCPReader(ChunkedReader):
                              f"there); re-copy the checkpoint")
         if _field(info, "transform_descriptors"):
             raise RelexError(f"{md_file}: tensor '{fqn}' is stored with transforms "
-                             f"{short(_field(info, 'transform_descriptors'))} (compression?), which "
-                             f"relex does not read; convert with: {HINT.format(path=self.path)}")
+                             f"{short(_field(info, 'transform_descriptors'))} (compression?), "
+                             f"which relex does not read; convert with: "
+                             f"{HINT.format(path=self.path)}")
         self._files.add(file)
         n = numel(sizes)
         where = f"{file} (bytes {offset}-{offset + length}, tensor '{fqn}')"

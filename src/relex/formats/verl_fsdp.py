@@ -4,10 +4,11 @@ Each rank file is `torch.save(model.state_dict())` on that rank: a dict of DTens
 tensors are that rank's shard (placements `Shard(d)` on a 1-D mesh, or `(Replicate(), Shard(d))`
 for HSDP), or plain tensors (a full copy on every rank). A global tensor is its shards laid end
 to end along d in mesh order (torch.chunk semantics: uneven last shards, possibly empty ones),
-as verl's own merger assembles them. Only the ranks along the sharded mesh dim are opened (the
-replicate dim holds copies); their pickles are parsed without executing them (torchfile.py) and
-tensor bytes are read from the mapped files range by range, so memory stays bounded however big
-the rank files are. Config and tokenizer come from `huggingface/` beside the rank files.
+as verl's own merger assembles them. Every rank's pickle is parsed without executing it
+(torchfile.py), and each tensor's dtype, shape, placements and mesh must agree on all ranks; tensor
+bytes are read only from the ranks along the sharded mesh dim (the replicate dim holds copies),
+range by range from the mapped files, so memory stays bounded however big the rank files are.
+Config and tokenizer come from `huggingface/` beside the rank files.
 """
 
 from __future__ import annotations
