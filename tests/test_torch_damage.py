@@ -233,6 +233,14 @@ def test_memo_bomb_in_persistent_id(tmp_path):
     assert time.perf_counter() - started < 5 and len(str(e.value)) < 600
 
 
+def test_self_containing_pickle_is_refused():
+    """A list that holds itself (through the memo) would send any walk round forever."""
+    from relex.formats.torchfile import restricted_loads
+    with pytest.raises(RelexError, match=r"loop\.pkl: the pickle contains itself"):
+        restricted_loads(b"\x80\x02]q\x00h\x00a.", "loop.pkl")
+    assert restricted_loads(b"\x80\x02]q\x00(K\x01K\x02e.", "ok.pkl") == [1, 2]
+
+
 def test_memo_bomb_in_transform_descriptors(capsys, clean, runs):
     md_file = _dcp(runs) / ".metadata"
     md = pickle.loads(md_file.read_bytes())  # our own file: trusted here
