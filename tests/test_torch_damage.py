@@ -264,22 +264,24 @@ def test_real_pickles_stay_below_one_node_per_byte(clean, monkeypatch):
 
 
 # --------------------------------------------------------------------- zip end records
-def _flip_end_records(runs, which: str) -> Path:
+def _flip_end_records(runs, which: str, shift: int = 1 << 20) -> Path:
     """Make the first archive's zip64 end record (or, if none, its end record) point its
-    central directory 2**20 bytes too far: zipfile then seeks before the archive."""
+    central directory `shift` bytes off: too far, and zipfile seeks before the archive; too
+    near, and it looks for every entry past its real place."""
     f = next(_dcp(runs).glob("*.distcp")) if which == "dcp" else _rank(runs)
     raw = bytearray(f.read_bytes())
     start, end = _archives(bytes(raw))[0]
     z64 = raw.rfind(b"PK\x06\x06", start, end)
     # the offset of the central directory: zip64 end record +48 (8 bytes), end record +16 (4)
     at, fmt = (z64 + 48, "<Q") if z64 >= 0 else (raw.rfind(b"PK\x05\x06", start, end) + 16, "<I")
-    struct.pack_into(fmt, raw, at, struct.unpack_from(fmt, raw, at)[0] + (1 << 20))
+    struct.pack_into(fmt, raw, at, struct.unpack_from(fmt, raw, at)[0] + shift)
     f.write_bytes(bytes(raw))
     return f
 
 
-def test_zip64_end_record_flip_in_dcp_blob(capsys, clean, runs):
-    f = _flip_end_records(runs, "dcp")
+@pytest.mark.parametrize("shift", [1 << 20, -64])
+def test_zip64_end_record_flip_in_dcp_blob(capsys, clean, runs, shift):
+    f = _flip_end_records(runs, "dcp", shift)
     _refused(capsys, clean, runs, "dcp", rf"{f} \(bytes \d+-\d+, tensor '.*'\): corrupt or "
                                          r"truncated torch\.save archive")
 
