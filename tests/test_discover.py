@@ -108,3 +108,20 @@ def test_no_base(run_factory):
     run, _ = run_factory()
     with pytest.raises(RelexError, match="pass --base"):
         resolve_inputs(run)
+
+
+def test_step_with_weights_relex_cannot_read_is_an_error(run_factory, capsys):
+    """A step directory holding weight files but nothing relex reads (here a shard whose
+    index is lost) is an error naming it, not a step left out; --skip-unreadable leaves it
+    out with a warning naming it."""
+    run, _ = run_factory(layout="trl", steps=(3, 6, 9))
+    d = run / "checkpoint-6"
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    with pytest.raises(RelexError, match=r"checkpoint-6: holds model-00001-of-00002\.safetensors "
+                                         r"but no TRL .* checkpoint relex reads; .*"
+                                         r"--skip-unreadable"):
+        discover(run)
+    assert list(discover(run, skip_unreadable=True)) == [3, 9]
+    err = capsys.readouterr().err
+    assert err.startswith(f"relex: warning: skipping step 6: {run}/checkpoint-6: holds")
+    assert list(discover(run, strict=False)) == [3, 9]

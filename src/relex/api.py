@@ -119,7 +119,8 @@ def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
                 max_memory: str | int | None = None, max_shard_size: str | int = "5GB",
                 device: str = "cpu", threads: int | None = None,
                 from_fit: str | Path | None = None, progress: bool = True,
-                output_format: str = "hf", lora_rank: int | None = None) -> Report:
+                output_format: str = "hf", lora_rank: int | None = None,
+                skip_unreadable: bool = False, verify_checksums: bool = True) -> Report:
     """Write the model of each target step, predicted from the observed checkpoints.
 
     Writes output/step-S/ for every S in targets (a Hugging Face model directory with a relex.json
@@ -128,6 +129,10 @@ def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
     output_format="lora" (a LoRA run only): step-S/ is a PEFT adapter directory instead, the
     extrapolated delta compressed to rank `lora_rank` (default: the run's r; at most T * r,
     the delta's rank); Report.norm_share says how much of each delta it keeps.
+
+    skip_unreadable: leave out (with a warning) discovered checkpoints that cannot be opened,
+    instead of stopping; verify_checksums=False skips the CRC-32 check of torch.save tensor
+    bytes (docs/robustness.md). Both also apply to reconstruct and analyze.
 
     >>> relex.extrapolate("runs/grpo", base="Qwen2.5-Math-1.5B", observe_until=75,
     ...                   targets=[500, 750], output="out")
@@ -148,13 +153,14 @@ def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
         saved = None
         inputs = resolve_inputs(run_dir, base=base, checkpoints=checkpoints,
                                 observe_until=observe_until, steps=steps,
-                                revision_pattern=revision_pattern)
+                                revision_pattern=revision_pattern,
+                                skip_unreadable=skip_unreadable)
     observed = list(inputs.observed)
     config.check(len(observed))
     if not allow_interpolation and targets[0] <= observed[-1]:
         raise RelexError(f"--target {targets[0]} is not after the last observed step "
                          f"{observed[-1]}; pass --allow-interpolation to predict inside the window")
-    traj = _open(inputs.base, inputs.observed, dtype)
+    traj = _open(inputs.base, inputs.observed, dtype, verify_checksums)
     try:
         if saved is not None:
             check_fingerprint(saved, traj.fingerprint())
@@ -186,7 +192,8 @@ def reconstruct(run_dir: str | Path | None = None, *, output: str | Path,
                 rank: int = 1, dtype: str | None = None, overwrite: bool = False,
                 max_memory: str | int | None = None, max_shard_size: str | int = "5GB",
                 device: str = "cpu", threads: int | None = None,
-                progress: bool = True) -> Report:
+                progress: bool = True, skip_unreadable: bool = False,
+                verify_checksums: bool = True) -> Report:
     """Write the rank-`rank` projection of every observed checkpoint (is the run rank-r?).
 
     output/step-S/ holds theta_0 + the projection of D[S] onto the top-`rank` right singular
@@ -196,12 +203,12 @@ def reconstruct(run_dir: str | Path | None = None, *, output: str | Path,
     config = FitConfig("relex", rank, 1, None)
     inputs = resolve_inputs(run_dir, base=base, checkpoints=checkpoints,
                             observe_until=observe_until, steps=steps,
-                            revision_pattern=revision_pattern)
+                            revision_pattern=revision_pattern, skip_unreadable=skip_unreadable)
     targets = list(inputs.observed)
     if len(targets) < rank:
         raise RelexError(f"--rank {rank} needs at least {rank} observed checkpoints, got "
                          f"{len(targets)}")
-    traj = _open(inputs.base, inputs.observed, dtype)
+    traj = _open(inputs.base, inputs.observed, dtype, verify_checksums)
     try:
         steps_arr = traj.steps.astype(np.float64)
         indices = list(range(len(targets)))
@@ -215,10 +222,15 @@ def reconstruct(run_dir: str | Path | None = None, *, output: str | Path,
         traj.close()
 
 
-def _open(base: Path, checkpoints: dict[int, Path], dtype: str | None = None) -> Trajectory:
+def _open(base: Path, checkpoints: dict[int, Path], dtype: str | None = None,
+          verify_checksums: bool = True) -> Trajectory:
     """The Trajectory of `base` and the {step: path} checkpoints (LoRA ones read over `base`)."""
-    return Trajectory(open_reader(base), [open_reader(p, base=base) for p in checkpoints.values()],
-                      list(checkpoints), dtype)
+    traj = Trajectory(open_reader(base), [open_reader(p, base=base)
+                                          for p in checkpoints.values()], list(checkpoints), dtype)
+    for reader in (traj.base, *traj.checkpoints):
+        if reader.checksums is not None:
+            reader.checksums.enabled = verify_checksums
+    return traj
 
 
 def _adapter_rank(traj: Trajectory, lora_rank: int | None, notes: list[str]) -> int:
@@ -462,7 +474,8 @@ def analyze(run_dir: str | Path | None = None, *, output: str | Path,
             rank: int = 1, fit: str = "linear", window: int | None = None,
             from_fit: str | Path | None = None, overwrite: bool = False,
             max_memory: str | int | None = None, device: str = "cpu", threads: int | None = None,
-            progress: bool = True) -> Analysis:
+            progress: bool = True, skip_unreadable: bool = False,
+            verify_checksums: bool = True) -> Analysis:
     """Measure a run's geometry and backtest its extrapolation; write output/report.html.
 
     The observed window is the checkpoints picked by observe_until / steps (default: all);
@@ -491,12 +504,14 @@ def analyze(run_dir: str | Path | None = None, *, output: str | Path,
     else:
         inputs = resolve_inputs(run_dir, base=base, checkpoints=checkpoints,
                                 observe_until=observe_until, steps=steps,
-                                revision_pattern=revision_pattern, later=True)
+                                revision_pattern=revision_pattern, later=True,
+                                skip_unreadable=skip_unreadable)
         observed = list(inputs.observed)
         all_steps = observed + [s for s in inputs.available if s > observed[-1]]
         config.check(len(observed))
         check_output(output, overwrite, [inputs.base, *inputs.available.values()], 0)
-        traj = _open(inputs.base, {s: inputs.available[s] for s in all_steps})
+        traj = _open(inputs.base, {s: inputs.available[s] for s in all_steps},
+                     verify_checksums=verify_checksums)
         try:
             engine = Engine(traj, 0, _budget(max_memory), device, workers=threads)
             with tqdm(total=engine.bytes_to_read(gram_only=True), unit="B", unit_scale=True,

@@ -40,6 +40,11 @@ RUN_DIR layouts read (docs/formats.md):
   anything       step-N, step_N, or --checkpoint STEP=PATH (repeatable)"""
 
 
+def one_line(e: Exception) -> str:
+    """The message on one line: names taken from a damaged file may hold line breaks."""
+    return str(e).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _positive(text: str) -> int:
     n = int(text)
     if n < 1:
@@ -64,6 +69,16 @@ def _inputs(p: argparse.ArgumentParser, run_dir_required: bool = False) -> None:
     sel.add_argument("--observe-until", type=int, metavar="K",
                      help="use the checkpoints with step <= K")
     sel.add_argument("--steps", metavar="S1,S2,...", help="use exactly these observed steps")
+
+
+def _integrity(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("damaged inputs (see docs/robustness.md)")
+    g.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out discovered checkpoints that cannot be opened, with a warning "
+                        "naming each (default: stop with an error)")
+    g.add_argument("--no-verify-checksums", dest="verify_checksums", action="store_false",
+                   help="do not check the CRC-32 of torch.save tensor bytes as they are read "
+                        "(verl FSDP, DCP, DeepSpeed); damaged bytes then go unnoticed")
 
 
 def _output(p: argparse.ArgumentParser) -> None:
@@ -99,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Fit the observed checkpoints and write the model of each "
                                     "--target step as a Hugging Face directory OUT/step-S/.")
     _inputs(ex)
+    _integrity(ex)
     ex.add_argument("--from-fit", metavar="PATH",
                     help="reuse a saved fit (an extrapolate/analyze output dir or its "
                          "relex-fit.safetensors): no Gram pass; --steps / --observe-until pick "
@@ -130,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Write theta_0 + the rank-r projection of each observed "
                                     "checkpoint's delta (is the trajectory really rank r?).")
     _inputs(rc)
+    _integrity(rc)
     rc.add_argument("--rank", type=int, default=1, help="singular components kept (default 1)")
     _output(rc)
 
@@ -142,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "OUT/report.html (self-contained), PNG figures, summary.json "
                                     "and tensors.csv.")
     _inputs(an)
+    _integrity(an)
     an.add_argument("--from-fit", metavar="PATH",
                     help="analyse a saved fit (relex-fit.safetensors or its directory); reads no "
                          "weights")
@@ -310,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                       observe_until=args.observe_until, output=args.output, dtype=args.dtype,
                       overwrite=args.overwrite, max_memory=args.max_memory,
                       max_shard_size=args.max_shard_size, device=args.device,
-                      threads=args.threads, progress=not args.quiet)
+                      threads=args.threads, progress=not args.quiet,
+                      skip_unreadable=args.skip_unreadable,
+                      verify_checksums=args.verify_checksums)
         if args.command == "extrapolate":
             with warnings.catch_warnings():  # notes are printed below, as one line each
                 warnings.simplefilter("ignore", UserWarning)
@@ -324,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report = relex.reconstruct(args.run_dir, rank=args.rank, **common)
     except RelexError as e:
-        print(f"relex: error: {e}", file=sys.stderr)
+        print(f"relex: error: {one_line(e)}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError as e:
         print(f"relex: error: the GPU ran out of memory ({str(e).splitlines()[0][:160]}); "
@@ -353,7 +373,8 @@ def _analyze(args) -> int:
                         revision_pattern=args.revision_pattern,
                         from_fit=args.from_fit, overwrite=args.overwrite,
                         max_memory=args.max_memory, device=args.device, threads=args.threads,
-                        progress=not args.quiet)
+                        progress=not args.quiet, skip_unreadable=args.skip_unreadable,
+                        verify_checksums=args.verify_checksums)
     if args.quiet:
         return 0
     s = res.summary

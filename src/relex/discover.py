@@ -9,6 +9,7 @@ the error names the converter command that produces an HF directory.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,21 @@ def _weights_dir(step_dir: Path, layout: Layout) -> Path | None:
     return found[0] if found else None
 
 
+#: file names only a checkpoint's weights have: a step directory holding one but nothing relex
+#: reads is damaged or unconverted, and is never left out without a word
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.distcp", ".metadata",
+                "model_world_size_*_rank_*.pt", "*model_states.pt")
+
+
+def weight_file(step_dir: Path) -> Path | None:
+    """A weights file (WEIGHT_FILES) in step_dir or at most 3 levels below it, or None."""
+    for depth in ("", "*/", "*/*/", "*/*/*/"):
+        for pattern in WEIGHT_FILES:
+            for p in step_dir.glob(depth + pattern):
+                return p
+    return None
+
+
 def scan(run_dir: Path) -> list[Found]:
     """Every step directory directly under ``run_dir`` (or one level deeper if none is there)."""
     def scan_level(root: Path) -> list[Found]:
@@ -120,11 +136,15 @@ def scan(run_dir: Path) -> list[Found]:
     return found
 
 
-def discover(run_dir: str | Path) -> dict[int, Path]:
+def discover(run_dir: str | Path, skip_unreadable: bool = False,
+             strict: bool = True) -> dict[int, Path]:
     """Map step -> HF weights directory for every checkpoint a trainer wrote under ``run_dir``.
 
     Raises RelexError when nothing usable is found (naming the layouts looked for, or the
-    converter to run when only native shards exist) or when two directories claim one step.
+    converter to run when only native shards exist), when two directories claim one step, or
+    when a step directory holds weight files (WEIGHT_FILES) but nothing relex reads; with
+    skip_unreadable that step is left out with a warning on stderr instead. strict=False leaves
+    such steps out silently (relex watch: they may still be being written).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -142,6 +162,15 @@ def discover(run_dir: str | Path) -> dict[int, Path]:
                              f"STEP=PATH for each checkpoint")
         raise RelexError(f"{run_dir}: no checkpoints found; looked for {LOOKED_FOR}; "
                          f"or pass --checkpoint STEP=PATH for each checkpoint")
+    for f in found if strict else ():
+        evidence = weight_file(f.dir) if f.weights is None else None
+        if evidence is None:
+            continue
+        msg = (f"{f.dir}: holds {evidence.relative_to(f.dir)} but no {f.layout.trainer} "
+               f"checkpoint relex reads; convert it first: {f.converter_hint()}")
+        if not skip_unreadable:
+            raise RelexError(f"{msg}; or leave the step out with --skip-unreadable")
+        print(f"relex: warning: skipping step {f.step}: {msg}", file=sys.stderr)
     steps: dict[int, Path] = {}
     for f in usable:
         if f.step in steps:

@@ -378,6 +378,7 @@ class Engine:
                     else:
                         self._shared(plans[i], pool, weights, writers, grams, result)
                         i += 1
+            self.traj.verify()  # before any output is committed
         finally:
             if self._prefetch is not None:  # first: its asks must stop before the files close
                 self._prefetch.close()

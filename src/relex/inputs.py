@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,20 +89,22 @@ def resolve_inputs(run_dir: str | Path | None = None, *, base: str | Path | None
                    checkpoints: list[str] | dict[int, str | Path] | None = None,
                    observe_until: int | None = None,
                    steps: str | list[int] | None = None,
-                   revision_pattern: str = hub.DEFAULT_PATTERN, later: bool = False) -> Inputs:
+                   revision_pattern: str = hub.DEFAULT_PATTERN, later: bool = False,
+                   skip_unreadable: bool = False) -> Inputs:
     """Discover checkpoints under run_dir, add explicit ones, pick the base and the observed set.
 
     checkpoints: extra "STEP=PATH" strings or a {step: path} dict. observe_until keeps steps <= K;
     steps names the observed steps exactly; with neither, every checkpoint found is observed.
     run_dir "hf://ORG/REPO": the repo's branches named like revision_pattern are the
     checkpoints; only the observed ones (and, with later=True, the ones after them) are
-    downloaded.
+    downloaded. skip_unreadable: a discovered checkpoint that cannot be opened is left out
+    with a warning on stderr naming it (default: its error stops the command).
     """
     if hub.is_hub(run_dir):
         found = hub.checkpoints(run_dir, _wanted(observe_until, steps, later, base is None),
                                 revision_pattern)
     else:
-        found = dict(discover(run_dir)) if run_dir is not None else {}
+        found = dict(discover(run_dir, skip_unreadable)) if run_dir is not None else {}
     pairs = (checkpoints.items() if isinstance(checkpoints, dict)
              else [parse_checkpoint_arg(c) for c in checkpoints or []])
     explicit: dict[int, Path] = {}
@@ -129,11 +132,25 @@ def resolve_inputs(run_dir: str | Path | None = None, *, base: str | Path | None
         raise RelexError("no --base given and the run has no step-0 checkpoint; pass --base "
                          "BASE_DIR (the model before RL)")
     available = {s: p for s, p in sorted(found.items()) if s != 0}
+    if skip_unreadable:
+        available = {s: p for s, p in available.items()
+                     if s in explicit or _readable(s, p, base_dir)}
     if not available:
         raise RelexError("only the base (step 0) was found; relex needs checkpoints after it")
     chosen = select_steps(list(available), observe_until, steps)
     observed = {s: available[s] for s in chosen}
     return Inputs(base_dir, observed, available)
+
+
+def _readable(step: int, path: Path, base: Path) -> bool:
+    """Can `path` be opened (names, shapes, pickles, zip headers)? If not, say so on stderr."""
+    try:
+        formats.open_reader(path, base=base).close()
+        return True
+    except RelexError as e:
+        msg = str(e).replace("\n", "\\n")
+        print(f"relex: warning: skipping step {step} ({path}): {msg}", file=sys.stderr)
+        return False
 
 
 def select_steps(available: list[int], observe_until: int | None = None,

@@ -184,6 +184,11 @@ class Trajectory:
         for source in range(len(plan.sources) if sources is None else sources):
             self._source(source).release(plan.name, start, stop)
 
+    def verify(self) -> None:
+        """After a pass: every reader checks the bytes it read (see Reader.verify)."""
+        for ckpt in (self.base, *self.checkpoints):
+            ckpt.verify()
+
     def fingerprint(self) -> dict:
         """What a saved fit was computed from: paths, formats, file sizes."""
         return {"base": self.base.fingerprint(),

@@ -60,7 +60,7 @@ class Follower:
         try:
             if not self.run_dir.is_dir():
                 raise RelexError(f"{self.run_dir}: does not exist yet")
-            found = discover(self.run_dir)
+            found = discover(self.run_dir, strict=False)  # partial steps: not yet
         except RelexError as e:  # no checkpoints yet, or only partial ones
             found = {}
             if not self._waiting_said:

@@ -87,6 +87,8 @@ class Reader:
 
     #: short format name shown in messages and recorded in fingerprints
     format = "?"
+    #: torchfile.Checksums of the zip members its tensors come from, or None (not a zip)
+    checksums = None
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -119,6 +121,10 @@ class Reader:
     def prefetch(self, name: str, start: int, stop: int) -> None:
         """Hint that elements [start, stop) will be read soon: start reading them in the
         background (readers on MappedFiles: MappedFiles.prefetch). Default: nothing."""
+
+    def verify(self) -> None:
+        """After a pass: check what it read against the checksums the files carry (torch.save
+        archives' CRC-32s, see torchfile.Checksums); raises RelexError. Default: nothing."""
 
     def files(self) -> list[Path]:
         """The data files this checkpoint's tensors come from (for fingerprints)."""

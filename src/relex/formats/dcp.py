@@ -37,7 +37,9 @@ from relex.formats.torchfile import (
     StoredTensor,
     _record,
     load,
+    records_of,
     restricted_loads,
+    short,
 )
 
 NAME = "dcp"
@@ -104,11 +106,18 @@ class DCPReader(ChunkedReader):
         super().__init__(Path(path))
         md_file = self.path / METADATA
         where = str(md_file)
-        if not md_file.is_file():
-            raise RelexError(f"{self.path}: no {METADATA} file; not a torch DCP checkpoint")
+        if not md_file.is_file():  # never opened unless a regular file (a FIFO would block)
+            what = "is not a regular file" if md_file.exists() or md_file.is_symlink() else \
+                "is missing"
+            raise RelexError(f"{md_file}: {what}, so this torch DCP checkpoint cannot be read "
+                             f"(its tensors are listed there); re-copy the checkpoint")
         if md_file.stat().st_size > MAX_METADATA:
             raise RelexError(f"{md_file}: too large for DCP metadata; re-copy the checkpoint")
         md = restricted_loads(md_file.read_bytes(), where, ALLOWED)
+        with records_of(where):
+            self._read_metadata(md, md_file, where)
+
+    def _read_metadata(self, md, md_file: Path, where: str) -> None:
         if getattr(md, "kind", None) != "Metadata":
             raise RelexError(f"{md_file}: not a torch DCP Metadata pickle; re-copy it")
         tensors_md = _field(md, "state_dict_metadata")
@@ -167,12 +176,13 @@ class DCPReader(ChunkedReader):
             raise RelexError(f"{md_file}: storage path '{rel}' of '{fqn}' escapes the checkpoint "
                              f"directory; refusing to read it")
         if not file.is_file():
-            raise RelexError(f"{file}: missing (tensor '{fqn}' is stored there); re-copy the "
-                             f"checkpoint")
+            raise RelexError(f"{file}: missing or not a regular file (tensor '{fqn}' is stored "
+                             f"there); re-copy the checkpoint")
         if _field(info, "transform_descriptors"):
             raise RelexError(f"{md_file}: tensor '{fqn}' is stored with transforms "
-                             f"{_field(info, 'transform_descriptors')} (compression?), which "
-                             f"relex does not read; convert with: {HINT.format(path=self.path)}")
+                             f"{short(_field(info, 'transform_descriptors'))} (compression?), "
+                             f"which relex does not read; convert with: "
+                             f"{HINT.format(path=self.path)}")
         self._files.add(file)
         n = numel(sizes)
         where = f"{file} (bytes {offset}-{offset + length}, tensor '{fqn}')"
@@ -195,7 +205,10 @@ class DCPReader(ChunkedReader):
 
 
 def detect(path: Path) -> bool:
-    return (path / METADATA).is_file() and any(path.glob("*.distcp"))
+    """Any sign of DCP: then a missing or unreadable .metadata is the reader's error, not a
+    checkpoint discovery would skip without a word."""
+    md = path / METADATA
+    return md.exists() or md.is_symlink() or any(path.glob("*.distcp"))
 
 
 def reader(path: Path) -> DCPReader:

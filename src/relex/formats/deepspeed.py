@@ -61,7 +61,9 @@ class DeepSpeedReader(ChunkedReader):
     def __init__(self, path):
         super().__init__(Path(path))
         file = self.path / MODEL_STATES
-        if not file.is_file():
+        if not file.is_file():  # never opened unless a regular file (a FIFO would block)
+            if file.exists() or file.is_symlink():
+                raise RelexError(f"{file}: not a regular file; re-copy the checkpoint")
             if any(ZERO3.fullmatch(f.name) for f in self.path.iterdir()):
                 raise RelexError(f"{self.path}: a DeepSpeed ZeRO-3 checkpoint (fp32 partitions "
                                  f"in the optimizer files), which relex does not read; convert "
@@ -97,7 +99,8 @@ class DeepSpeedReader(ChunkedReader):
 
 
 def detect(path: Path) -> bool:
-    return path.is_dir() and ((path / MODEL_STATES).is_file()
+    states = path / MODEL_STATES  # any kind of file: the reader says what is wrong with it
+    return path.is_dir() and (states.exists() or states.is_symlink()
                               or any(ZERO3.fullmatch(f.name) for f in path.iterdir()))
 
 

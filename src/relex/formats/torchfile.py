@@ -29,8 +29,13 @@ import io
 import os
 import pickle
 import re
+import reprlib
 import struct
+import sys
+import threading
 import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +46,21 @@ from relex.formats.base import CODES, DTYPES, MappedFiles, Reader, TensorMeta, n
 
 #: data.pkl larger than this is not a state dict (a 7B DTensor state dict pickles to ~1 MB)
 MAX_PICKLE = 256 << 20
+#: an unpickled object may count at most this many nodes as a tree (shared objects counted at
+#: every place they appear) per byte of pickle, plus MIN_NODES; and nest at most MAX_DEPTH deep.
+#: The memo lets a few hundred bytes name 2**48 leaves; state dicts and DCP metadata stay
+#: below 1 node per byte (see tests/test_torch_damage.py).
+NODES_PER_BYTE = 8
+MIN_NODES = 1 << 16
+MAX_DEPTH = 100
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+
+
+def short(x) -> str:
+    """A bounded repr of an untrusted object for error messages (see NODES_PER_BYTE)."""
+    return _REPR.repr(x)
 
 
 class Record:
@@ -62,14 +82,13 @@ class Record:
     def get(self, field, default=None):
         """A field of the pickled state (dict state, or (dict, slots) pairs)."""
         state = self.state
-        if isinstance(state, tuple) and len(state) == 2:
-            merged = dict(state[1] or {})
-            merged.update(state[0] or {})
-            state = merged
+        if (isinstance(state, tuple) and len(state) == 2
+                and all(s is None or isinstance(s, dict) for s in state)):
+            state = {**(state[1] or {}), **(state[0] or {})}
         return state.get(field, default) if isinstance(state, dict) else default
 
     def __repr__(self):
-        return f"<{self.kind} {self.args} {self.state}>"
+        return f"<{self.kind} {short(self.args)} {short(self.state)}>"
 
 
 def _record(kind: str) -> type:
@@ -85,6 +104,7 @@ class Storage:
     numel: int
     file: Path
     offset: int = -1
+    crc: int | None = None  # the zip member's CRC-32, checked as the pass reads it (Checksums)
 
 
 @dataclass(frozen=True)
@@ -251,6 +271,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self.where, self.storages, self.extra, self.file = where, storages, extra or {}, file
 
+    def load(self):
+        # A damaged BYTEARRAY8 length makes CPython's unpickler raise MemoryError after printing
+        # "SystemError: deallocated bytearray object has exported buffers" through
+        # sys.excepthook (bytearray_dealloc): keep that line off the user's terminal.
+        hook, sys.excepthook = sys.excepthook, lambda *exc: None
+        try:
+            return super().load()
+        finally:
+            sys.excepthook = hook
+
     def find_class(self, module, name):
         obj = _allowed(module, name, self.extra)
         if obj is None:
@@ -266,7 +296,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], StorageTag) and isinstance(pid[2], str)
                 and type(pid[4]) is int and pid[4] >= 0):
-            raise pickle.UnpicklingError(f"bad storage record {pid!r:.80}")
+            raise pickle.UnpicklingError(f"bad storage record {short(pid)}")
         tag, key, count = pid[1], pid[2], pid[4]
         if not re.fullmatch(r"[0-9A-Za-z_.-]+", key):
             raise pickle.UnpicklingError(f"bad storage key {key!r:.40}")
@@ -286,12 +316,76 @@ class RestrictedUnpickler(pickle.Unpickler):
 def restricted_loads(data: bytes, where: str, extra: dict | None = None):
     """Unpickle `data` (no storages) with the restricted unpickler; errors name `where`."""
     try:
-        return RestrictedUnpickler(data, where, None, extra).load()
+        obj = RestrictedUnpickler(data, where, None, extra).load()
     except RelexError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of a damaged pickle is the same error
         raise RelexError(f"{where}: corrupt or truncated pickle ({type(e).__name__}: "
                          f"{str(e)[:100]}); re-copy the checkpoint") from None
+    check_bounded(obj, len(data), where)
+    return obj
+
+
+@contextmanager
+def records_of(where: str):
+    """Reading fields of unpickled records: a damaged pickle can put any type where a field
+    should be (a string for a shape, a dict for a dim), which surfaces as one of these."""
+    try:
+        yield
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError,
+            RecursionError) as e:
+        raise RelexError(f"{where}: corrupt checkpoint records ({type(e).__name__}: "
+                         f"{short(str(e))}); re-copy the checkpoint") from None
+
+
+def _children(x):
+    if isinstance(x, dict):
+        return (*x.keys(), *x.values())
+    if isinstance(x, (list, tuple, set, frozenset)):
+        return x
+    if isinstance(x, Record):
+        return x.args, x.state
+    return ()
+
+
+def check_bounded(obj, nbytes: int, where: str) -> None:
+    """Refuse an unpickled object too big or deep to walk as a tree, or holding a cycle.
+
+    Every later step (placing storages, reading records, formatting an error) walks the
+    object as a tree, so it must be small as one: the pickle memo lets tuples share entries,
+    and a few hundred bytes then unfold into 2**48 leaves, whose repr never ends. Counted
+    bottom-up with each object visited once (iteratively: depth is what is being checked)."""
+    limit = MIN_NODES + NODES_PER_BYTE * nbytes
+    size: dict[int, tuple[int, int]] = {}  # id -> (tree nodes, height)
+    open_: set[int] = set()
+    stack = [(obj, False)]
+    problem = None
+    while stack and problem is None:
+        x, done = stack.pop()
+        kids = _children(x)
+        if not kids and not done:
+            continue  # a leaf: one node, height 1
+        i = id(x)
+        if done:
+            n, h = 1, 1
+            for k in kids:
+                kn, kh = size.get(id(k), (1, 1))
+                n, h = n + kn, max(h, kh + 1)
+            size[i] = (n, h)
+            open_.discard(i)
+            if n > limit:
+                problem = f"unfolds into more than {limit} objects (shared memo entries?)"
+            elif h > MAX_DEPTH:
+                problem = f"nests more than {MAX_DEPTH} levels deep"
+        elif i in open_:
+            problem = "contains itself"
+        elif i not in size:
+            open_.add(i)
+            stack.append((x, True))
+            stack.extend((k, False) for k in kids)
+    if problem is not None:
+        raise RelexError(f"{where}: the pickle {problem}, which no checkpoint does; the file "
+                         f"is corrupt or hostile: re-copy it, and do not torch.load it")
 
 
 class _Slice(io.RawIOBase):
@@ -307,7 +401,10 @@ class _Slice(io.RawIOBase):
         return True
 
     def seek(self, pos, whence=0):
-        self.pos = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
+        pos = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
+        if pos < 0:  # damaged zip64 / end records point before the archive
+            raise ValueError(f"seek to byte {pos} before the start of the archive")
+        self.pos = pos
         return self.pos
 
     def tell(self):
@@ -327,6 +424,11 @@ class _Slice(io.RawIOBase):
         return len(data)
 
 
+#: what zipfile raises on a damaged archive (a negative seek is our _Slice's ValueError)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError,
+               KeyError, NotImplementedError, zlib.error)
+
+
 def load(file: Path, offset: int = 0, length: int | None = None, where: str | None = None,
          extra: dict | None = None):
     """The object a torch.save archive holds, tensors as StoredTensor (no tensor data read).
@@ -334,10 +436,13 @@ def load(file: Path, offset: int = 0, length: int | None = None, where: str | No
     file: the file; offset/length: where the archive sits in it (default: the whole file);
     where: how errors name it; extra: more allowed globals {(module, name): object}. Every
     storage is checked to be stored uncompressed and whole inside [offset, offset + length),
-    and every tensor to lie inside its storage."""
+    its local zip header to agree with the central directory, and every tensor to lie inside
+    its storage; each storage keeps its CRC-32 for the pass to check (Checksums)."""
     file = Path(file)
     where = where or str(file)
     fix = "re-copy the checkpoint or re-save it"
+    if not file.is_file():  # a FIFO or device would block or never end
+        raise RelexError(f"{file}: missing or not a regular file; {fix}")
     size = file.stat().st_size
     length = size - offset if length is None else length
     if offset < 0 or length < 0 or offset + length > size:
@@ -352,26 +457,31 @@ def load(file: Path, offset: int = 0, length: int | None = None, where: str | No
         try:
             zf = zipfile.ZipFile(_Slice(f, offset, length))
             members = {i.filename: i for i in zf.infolist()}
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-            raise RelexError(f"{where}: corrupt or truncated torch.save archive ({e}); "
-                             f"{fix}") from None
-        pkls = [n for n in members if re.fullmatch(r"[^/]+/data\.pkl", n)]
-        if len(pkls) != 1:
-            raise RelexError(f"{where}: not a torch.save archive (no single <name>/data.pkl); "
-                             f"{fix}")
-        prefix = pkls[0][: -len("data.pkl")]
-        order = members.get(prefix + "byteorder")
-        if order is not None and zf.read(order) != b"little":
-            raise RelexError(f"{where}: saved on a big-endian machine; re-save it on a "
-                             f"little-endian one")
-        info = members[pkls[0]]
-        if info.file_size > MAX_PICKLE:
-            raise RelexError(f"{where}: data.pkl is {info.file_size} bytes, too large for a "
-                             f"state dict; {fix}")
+            pkls = [n for n in members if re.fullmatch(r"[^/]+/data\.pkl", n)]
+            if len(pkls) != 1:
+                raise RelexError(f"{where}: not a torch.save archive (no single "
+                                 f"<name>/data.pkl); {fix}")
+            prefix = pkls[0][: -len("data.pkl")]
+            order = members.get(prefix + "byteorder")
+            if order is not None and zf.read(order) != b"little":
+                raise RelexError(f"{where}: saved on a big-endian machine; re-save it on a "
+                                 f"little-endian one")
+            info = members[pkls[0]]
+            if info.file_size > MAX_PICKLE:
+                raise RelexError(f"{where}: data.pkl is {info.file_size} bytes, too large for "
+                                 f"a state dict; {fix}")
+        except _ZIP_ERRORS as e:
+            raise RelexError(f"{where}: corrupt or truncated torch.save archive "
+                             f"({type(e).__name__}: {str(e)[:100]}); {fix}") from None
         try:
-            data = zf.read(info)
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib_error()) as e:
-            raise RelexError(f"{where}: corrupt data.pkl ({e}); {fix}") from None
+            data = zf.read(info)  # zipfile checks its local header and CRC-32
+            for m in members.values():  # the small records too (version, byteorder, ...)
+                if (m is not info and not m.filename.startswith(f"{prefix}data/")
+                        and m.compress_type == zipfile.ZIP_STORED and m.file_size < 1 << 20):
+                    zf.read(m)
+        except _ZIP_ERRORS as e:
+            raise RelexError(f"{where}: corrupt data.pkl ({type(e).__name__}: "
+                             f"{str(e)[:100]}); {fix}") from None
         storages: dict[str, Storage] = {}
         try:
             obj = RestrictedUnpickler(data, where, storages, extra, file=file).load()
@@ -380,6 +490,8 @@ def load(file: Path, offset: int = 0, length: int | None = None, where: str | No
         except Exception as e:  # noqa: BLE001 - any failure of a damaged pickle is one error
             raise RelexError(f"{where}: corrupt pickle in data.pkl ({type(e).__name__}: "
                              f"{str(e)[:100]}); {fix}") from None
+        check_bounded(obj, len(data), where)
+        ends = sorted([i.header_offset for i in members.values()] + [zf.start_dir])
         placed = {}
         for key, st in storages.items():
             member = members.get(f"{prefix}data/{key}")
@@ -389,15 +501,8 @@ def load(file: Path, offset: int = 0, length: int | None = None, where: str | No
             if member.compress_type != zipfile.ZIP_STORED or member.file_size != nbytes:
                 raise RelexError(f"{where}: storage '{key}' is compressed or has "
                                  f"{member.file_size} bytes instead of {nbytes}; {fix}")
-            local = os.pread(f.fileno(), 30, offset + member.header_offset)
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                raise RelexError(f"{where}: corrupt zip entry for storage '{key}'; {fix}")
-            name_len, extra_len = struct.unpack("<HH", local[26:30])
-            start = member.header_offset + 30 + name_len + extra_len
-            if start + nbytes > length:
-                raise RelexError(f"{where}: truncated: storage '{key}' ends at byte "
-                                 f"{start + nbytes} of {length}; {fix}")
-            placed[key] = Storage(key, st.dtype, st.numel, file, offset + start)
+            start = _member_data(f, offset, length, member, ends, where, fix)
+            placed[key] = Storage(key, st.dtype, st.numel, file, offset + start, member.CRC)
     try:
         return _place(obj, placed, where)
     except (RecursionError, MemoryError) as e:
@@ -406,9 +511,60 @@ def load(file: Path, offset: int = 0, length: int | None = None, where: str | No
                          f"{fix}") from None
 
 
-def zlib_error():
-    import zlib
-    return zlib.error
+_LOCAL = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header
+
+
+def _member_data(f, offset: int, length: int, member: zipfile.ZipInfo, ends: list[int],
+                 where: str, fix: str) -> int:
+    """Where a stored member's bytes start in the archive, after checking its local header
+    (and data descriptor) against the central directory: zipfile trusts neither for members
+    we read ourselves, and a damaged name or extra length there shifts the data silently."""
+    bad = f"{where}: corrupt zip entry '{member.filename}'"
+    pos, nbytes = member.header_offset, member.file_size
+    local = os.pread(f.fileno(), _LOCAL.size, offset + pos) if 0 <= pos <= length else b""
+    if len(local) < _LOCAL.size or local[:4] != b"PK\x03\x04":
+        raise RelexError(f"{bad} (no local header at byte {pos}); {fix}")
+    _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len = _LOCAL.unpack(local)
+    name = os.pread(f.fileno(), name_len + extra_len, offset + pos + _LOCAL.size)
+    extra, name = name[name_len:], name[:name_len]
+    if name.decode("utf-8" if flags & 0x800 else "cp437", "replace") != member.orig_filename:
+        raise RelexError(f"{bad} (the local header names {short(name)}); {fix}")
+    if flags != member.flag_bits or method != member.compress_type:
+        raise RelexError(f"{bad} (local header flags/method differ from the central "
+                         f"directory); {fix}")
+    i = 0
+    while i + 4 <= len(extra):  # the extra field is (id, size, data) records, end to end
+        i += 4 + struct.unpack_from("<H", extra, i + 2)[0]
+    if i != len(extra):
+        raise RelexError(f"{bad} (malformed extra field in the local header); {fix}")
+    start = pos + _LOCAL.size + name_len + extra_len
+    if start + nbytes > length:
+        raise RelexError(f"{where}: truncated: storage '{member.filename}' ends at byte "
+                         f"{start + nbytes} of {length}; {fix}")
+    if flags & 0x08:  # sizes and CRC follow the data (torch.save writes them so)
+        desc = os.pread(f.fileno(), 28, offset + start + nbytes)
+        desc = desc[4:] if desc[:4] == b"PK\x07\x08" else desc
+        crc = struct.unpack_from("<I", desc)[0] if len(desc) >= 4 else None
+    elif csize != 0xFFFFFFFF and (csize, usize) != (member.compress_size, member.file_size):
+        crc = None
+    if crc != member.CRC:
+        raise RelexError(f"{bad} (local header or data descriptor disagrees with the central "
+                         f"directory: CRC or size); {fix}")
+    nxt = next((e for e in ends if e > pos), length)
+    if start + nbytes > nxt:
+        raise RelexError(f"{bad} (its data runs into the next entry at byte {nxt}); {fix}")
+    return start
+
+
+def _aliased(shape, stride) -> bool:
+    """Two elements at one address (stride 0, or dims interleaved): no saved parameter is
+    like that, and a damaged record that is would read the same bytes twice."""
+    span = 1
+    for size, st in sorted((x for x in zip(shape, stride) if x[0] > 1), key=lambda x: x[1]):
+        if st < span:
+            return True
+        span = st * size
+    return False
 
 
 def _place(obj, storages: dict[str, Storage], where: str):
@@ -422,7 +578,8 @@ def _place(obj, storages: dict[str, Storage], where: str):
             st = storages[x.storage.key]
             t = StoredTensor(st, x.offset, x.shape, x.stride)
             if (len(x.stride) != len(x.shape) or x.offset < 0
-                    or any(s < 0 for s in x.shape) or any(s < 0 for s in x.stride)):
+                    or any(s < 0 for s in x.shape) or any(s < 0 for s in x.stride)
+                    or _aliased(x.shape, x.stride)):
                 raise RelexError(f"{where}: corrupt tensor record (shape {list(x.shape)}, "
                                  f"stride {list(x.stride)}); re-copy the checkpoint")
             if t.numel and t.span()[0] + t.span()[1] > st.offset + st.numel * st.dtype.itemsize:
@@ -475,6 +632,8 @@ class ChunkedTensor:
                  maps: MappedFiles, where: str):
         self.name, self.dtype, self.shape, self.maps = name, dtype, tuple(shape), maps
         self.chunks = [c for c in chunks if c.tensor.numel]
+        self.checksums: Checksums | None = None  # set by ChunkedReader._add
+        self.touched = False
         fix = "the checkpoint is damaged or was written by an unsupported version"
         for c in self.chunks:
             t = c.tensor
@@ -516,6 +675,7 @@ class ChunkedTensor:
 
     def read(self, a: int, b: int) -> torch.Tensor:
         """Elements [a, b) of the flattened global tensor, 1-D."""
+        self.touched = True  # its members are checked after the pass, released or not
         hit = self._row_chunk(a, b)
         if hit is not None:
             s, c = hit
@@ -546,6 +706,8 @@ class ChunkedTensor:
 
     def release(self, a: int, b: int) -> None:
         for file, start, nbytes in self._spans(a, b):
+            if self.checksums is not None:  # the bytes are still mapped: check them first
+                self.checksums.fold(file, start, nbytes)
             self.maps.release(file, start, nbytes)
 
     def prefetch(self, a: int, b: int) -> None:
@@ -562,10 +724,18 @@ class ChunkedReader(Reader):
         super().__init__(Path(path))
         self._maps = MappedFiles()
         self._chunked: dict[str, ChunkedTensor] = {}
+        self.checksums = Checksums(self._maps)
 
     def _add(self, tensor: ChunkedTensor) -> None:
         self._chunked[tensor.name] = tensor
         self.tensors[tensor.name] = TensorMeta(tensor.name, tensor.dtype, tensor.shape)
+        tensor.checksums = self.checksums
+        for c in tensor.chunks:
+            self.checksums.add(c.tensor.storage)
+
+    def verify(self) -> None:
+        self.checksums.finish([c.tensor.storage for t in self._chunked.values() if t.touched
+                               for c in t.chunks])
 
     def read(self, name, start, stop):
         return self._chunked[name].read(start, stop)
@@ -578,6 +748,74 @@ class ChunkedReader(Reader):
 
     def close(self) -> None:
         self._maps.close()
+
+
+class _Member:
+    """One zip member's bytes [start, end) in `file`, and its CRC-32 folded up to `pos`."""
+
+    def __init__(self, storage: Storage):
+        self.storage, self.start = storage, storage.offset
+        self.end = storage.offset + storage.numel * storage.dtype.itemsize
+        self.pos, self.crc, self.lock = self.start, 0, threading.Lock()
+
+
+class Checksums:
+    """The CRC-32 of every zip member a pass reads, computed as the pass releases its bytes.
+
+    torch.save records each storage's CRC-32 but nothing else checks it when bytes are
+    mapped in place: a flipped bit in tensor data would be used as is. The engine releases
+    each tensor's ranges in order right after using them (mapped, usually in the CPU cache),
+    so each member's CRC is folded in there, from the furthest byte folded onwards (ranges
+    released again, or before that point, cost nothing); `finish` folds what the pass never
+    released (a storage's padding past its tensor) and checks every member it touched."""
+
+    def __init__(self, maps: MappedFiles):
+        self.maps, self.enabled = maps, True
+        self._members: dict[Path, dict[int, _Member]] = {}
+        self._starts: dict[Path, list[int]] = {}
+
+    def add(self, storage: Storage) -> None:
+        if storage.crc is None or storage.numel == 0:
+            return
+        members = self._members.setdefault(storage.file, {})
+        if storage.offset not in members:
+            members[storage.offset] = _Member(storage)
+            self._starts[storage.file] = sorted(members)
+
+    def fold(self, file: Path, start: int, nbytes: int) -> None:
+        """Fold bytes [start, start + nbytes) of `file` into the members they belong to."""
+        import bisect
+        starts = self._starts.get(file)
+        if not self.enabled or not starts or nbytes <= 0:
+            return
+        end = start + nbytes
+        i = max(0, bisect.bisect_right(starts, start) - 1)
+        while i < len(starts) and starts[i] < end:
+            m = self._members[file][starts[i]]
+            i += 1
+            with m.lock:
+                if start <= m.pos < min(end, m.end):
+                    self._fold(m, min(end, m.end))
+
+    def _fold(self, m: _Member, upto: int) -> None:
+        data = self.maps.view(m.storage.file, m.pos, upto - m.pos, torch.uint8).numpy()
+        m.crc, m.pos = zlib.crc32(data, m.crc), upto
+        if m.pos == m.end and m.crc != m.storage.crc:
+            raise RelexError(f"{m.storage.file}: the bytes of storage '{m.storage.key}' (file "
+                             f"bytes {m.start}-{m.end}) fail their CRC-32 check: the tensor "
+                             f"data is damaged; re-copy the checkpoint")
+
+    def finish(self, read: list[Storage] = ()) -> None:
+        """Check every member the pass released bytes of, or that holds a storage in `read`,
+        reading what it left out."""
+        if not self.enabled:
+            return
+        wanted = {(st.file, st.offset) for st in read}
+        for file, members in self._members.items():
+            for m in members.values():
+                with m.lock:
+                    if m.pos < m.end and (m.pos > m.start or (file, m.start) in wanted):
+                        self._fold(m, m.end)
 
 
 def _overlapping(chunks: list[Chunk]) -> tuple[Chunk, Chunk] | None:

@@ -4,10 +4,11 @@ Each rank file is `torch.save(model.state_dict())` on that rank: a dict of DTens
 tensors are that rank's shard (placements `Shard(d)` on a 1-D mesh, or `(Replicate(), Shard(d))`
 for HSDP), or plain tensors (a full copy on every rank). A global tensor is its shards laid end
 to end along d in mesh order (torch.chunk semantics: uneven last shards, possibly empty ones),
-as verl's own merger assembles them. Only the ranks along the sharded mesh dim are opened (the
-replicate dim holds copies); their pickles are parsed without executing them (torchfile.py) and
-tensor bytes are read from the mapped files range by range, so memory stays bounded however big
-the rank files are. Config and tokenizer come from `huggingface/` beside the rank files.
+as verl's own merger assembles them. Every rank's pickle is parsed without executing it
+(torchfile.py), and each tensor's dtype, shape, placements and mesh must agree on all ranks; tensor
+bytes are read only from the ranks along the sharded mesh dim (the replicate dim holds copies),
+range by range from the mapped files, so memory stays bounded however big the rank files are.
+Config and tokenizer come from `huggingface/` beside the rank files.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from relex.formats.torchfile import (
     Record,
     StoredTensor,
     load,
+    records_of,
+    short,
 )
 
 NAME = "verl_fsdp"
@@ -104,8 +107,9 @@ def _placements(spec: Record, where: str, name: str) -> list[tuple[str, int | No
                              f"parallelism), which relex does not read; convert the checkpoint "
                              f"to HF first with verl's merger")
     if not out or sum(k == "shard" for k, _ in out) > 1:
-        raise RelexError(f"{where}: tensor '{name}' has placements {out}, which relex does not "
-                         f"read (one Shard dim at most); convert the checkpoint to HF first")
+        raise RelexError(f"{where}: tensor '{name}' has placements {short(out)}, which relex "
+                         f"does not read (one Shard dim at most); convert the checkpoint to HF "
+                         f"first")
     return out
 
 
@@ -123,30 +127,59 @@ class VerlFSDPReader(ChunkedReader):
         self.world, self._all = rank_files(self.path)
         hf = self.path / "huggingface"
         self.meta_dir = hf if (hf / "config.json").is_file() else None
+        # every rank's pickle is parsed (it is small): placements are checked on all of them;
+        # tensor bytes are read only from the ranks along the sharded mesh dim
         self._states: dict[int, dict] = {}
-        for name, value in self._state(0).items():
-            self._add(self._assemble(name, value))
+        self._read: set[int] = {0}
+        for rank in range(self.world):
+            with records_of(str(self._all[rank])):
+                self._states[rank] = self._state(rank)
+        for name, value in self._states[0].items():
+            with records_of(str(self.path)):
+                self._add(self._assemble(name, value))
 
     def _state(self, rank: int) -> dict:
-        if rank not in self._states:
-            file = self._all[rank]
-            state = load(file)
-            if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-                raise RelexError(f"{file}: not a model state dict (expected a dict of tensors); "
-                                 f"is this an optimizer or extra-state file renamed?")
-            for name, value in state.items():
-                if not isinstance(value, (StoredTensor, DTensorRecord)):
-                    raise RelexError(f"{file}: entry '{name}' is a {type(value).__name__}, not "
-                                     f"a tensor; not a model state dict")
-            if rank and set(state) != set(self._states[0]):
-                name = min(set(state) ^ set(self._states[0]))
-                raise RelexError(f"{file}: tensor '{name}' is in this rank file or rank 0's "
-                                 f"but not both; the rank files come from different saves")
-            self._states[rank] = state
-        return self._states[rank]
+        file = self._all[rank]
+        state = load(file)
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise RelexError(f"{file}: not a model state dict (expected a dict of tensors); "
+                             f"is this an optimizer or extra-state file renamed?")
+        for name, value in state.items():
+            if not isinstance(value, (StoredTensor, DTensorRecord)):
+                raise RelexError(f"{file}: entry '{short(name)}' is a {type(value).__name__}, "
+                                 f"not a tensor; not a model state dict")
+        if rank and set(state) != set(self._states[0]):
+            name = min(set(state) ^ set(self._states[0]))
+            raise RelexError(f"{file}: tensor '{short(name)}' is in this rank file or in "
+                             f"{self._all[0].name} but not both; the rank files come from "
+                             f"different saves or one is damaged")
+        return state
+
+    def _layout(self, rank: int, name: str) -> tuple:
+        """How rank `rank` says tensor `name` is laid out: (dtype, global shape, placements,
+        mesh shape); every rank must say the same."""
+        value, file = self._states[rank][name], str(self._all[rank])
+        if isinstance(value, StoredTensor):
+            return value.dtype, value.shape, None, None
+        spec = value.get("_spec")
+        if not isinstance(spec, Record):
+            raise RelexError(f"{file}: DTensor '{name}' without a spec; the file is corrupt or "
+                             f"from an unsupported torch version")
+        shape = tuple(value.args[1]) if len(value.args) > 1 else None
+        return (value.args[0] if value.args else None, shape, _placements(spec, file, name),
+                _mesh_shape(spec, self.world))
 
     def _assemble(self, name: str, value) -> ChunkedTensor:
         where = str(self._all[0])
+        layout = self._layout(0, name)
+        for rank in range(self.world):
+            other = self._layout(rank, name)
+            if other != layout:
+                raise RelexError(f"{self._all[rank]}: tensor '{name}' is laid out as "
+                                 f"{short(other)} here but as {short(layout)} in "
+                                 f"{self._all[0].name} (dtype, shape, placements, mesh); the "
+                                 f"rank files come from different saves or one is damaged")
+            self._check_coordinate(rank, self._states[rank][name], layout[3])
         if isinstance(value, StoredTensor):  # a plain tensor: the same full copy on every rank
             return ChunkedTensor(name, value.dtype, value.shape,
                                  [Chunk((0,) * len(value.shape), value)], self._maps, where)
@@ -155,9 +188,8 @@ class VerlFSDPReader(ChunkedReader):
         if not isinstance(spec, Record) or not isinstance(local, StoredTensor):
             raise RelexError(f"{where}: DTensor '{name}' without a local tensor or spec; the "
                              f"file is corrupt or from an unsupported torch version")
-        shape = tuple(value.args[1]) if len(value.args) > 1 else None
-        placements = _placements(spec, where, name)
-        mesh = _mesh_shape(spec, self.world) or ((self.world,) if len(placements) == 1 else None)
+        shape, placements = layout[1], layout[2]
+        mesh = layout[3] or ((self.world,) if len(placements) == 1 else None)
         if mesh is None or len(mesh) != len(placements) or numel(mesh) != self.world:
             raise RelexError(f"{where}: DTensor '{name}': device mesh {mesh} does not match "
                              f"world size {self.world}; convert with: {_hint(self.path)}")
@@ -167,14 +199,14 @@ class VerlFSDPReader(ChunkedReader):
                                  [Chunk((0,) * len(local.shape), local)], self._maps, where)
         axis, dim = shard[0], placements[shard[0]][1]
         if shape is None or not isinstance(dim, int) or not 0 <= dim < len(shape):
-            raise RelexError(f"{where}: DTensor '{name}': bad shard dim {dim}; the file is "
-                             f"corrupt")
+            raise RelexError(f"{where}: DTensor '{name}': bad shard dim {short(dim)}; the file "
+                             f"is corrupt")
         chunks, pos = [], 0
         for coord in range(mesh[axis]):
             # Row-major mesh: the rank whose coordinates are 0 except `coord` on the shard axis.
             rank = coord * numel(mesh[axis + 1:])
-            state = self._state(rank)
-            self._check_coordinate(rank, state.get(name), mesh)
+            state = self._states[rank]
+            self._read.add(rank)
             part = state[name].get("_local_tensor") if isinstance(state[name], Record) else None
             if not isinstance(part, StoredTensor) or len(part.shape) != len(shape) or any(
                     s != g for i, (s, g) in enumerate(zip(part.shape, shape)) if i != dim):
@@ -187,23 +219,24 @@ class VerlFSDPReader(ChunkedReader):
             pos += part.shape[dim]
         return ChunkedTensor(name, local.dtype, shape, chunks, self._maps, where)
 
-    def _check_coordinate(self, rank: int, value, mesh: tuple[int, ...]) -> None:
+    def _check_coordinate(self, rank: int, value, mesh: tuple[int, ...] | None) -> None:
         """A rank file's DTensors know their mesh coordinates (torch >= 2.8): check the name."""
         spec = value.get("_spec") if isinstance(value, Record) else None
         dmesh = spec.get("mesh") if isinstance(spec, Record) else None
         coord = dmesh.get("_coordinate_on_dim") if isinstance(dmesh, Record) else None
         if coord is None:
             return
+        mesh = mesh or (self.world,)
         expect, r = [], rank
         for size in reversed(mesh):
             expect.append(r % size)
             r //= size
         if tuple(coord) != tuple(reversed(expect)):
             raise RelexError(f"{self._all[rank]}: holds the shard of mesh coordinate "
-                             f"{tuple(coord)}, not rank {rank}'s; were the files renamed?")
+                             f"{short(tuple(coord))}, not rank {rank}'s; were the files renamed?")
 
     def files(self) -> list[Path]:
-        return [self._all[r] for r in sorted(self._states)]
+        return [self._all[r] for r in sorted(self._read)]
 
 
 def detect(path: Path) -> bool:
