@@ -7,7 +7,8 @@ LAYOUT: fsdp2 | hsdp | zero2 | zero3. A tiny Llama (hidden 7, so shards are unev
 partitions padded; one (1, 5) parameter, so FSDP2 gives rank 1 an empty shard) trains with Adam
 on rank-dependent data; relex.Accelerator (cycle 6, every 2, jump 12, guard 1 step) runs four
 cycles: A jumps and is kept; B jumps and the guard rolls it back (the reward drops); C is skipped
-because rank 1 fails (its snapshot directory is full, or its parameter names differ); D is
+because rank 1 fails (its snapshot directory is full, it runs out of memory storing a snapshot
+(fsdp2), or its parameter names differ); D is
 skipped because rank 1's shard holds a NaN. Each rank saves, gathered to full tensors: the fp32
 masters at every step (before relex acts) and right after each acc.step that jumped or rolled
 back, the 16-bit weights the next forward uses, optimizer-state identities and step counts, and
@@ -151,6 +152,13 @@ for step in range(1, 4 * CYCLE + 2):
     if step == 3 * CYCLE + 1:  # cycle C: rank 1 fails
         if spill and rank == 1:
             relex.writer.os.pwrite = full_disk
+        elif rank == 1 and layout == "fsdp2":  # out of host memory while storing a snapshot
+            real_add = acc.store.add
+
+            def no_memory(parts):
+                acc.store.add = real_add
+                raise MemoryError("simulated: no host memory for the snapshot")
+            acc.store.add = no_memory
         elif rank == 1:
             acc._shapes[0] = ("renamed",) + acc._shapes[0][1:]
     if step == 3 * CYCLE + 2:

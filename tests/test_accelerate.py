@@ -1,6 +1,8 @@
 """The in-loop Accelerator: jumps equal an independent float64 SVD + lstsq extrapolation of the
 cycle, the optimizer state survives, the guard rolls back, bad input is refused."""
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -241,16 +243,38 @@ def test_an_unexpected_error_disables_relex_not_the_run(monkeypatch, caplog):
     model = Toy()
     acc = Accelerator(model, cycle=4, jump=4, every=2)
 
-    def broken(parts):
+    def broken(*args):
         raise RuntimeError("a bug in relex")
 
-    monkeypatch.setattr(acc.store, "add", broken)
+    monkeypatch.setattr(acc, "_guard", broken)
     live = {}
     with caplog.at_level("ERROR", logger="relex.accelerate"):
         _cycle(model, acc, 8, live)  # no exception reaches the loop
     assert acc.disabled == "RuntimeError: a bug in relex" and acc.jumps == []
-    assert "disabled at step 2" in caplog.text
+    assert "disabled at step 1" in caplog.text
     assert _unchanged(model, live) == []
+
+
+def test_a_failure_storing_a_snapshot_skips_the_cycle(monkeypatch, caplog):
+    """This rank's own failure (out of memory, say) is kept for the cycle's shared decision,
+    so other ranks are told instead of waiting on it; the next cycle tries again."""
+    model = Toy()
+    acc = Accelerator(model, cycle=4, jump=4, every=2)
+    real = acc.store.add
+    calls = []
+
+    def fails_once(parts):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("no room for the snapshot")
+        return real(parts)
+
+    monkeypatch.setattr(acc.store, "add", fails_once)
+    live = {}
+    with caplog.at_level("ERROR", logger="relex.accelerate"):
+        _cycle(model, acc, 8, live)
+    assert acc.disabled is None and len(acc.jumps) == 1 and acc.jumps[0].real_step == 8
+    assert acc.skipped == [(4, "MemoryError: no room for the snapshot")]
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -275,7 +299,23 @@ def test_snapshot_dir_gives_the_same_jump_with_one_copy_in_ram(tmp_path, dtype):
     per_delta = 2 if dtype == "float16" else 4
     assert ram_bytes[0] == trainable + 2 * trainable // 4 * per_delta  # 2 snapshots by step 5
     files = list((tmp_path / "snaps").rglob("*.safetensors"))
-    assert files and all(f.parent.parent.name in ("rows", "relex-rank0") for f in files)
+    assert files and all(f.parent.parent.name == "rows" or
+                         f.parent.parent.name.startswith("relex-rank0-") for f in files)
+    acc.close()  # also at the end of training: nothing is left behind
+    assert list((tmp_path / "snaps").iterdir()) == []
+
+
+def test_spilled_snapshots_are_removed_when_the_accelerator_goes_away(tmp_path):
+    model = Toy()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = Accelerator(model, cycle=6, jump=12, every=2, snapshot_dir=tmp_path)
+    second = Accelerator(model, cycle=6, jump=12, every=2, snapshot_dir=tmp_path)
+    assert first.store.root != second.store.root, "two runs sharing snapshot_dir do not collide"
+    train(model, opt, first, 3)  # mid-cycle: rows on disk
+    assert list(first.store.root.rglob("*.safetensors"))
+    del first, second
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_full_snapshot_dir_skips_the_jump_and_cleans_up(tmp_path, monkeypatch, caplog):
@@ -300,4 +340,4 @@ def test_a_full_snapshot_dir_skips_the_jump_and_cleans_up(tmp_path, monkeypatch,
     _cycle(model, acc, 4, live, start=5)
     assert len(acc.jumps) == 1
     acc.close()
-    assert not (tmp_path / "relex-rank0").exists()
+    assert list(tmp_path.iterdir()) == []

@@ -156,7 +156,8 @@ def test_refusals_and_errors_do_not_crash(tmp_path, caplog):
         cb.accelerator.store.base["lm_head.weight"] = torch.zeros(3, 3)  # a wrong shape
         cb.on_train_begin = lambda *a, **k: None
         t.train()
-    assert "disabled at step 1" in caplog.text and t.state.global_step == 5 and cb._disabled
+    assert "no jump at real step 2: RuntimeError" in caplog.text and t.state.global_step == 5
+    assert [s for s, _ in cb.accelerator.skipped] == [2] and cb.accelerator.jumps[0].real_step == 4
 
 
 def test_forecast_and_stop_modes(tmp_path):

@@ -85,6 +85,7 @@ def trainer(monkeypatch, strategy="fsdp2", fail=False, **relex):
     worker.actor.engine = type("Engine", (), {"module": model, "optimizer": opt})()
     t = object.__new__(plugin.RelexTrainer)  # verl's __init__ needs Ray and GPUs
     t.config = OmegaConf.create({"actor_rollout_ref": {"actor": {"strategy": strategy}},
+                                 "trainer": {"critic_warmup": 0},
                                  "relex": relex})
     t.actor_rollout_wg = Group([worker], fail)
     t.checkpoint_manager = Sync(model)
@@ -126,6 +127,19 @@ def test_on_step_end_jumps_before_verl_pushes_the_weights(monkeypatch):
     assert t.actor_rollout_wg.calls == ["worker_start"] + ["worker_step"] * 4
 
 
+def test_the_last_step_closes_relex_and_warmup_steps_are_not_observed(monkeypatch, tmp_path):
+    t, model, opt = trainer(monkeypatch, cycle=4, every=2, jump=8, snapshot_dir=str(tmp_path))
+    t.config.trainer = {"critic_warmup": 3}  # the actor is first updated at step 3
+    t.total_training_steps = 5
+    t.on_train_begin()
+    worker = t.actor_rollout_wg.workers[0]
+    assert worker._relex.start == 2
+    for step, _, metrics in train(t, model, opt, 5, torch.randn(5, 6)):
+        assert metrics["relex/jumped"] == 0, "steps 3-6 make the first cycle: no jump by 5"
+    assert t.actor_rollout_wg.calls[-1] == "worker_close"
+    assert worker._relex.disabled == "closed" and list(tmp_path.iterdir()) == []
+
+
 def test_a_failure_disables_relex_not_the_run(monkeypatch):
     t, model, opt = trainer(monkeypatch, cycle=4, every=2, jump=8)
     t.on_train_begin()
@@ -133,7 +147,8 @@ def test_a_failure_disables_relex_not_the_run(monkeypatch):
     for step, _, metrics in train(t, model, opt, 3, torch.ones(5, 6)):
         assert step in t.checkpoint_manager.pushed, "verl's weight sync still runs"
         assert metrics == {}
-    assert t.actor_rollout_wg.calls == ["worker_start", "worker_step"], "tried once, then off"
+    assert t.actor_rollout_wg.calls == ["worker_start", "worker_step", "worker_close"], \
+        "tried once, then off"
 
 
 def test_refused_before_training(monkeypatch):

@@ -54,8 +54,10 @@ from relex.snapshots import BLOCK, CycleStore
 
 log = logging.getLogger("relex.accelerate")
 
-#: seconds relex's collectives wait for the slowest rank before relex gives up
-DEFAULT_TIMEOUT = float(os.environ.get("RELEX_LOOP_TIMEOUT", 600))
+#: seconds relex's collectives wait for the slowest rank before relex gives up: well below the
+#: training's own collective timeouts (torch's NCCL default and verl's are 600 s), so that when a
+#: rank has left relex the others give up relex before the training's watchdog fires
+DEFAULT_TIMEOUT = float(os.environ.get("RELEX_LOOP_TIMEOUT", 180))
 
 
 @dataclass
@@ -135,7 +137,7 @@ class Accelerator:
         self.last_step = start_step
         self._rewards: deque = deque(maxlen=self.guard_steps)
         self._pending: tuple[Jump, list[float], int] | None = None
-        self._restart(start_step)
+        self._restart(start_step, first=True)
 
     # ------------------------------------------------------------------ state
     def _parts(self) -> list[shards.Part]:
@@ -143,13 +145,26 @@ class Accelerator:
         self.layout.prepare()
         return self.layout.parts()
 
-    def _restart(self, step: int) -> None:
+    def _restart(self, step: int, first: bool = False) -> None:
         self.start = step
         self.snap_steps: list[int] = []
         self._cycle_error: str | None = None
-        parts = self._parts()
-        self._shapes = [(p.name, p.shape, p.tensor.numel()) for p in parts]
-        self.store.start(parts)
+        self._shapes: list = []
+        try:
+            parts = self._parts()
+            self._shapes = [(p.name, p.shape, p.tensor.numel()) for p in parts]
+            self.store.start(parts)
+        except Exception as e:
+            if first:  # at creation: a configuration error, raised before training
+                raise
+            self._local_failure(e)  # this rank's failure, shared at the cycle end
+
+    def _local_failure(self, e: Exception) -> None:
+        """A failure of this rank alone (memory, disk): the cycle is lost, and the other ranks
+        hear of it at the cycle's shared decision instead of waiting on this rank."""
+        self._cycle_error = (f"snapshot_dir: {os.strerror(e.errno) if e.errno else e}"
+                             if isinstance(e, OSError) else f"{type(e).__name__}: {_line(e)}")
+        self.store.clear_rows()
 
     @property
     def virtual_step(self) -> int:
@@ -197,7 +212,11 @@ class Accelerator:
     def _snapshot(self) -> None:
         if self._cycle_error is not None:
             return
-        parts = self._parts()
+        try:
+            parts = self._parts()
+        except Exception as e:  # noqa: BLE001 -- shared at the cycle end
+            self._local_failure(e)
+            return
         now = [(p.name, p.shape, p.tensor.numel()) for p in parts]
         if now != self._shapes:
             changed = sorted({n for n, *_ in now} ^ {n for n, *_ in self._shapes}) or [
@@ -209,9 +228,8 @@ class Accelerator:
             return
         try:
             self.store.add(parts)
-        except OSError as e:
-            self._cycle_error = f"snapshot_dir: {os.strerror(e.errno) if e.errno else e}"
-            self.store.clear_rows()
+        except Exception as e:  # noqa: BLE001 -- shared at the cycle end, see _local_failure
+            self._local_failure(e)
 
     # ------------------------------------------------------------------ the jump
     def _agree(self, error: str | None, extra=None) -> tuple[str | None, list]:
@@ -258,7 +276,11 @@ class Accelerator:
             self.store.drop_pre()
             return self._skip(step, f"writing the jump failed: {error}; pre-jump weights "
                                     f"restored")
-        self.layout.refresh()
+        try:
+            self.layout.refresh()
+        except Exception:
+            self._restore_quietly(written)
+            raise
         if self.reset_optimizer:
             self.layout.clear_optimizer_state(self.optimizer)
         n_before = sum(n for _, (_, n) in extras)
@@ -320,6 +342,17 @@ class Accelerator:
                     if part.flush is not None:
                         part.flush()
         self.layout.refresh()
+
+    def _restore_quietly(self, parts: list[shards.Part]) -> None:
+        """Best effort: this rank's pre-jump weights back before relex disables itself."""
+        try:
+            with torch.no_grad():
+                for part in parts:
+                    pre = self.store.pre_of(part.name)
+                    if pre is not None:
+                        part.tensor.copy_(pre.to(part.tensor.device))
+        except Exception:  # noqa: BLE001 -- already failing; the disable says why
+            pass
 
     def _skip(self, step: int, why: str) -> None:
         self.skipped.append((step, why))

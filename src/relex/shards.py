@@ -179,11 +179,29 @@ class DeepSpeed(Replicated):
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            full = safe_get_local_fp32_param(p)
+            full, flush = self._stage3_fp32(p)
+            if full is None:
+                full = safe_get_local_fp32_param(p)
+                flush = (lambda p=p, full=full: safe_set_local_fp32_param(p, full))
             valid = max(0, min(full.numel(), p.ds_numel - rank * full.numel()))  # padding
-            flush = (lambda p=p, full=full: safe_set_local_fp32_param(p, full))
             out.append(Part(name, tuple(p.ds_shape), full.detach().view(-1)[:valid], flush))
         return out
+
+    def _stage3_fp32(self, p):
+        """p's fp32 partition as a view into the optimizer's flat group, where it lives (the
+        CPU under optimizer offload): written in place, no flush. safe_get_local_fp32_param
+        returns a copy on the accelerator instead, which under offload would put another copy
+        of the whole shard in GPU memory. (None, None) where the view is not available (NVMe
+        swapped groups, other DeepSpeed versions): then that copy it is."""
+        opt = self.optimizer
+        try:
+            group, offset, n = opt.grad_position[opt.get_param_id(p)]
+            swapped = getattr(opt, "_swappable_optimizer_subgroup", None)
+            if swapped is not None and swapped(group):
+                return None, None
+            return opt.fp32_partitioned_groups_flat[group].narrow(0, offset, n), None
+        except (AttributeError, KeyError, IndexError, TypeError):
+            return None, None
 
     def refresh(self) -> None:
         opt = self.optimizer

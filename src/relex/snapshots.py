@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +51,11 @@ class CycleStore:
         if dtype not in DTYPES:
             raise RelexError(f"snapshot_dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         self.dtype, self.block = DTYPES[dtype], block
-        self.root = None if directory is None else Path(directory) / f"relex-rank{rank}"
+        self.root = None
+        if directory is not None:  # a directory of its own: two runs may share snapshot_dir
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self.root = Path(tempfile.mkdtemp(prefix=f"relex-rank{rank}-", dir=directory))
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self.root, True)
         self.base: dict[str, torch.Tensor] = {}
         self.rows: dict[str, list[torch.Tensor]] = {}     # RAM: stored deltas per parameter
         self.scales: dict[str, list[np.ndarray]] = {}     # per parameter, per row: block scales
@@ -63,7 +69,16 @@ class CycleStore:
     def start(self, parts) -> None:
         """A new cycle from the weights in `parts` now (the pre-jump copy is kept)."""
         self.clear_rows()
-        self.base = {p.name: p.tensor.detach().to("cpu", copy=True) for p in parts}
+        old = self.base
+        self.base = {}
+        for p in parts:  # into the previous cycle's copy where it fits: one copy at a time
+            kept = old.pop(p.name, None)
+            if kept is not None and kept.numel() == p.tensor.numel() and \
+                    kept.dtype == p.tensor.dtype:
+                self.base[p.name] = kept.copy_(p.tensor.detach())
+            else:
+                self.base[p.name] = p.tensor.detach().to("cpu", copy=True)
+        del old
         self.rows = {n: [] for n in self.base}
         self.scales = {n: [] for n in self.base}
         self.gram = {n: np.zeros((0, 0)) for n in self.base}
@@ -214,7 +229,7 @@ class CycleStore:
         self.clear_rows()
         self.drop_pre()
         if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
+            self._finalizer()  # removes the directory, once
 
     # ------------------------------------------------------------------ spill files
     def _path(self, what: str) -> Path:

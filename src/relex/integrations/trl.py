@@ -197,6 +197,10 @@ class RelexCallback(TrainerCallback):
                 logs.update(entry)
 
     # ------------------------------------------------------------------ forecast / stop
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.accelerator is not None:  # removes snapshot_dir files; keeps the records
+            self.accelerator.close()
+
     def on_save(self, args, state, control, **kwargs):
         if self._disabled or self.mode == "accelerate":
             return

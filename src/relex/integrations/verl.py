@@ -89,15 +89,23 @@ def worker_step(worker, step: int, reward: float | None) -> dict | None:
             "jump_seconds": jump.seconds if jump else None}
 
 
+def worker_close(worker) -> None:
+    """Remove this worker's snapshot_dir files; relex stops jumping on it."""
+    acc = getattr(worker, "_relex", None)
+    if acc is not None:
+        acc.close()
+
+
 def metrics(results: list) -> dict:
-    """The workers' step results as verl metrics (`relex/...`), from the first worker (the
-    decisions are shared, so every worker reports the same)."""
+    """The workers' step results as verl metrics (`relex/...`): the first worker's (the
+    decisions are shared), and disabled when any worker is."""
     first = next((r for r in results if r is not None), None)
     if first is None:
         return {}
     out = {"relex/virtual_step": first["virtual_step"], "relex/jumped": int(first["jumped"]),
            "relex/rolled_back": first["rolled_back"], "relex/skipped": first["skipped"],
-           "relex/disabled": int(first["disabled"] is not None)}
+           # any worker: one that left relex would leave the others waiting at the next jump
+           "relex/disabled": int(any(r is None or r["disabled"] is not None for r in results))}
     if first["explained_variance"] is not None:
         out["relex/explained_variance"] = first["explained_variance"]
         out["relex/jump_seconds"] = max(r["jump_seconds"] or 0.0 for r in results if r)
@@ -131,14 +139,16 @@ class RelexTrainer(PPOTrainerSync):
         self._relex_options = options(self.config)
         why = refusal(self.config.actor_rollout_ref.actor)
         if why is None:
-            # verl's fit() has already advanced global_steps to the first step it will take
+            # verl's fit() has already advanced global_steps to the first step it will take;
+            # the actor is first updated at step critic_warmup
+            warmup = int((self.config.get("trainer") or {}).get("critic_warmup", 0) or 0)
+            start = max(self.global_steps - 1, warmup - 1)
             errors = self.actor_rollout_wg.execute_all_sync(
-                "execute_with_func_generator", worker_start, self.global_steps - 1,
-                self._relex_options)
+                "execute_with_func_generator", worker_start, start, self._relex_options)
             why = next((e for e in errors if e), None)
         if why is not None:
             raise RelexError(f"relex's verl mode: {why}")
-        self._relex_on = True
+        self._relex_on = self._relex_started = True
         self._relex_batch = None
 
     def step(self, metrics: dict, timing_raw: dict):
@@ -162,4 +172,20 @@ class RelexTrainer(PPOTrainerSync):
                 log.warning("relex: disabled at step %d (%s: %s); training goes on",
                             self.global_steps, type(e).__name__, e)
                 self._relex_on = False
+            last = self.global_steps >= (getattr(self, "total_training_steps", None) or 1 << 62)
+            if not self._relex_on or last:  # verl's fit returns at the last step: close here
+                self._relex_close()
         super().on_step_end()
+
+    def on_train_end(self):
+        self._relex_close()
+        super().on_train_end()
+
+    def _relex_close(self) -> None:
+        if getattr(self, "_relex_started", False):
+            self._relex_started = self._relex_on = False
+            try:
+                self.actor_rollout_wg.execute_all_sync("execute_with_func_generator",
+                                                       worker_close)
+            except Exception as e:  # noqa: BLE001 -- cleanup only
+                log.warning("relex: could not remove snapshot files (%s)", e)
