@@ -54,6 +54,11 @@ NODES_PER_BYTE = 8
 MIN_NODES = 1 << 16
 MAX_DEPTH = 100
 
+try:  # ISA-L's CRC-32: 12 GB/s here against zlib's 2.2 GB/s (256 MiB in 8 MiB calls, 2 cores),
+    from isal.isal_zlib import crc32  # which made the check cost 1.3-1.4x on 100M x 30
+except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same values
+    from zlib import crc32
+
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
 
@@ -799,7 +804,7 @@ class Checksums:
 
     def _fold(self, m: _Member, upto: int) -> None:
         data = self.maps.view(m.storage.file, m.pos, upto - m.pos, torch.uint8).numpy()
-        m.crc, m.pos = zlib.crc32(data, m.crc), upto
+        m.crc, m.pos = crc32(data, m.crc), upto
         if m.pos == m.end and m.crc != m.storage.crc:
             raise RelexError(f"{m.storage.file}: the bytes of storage '{m.storage.key}' (file "
                              f"bytes {m.start}-{m.end}) fail their CRC-32 check: the tensor "
