@@ -122,3 +122,34 @@ def test_deepspeed_zero2_with_spilled_snapshots(tmp_path):
 def test_deepspeed_zero3(tmp_path):
     pytest.importorskip("deepspeed")
     check(run("zero3", tmp_path), "deepspeed-zero3")
+
+
+ZERO0 = """
+import torch, deepspeed, relex
+deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+deepspeed.init_distributed("gloo")
+torch.manual_seed(0)
+m = torch.nn.Linear(4, 3)
+engine, *_ = deepspeed.initialize(model=m, optimizer=torch.optim.Adam(m.parameters()), config={
+    "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+    "zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True})
+try:
+    relex.Accelerator(engine, cycle=4, jump=4)
+except relex.RelexError as e:
+    print("engine:", e)
+acc = relex.Accelerator(engine.module, cycle=4, jump=4)  # the optimizer is not known yet
+acc.step(1, optimizer=engine.optimizer)
+print("module:", acc.disabled)
+"""
+
+
+def test_deepspeed_without_zero_is_refused(tmp_path):
+    """Stage 0 keeps the fp32 masters inside DeepSpeed's FP16 optimizer: a jump into the
+    module's weights would be undone by the next step."""
+    pytest.importorskip("deepspeed")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="29563", PYTHONPATH=str(Path(relex.__file__).parents[1]))
+    out = subprocess.run([sys.executable, "-c", ZERO0], env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert "engine: DeepSpeed without ZeRO (stage 0)" in out
+    assert "module: DeepSpeed without ZeRO (stage 0)" in out

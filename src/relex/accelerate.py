@@ -189,7 +189,8 @@ class Accelerator:
             return None
 
     def _step(self, step: int, reward, optimizer) -> Jump | None:
-        if optimizer is not None:
+        if optimizer is not None and optimizer is not self.optimizer:
+            shards.refuse_fp16_masters(optimizer)  # raised here: disables relex, says why
             self.optimizer = optimizer
             if isinstance(self.layout, shards.DeepSpeed):
                 self.layout.use(optimizer)

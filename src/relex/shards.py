@@ -237,10 +237,27 @@ def zero_optimizer(obj):
     return None
 
 
+def refuse_fp16_masters(optimizer) -> None:
+    """DeepSpeed without ZeRO keeps the fp32 masters of fp16/bf16 training inside its
+    FP16_(Unfused)Optimizer, where relex cannot reach them: a jump written into the module's
+    weights would be undone by the next step, so refuse."""
+    obj = optimizer
+    for _ in range(4):
+        if obj is None:
+            return
+        if type(obj).__name__ in ("FP16_Optimizer", "FP16_UnfusedOptimizer"):
+            raise RelexError("DeepSpeed without ZeRO (stage 0) in fp16/bf16 keeps its fp32 "
+                             "master weights inside its FP16 optimizer, out of relex's reach; "
+                             "use ZeRO stage 1, 2 or 3")
+        obj = getattr(obj, "optimizer", None)
+
+
 def layout(model, optimizer=None):
     """The layout of `model`'s trainable weights: a plain module (one process / DDP), a
     `fully_shard`ed model, a DeepSpeed engine or its `.module`."""
+    refuse_fp16_masters(optimizer)
     if type(model).__name__ == "DeepSpeedEngine" and hasattr(model, "module"):
+        refuse_fp16_masters(model.optimizer)
         return DeepSpeed(model.module, zero_optimizer(model.optimizer))
     module = getattr(model, "module", model) if type(model).__name__ in (
         "DistributedDataParallel", "DataParallel") else model
