@@ -162,8 +162,7 @@ class Accelerator:
     def _local_failure(self, e: Exception) -> None:
         """A failure of this rank alone (memory, disk): the cycle is lost, and the other ranks
         hear of it at the cycle's shared decision instead of waiting on this rank."""
-        self._cycle_error = (f"snapshot_dir: {os.strerror(e.errno) if e.errno else e}"
-                             if isinstance(e, OSError) else f"{type(e).__name__}: {_line(e)}")
+        self._cycle_error = _failure(e)
         self.store.clear_rows()
 
     @property
@@ -258,9 +257,10 @@ class Accelerator:
         if error is not None:
             return self._skip(step, error)
         grams = np.stack([self.store.gram[n] for n in names]) if names else np.zeros((0, 0, 0))
+        parts = self._parts()
         if self.layout.sharded and self.group is not None:
             summed = self.group.sum_(torch.from_numpy(np.ascontiguousarray(grams)))
-            replicas = np.asarray([p.replicas for p in self._parts()], dtype=np.float64)
+            replicas = np.asarray([p.replicas for p in parts], dtype=np.float64)
             grams = summed.numpy() / replicas[:, None, None]
         bad = [n for n, g in zip(names, grams) if not np.isfinite(g).all()]
         if bad:
@@ -270,7 +270,7 @@ class Accelerator:
         steps = np.asarray(self.snap_steps, dtype=np.float64)
         target = np.asarray([self.cycle + self.jump], dtype=np.float64)
         fits = [extrapolation_weights(g, steps, target, self.config) for g in grams]
-        written, error = self._write(fits)
+        written, error = self._write(parts, fits)
         error, _ = self._agree(error)
         if error is not None:  # some rank failed: every rank goes back to its live weights
             self._restore(written)
@@ -280,7 +280,10 @@ class Accelerator:
         try:
             self.layout.refresh()
         except Exception:
-            self._restore_quietly(written)
+            try:  # best effort before relex disables itself; the disable says why
+                self._restore(written, refresh=False)
+            except Exception:  # noqa: BLE001
+                pass
             raise
         if self.reset_optimizer:
             self.layout.clear_optimizer_state(self.optimizer)
@@ -311,9 +314,9 @@ class Accelerator:
                     "DeepSpeed engine")
         return None
 
-    def _write(self, fits) -> tuple[list[shards.Part], str | None]:
+    def _write(self, parts, fits) -> tuple[list[shards.Part], str | None]:
         """theta_0 + W @ D into every part, keeping each part's pre-jump copy first."""
-        parts, written = self._parts(), []
+        written = []
         spill = self.store.root is not None
         try:
             self.store.begin_pre(parts)
@@ -329,12 +332,10 @@ class Accelerator:
                     self.store.combine_into(part, fit.weights[0])
                     self.store.free(part.name)
             return written, None
-        except OSError as e:
-            return written, f"snapshot_dir: {os.strerror(e.errno) if e.errno else e}"
         except Exception as e:  # noqa: BLE001 -- shared with the other ranks, then handled
-            return written, f"{type(e).__name__}: {_line(e)}"
+            return written, _failure(e)
 
-    def _restore(self, parts: list[shards.Part]) -> None:
+    def _restore(self, parts: list[shards.Part], refresh: bool = True) -> None:
         with torch.no_grad():
             for part in parts:
                 pre = self.store.pre_of(part.name)
@@ -342,18 +343,8 @@ class Accelerator:
                     part.tensor.copy_(pre.to(part.tensor.device))
                     if part.flush is not None:
                         part.flush()
-        self.layout.refresh()
-
-    def _restore_quietly(self, parts: list[shards.Part]) -> None:
-        """Best effort: this rank's pre-jump weights back before relex disables itself."""
-        try:
-            with torch.no_grad():
-                for part in parts:
-                    pre = self.store.pre_of(part.name)
-                    if pre is not None:
-                        part.tensor.copy_(pre.to(part.tensor.device))
-        except Exception:  # noqa: BLE001 -- already failing; the disable says why
-            pass
+        if refresh:
+            self.layout.refresh()
 
     def _skip(self, step: int, why: str) -> None:
         self.skipped.append((step, why))
@@ -408,6 +399,13 @@ class Accelerator:
         """Remove the snapshot files (the Accelerator stops jumping)."""
         self.disabled = self.disabled or "closed"
         self.store.close()
+
+
+def _failure(e: Exception) -> str:
+    """One line for a rank's own failure: a disk error is the snapshot directory's."""
+    if isinstance(e, OSError):
+        return f"snapshot_dir: {os.strerror(e.errno) if e.errno else e}"
+    return f"{type(e).__name__}: {_line(e)}"
 
 
 def _line(e: BaseException, limit: int = 300) -> str:

@@ -22,7 +22,6 @@ until the guard decides. At cycle 20, every 2: 6x.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import weakref
@@ -253,7 +252,3 @@ def _open(path: Path):
     (a 30M-parameter jump from 10 spilled rows: 64 s)."""
     from relex.formats.hf import HFReader
     return HFReader(path.parent)
-
-
-def disk_error(e: OSError, root) -> str:
-    return f"snapshot_dir {root}: {os.strerror(e.errno) if e.errno else e}"
