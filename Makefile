@@ -24,8 +24,15 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/relex demo --output out/demo --overwrite
 
+# The modules whose tests compare computed floats with a float64 reference run a second time
+# under MKL_CBWR=COMPATIBLE: a matrix-product code path other than the CPU's own (AVX-512, AVX2),
+# so a bound that only one CPU's rounding meets fails here first (docs/how-it-works.md).
+NUMERIC := tests/test_fit.py tests/test_kernels.py tests/test_extrapolate.py \
+	tests/test_format_lora.py tests/test_format_nemo.py tests/test_analyze.py tests/test_accelerate.py
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest
+	MKL_CBWR=COMPATIBLE $(PY) -m pytest $(NUMERIC)
 
 # verl pins its own transformers: its plugin tests run in a second environment (.venv-verl).
 $(VERL_VENV)/.installed: pyproject.toml $(VERL_LOCK) Makefile

@@ -7,12 +7,30 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+def pytest_report_header(config):
+    """The CPU and the matrix-product code path, since float results depend on both: torch's CPU
+    matrix products go through MKL, whose summation order follows the CPU unless MKL_CBWR pins
+    it. The numeric tests hold under every path (bounds in ulp of a float64 reference)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f
+                          if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return (f"cpu: {model}; torch {torch.__version__} cpu capability "
+            f"{torch.backends.cpu.get_cpu_capability()}; "
+            f"MKL_CBWR={os.environ.get('MKL_CBWR', '(unset: the CPU decides)')}")
+
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -179,15 +197,19 @@ def ulp(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
 
 
 def assert_within_ulp(out: torch.Tensor, ref: np.ndarray, name: str = "", base=None,
-                      ulps: float = 1.0):
-    """|out - ref| <= one unit in the last place of out's dtype, at the magnitude of the
-    operands of theta_0 + delta: max(|ref|, |theta_0|, |delta|). Where the result is much
-    smaller than its operands (cancellation), no computation in the output's precision can be
-    closer than the operands' spacing; for bf16 outputs this is the plain 1-ulp bound."""
+                      ulps: float = 1.0, scale=None):
+    """|out - ref| <= `ulps` units in the last place of out's dtype, at the magnitude of the
+    operands of theta_0 + delta: max(|ref|, |theta_0|, |delta|), or max(|ref|, scale) where the
+    caller knows the operands' magnitude. Where the result is much smaller than its operands
+    (cancellation), no computation in the output's precision can be closer than the operands'
+    spacing; for bf16 outputs this is the plain 1-ulp bound."""
     got = out.double().numpy()
     err = np.abs(got - ref)
-    scale = np.abs(ref) if base is None else np.maximum.reduce(
-        [np.abs(ref), np.abs(base), np.abs(ref - base)])
+    if scale is not None:
+        scale = np.maximum(np.abs(ref), scale)
+    else:
+        scale = np.abs(ref) if base is None else np.maximum.reduce(
+            [np.abs(ref), np.abs(base), np.abs(ref - base)])
     bound = ulps * ulp(scale, out.dtype)
     worst = np.argmax(err / bound) if err.size else 0
     assert (err <= bound).all(), (

@@ -91,6 +91,51 @@ def check_exact(tmp_path, run, merged, base, targets=(20,)):
             assert_within_ulp(via_merged[name], ref_m[name], name, b[name].double().numpy())
 
 
+def merge_bound(r, name, exact) -> tuple[np.ndarray, float]:
+    """(magnitude, ulps): how far a merged weight computed in float32 may lie from the float64
+    merge `exact`, on any CPU. BLAS sums B[i] @ A[:, j] in an order that depends on the CPU
+    (MKL's code path), so the bound is in ulps of the largest term, not bit-equality with one
+    machine's result: the r products and r - 1 sums each round by at most half an ulp of
+    max(|W|, scaling * |B| @ |A|), the scaling and the add once more: r + 1 ulp. DoRA rescales
+    each row V = W + s B A by m / ||V||: the row norm's 2n - 1 roundings move it by at most n / 2
+    ulp (n = the row's length, an error that sqrt halves), the division and the product by two
+    more roundings: r + 1 + n / 2 + 1 ulp at the row's scale m / ||V||. A float32 result rounded
+    to a 16-bit base's dtype is within one ulp of that dtype. Returns the magnitude per element
+    (flat) and the bound in ulps of the weight's dtype."""
+    lo, hi, s = r.factors(name)
+    w = r.base.read(name, 0, r.tensors[name].numel).double().view(r.tensors[name].shape)
+    terms = w.abs() + s * (lo.double().abs() @ hi.double().abs())
+    ulps = lo.shape[1] + 1.0
+    if r.adapters[name].magnitude is not None:
+        v = w + s * (lo.double() @ hi.double())
+        rows = exact.double().norm(dim=1) / v.norm(dim=1)
+        terms = terms * rows[:, None]
+        ulps += w.shape[1] / 2 + 1
+    if r.tensors[name].dtype in (torch.bfloat16, torch.float16):
+        ulps = 1.0
+    return terms.reshape(-1).numpy(), ulps
+
+
+def check_merged_reads(run, merged, base, step, names):
+    """LoraReader.read of element ranges (unaligned to rows: a few rows of B times A) and peft's
+    own merged export (the whole B @ A) both lie within merge_bound of the float64 merge."""
+    want = load_dir(merged / f"checkpoint-{step}")
+    with open_reader(run / f"checkpoint-{step}", base=base) as r:
+        for name in names:
+            exact = EXACT[run][step][name]
+            ref = exact.reshape(-1).numpy()
+            n = ref.size
+            if name not in r.adapters or r.adapters[name].bias:  # copied, not computed
+                assert torch.equal(r.read(name, 0, n), want[name].reshape(-1)), name
+                continue
+            scale, ulps = merge_bound(r, name, exact)
+            assert_within_ulp(want[name].reshape(-1), ref, f"peft's merge {name}", ulps=ulps,
+                              scale=scale)
+            for a, b in [(0, n), (7, 45), (33, n - 20), (n - 5, n)]:
+                assert_within_ulp(r.read(name, a, b), ref[a:b], f"{name}[{a}:{b}]", ulps=ulps,
+                                  scale=scale[a:b])
+
+
 def test_lora_exact_fp32_base(tmp_path):
     """Patterns, lora_B bias, an embedding adapter and a modules_to_save lm_head at once."""
     run, merged, base = lora_run(
@@ -98,16 +143,14 @@ def test_lora_exact_fp32_base(tmp_path):
         rank_pattern={"v_proj": 2}, alpha_pattern={"model.layers.1.self_attn.q_proj": 3},
         lora_bias=False, modules_to_save=["lm_head"])
     check_exact(tmp_path, run, merged, base)
-    # every element range, unaligned to rows, is the merged weight's (peft's arithmetic)
+    # every element range, unaligned to rows, is the merged weight within the merge's bound
+    check_merged_reads(run, merged, base, 6, ("model.layers.0.self_attn.v_proj.weight",
+                                              "model.embed_tokens.weight", "lm_head.weight",
+                                              "model.layers.1.mlp.up_proj.weight"))
     with open_reader(run / "checkpoint-6", base=base) as r:
-        want = load_dir(merged / "checkpoint-6")
         assert r.format == "lora" and len(r.adapters) == 2 * 3 + 1
-        for name in ("model.layers.0.self_attn.v_proj.weight", "model.embed_tokens.weight",
-                     "lm_head.weight", "model.layers.1.mlp.up_proj.weight"):
-            flat = want[name].reshape(-1)
-            n = flat.numel()
-            for a, b in [(0, n), (7, 45), (33, n - 20), (n - 5, n)]:
-                assert torch.equal(r.read(name, a, b), flat[a:b]), (name, a, b)
+        lm = load_dir(merged / "checkpoint-6")["lm_head.weight"].reshape(-1)
+        assert torch.equal(r.read("lm_head.weight", 3, 40), lm[3:40]), "saved tensors: copies"
 
 
 def test_rslora_with_lora_bias_and_base_from_adapter_config(tmp_path):
@@ -565,13 +608,8 @@ def test_dora_exact(tmp_path, dtype):
     run, merged, base = lora_run(tmp_path, dtype=dtype, use_dora=True,
                                  target_modules=["q_proj", "v_proj", "up_proj"])
     check_exact(tmp_path, run, merged, base)
-    with open_reader(run / "checkpoint-6", base=base) as r:  # read() is peft's merge
-        want = load_dir(merged / "checkpoint-6")
-        name = "model.layers.1.mlp.up_proj.weight"
-        flat = want[name].reshape(-1)
-        for a, b in [(0, flat.numel()), (7, 45), (33, flat.numel() - 20)]:
-            got = r.read(name, a, b)
-            assert_within_ulp(got, flat[a:b].double().numpy(), name, ulps=1.0)
+    check_merged_reads(run, merged, base, 6, ("model.layers.1.mlp.up_proj.weight",
+                                              "model.layers.0.self_attn.q_proj.weight"))
     with pytest.raises(RelexError, match=r"--output-format lora: .*checkpoint-10 is a DoRA "
                                          r"adapter, whose extrapolated delta .* is not a "
                                          r"low-rank product") as e:

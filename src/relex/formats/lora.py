@@ -16,8 +16,13 @@ range touches, B[rows] @ A (r multiply-adds per element), added to the base's by
 Nothing bigger than one block is ever materialised, and tensors without an adapter are the base's
 own mapped bytes (delta 0, so relex copies them).
 
-`read` follows peft's merge exactly (what a merged export of the checkpoint holds): delta = (B @ A) * scaling in the adapter's dtype (float32 on the CPU
-for half-precision adapters, cast back), added to the base weight in the base's dtype;
+`read` follows peft's merge (what a merged export of the checkpoint holds): delta = (B @ A) *
+scaling in the adapter's dtype (float32 on the CPU for half-precision adapters, cast back), added
+to the base weight in the base's dtype. It is not bit-identical to peft's result: BLAS sums B @ A
+in an order that depends on the CPU and on the rows asked for, so, like peft's own merge, a
+float32 read is within r + 1 ulp of the float64 merge at the magnitude of its terms
+(max(|W|, scaling * |B| @ |A|)), a 16-bit one within one ulp (tests/test_format_lora.py
+`merge_bound`). The engine never uses `read` for a LoRA'd weight (it takes the exact delta);
 scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), with per-module `rank_pattern` /
 `alpha_pattern`; embeddings (`lora_embedding_A/B`) and layers whose base weight is stored
 (in, out) (transformers Conv1D, where peft sets `fan_in_fan_out`) use the transpose, decided per
@@ -25,7 +30,8 @@ layer from the shapes as peft decides per layer from the module type; `lora_B.bi
 the base bias; full tensors in the file (`modules_to_save`, saved embedding layers, trained
 biases) replace the base's. DoRA on linear layers (`lora_magnitude_vector`) is read the same way
 row by row: W' = m * (W + s B A) / ||W + s B A|| with the norm of each output row, so its delta
-is exact but not low rank (delta_kind "delta"). DoRA on embeddings or Conv1D layers, other PEFT
+is exact but not low rank (delta_kind "delta"); the row norm adds up to n / 2 + 1 ulp to the read's
+bound (n: the row's length). DoRA on embeddings or Conv1D layers, other PEFT
 methods and adapters whose initialisation rewrote
 the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, MiCA) are refused.
 """
@@ -414,7 +420,7 @@ class LoraReader(Reader):
     def _delta(self, ad: Adapter, cols: int, start: int, stop: int,
                exact: torch.dtype | None = None) -> torch.Tensor:
         """scaling * (B @ A) (or its transpose) for the rows the range touches, flattened and
-        cut to [start, stop): in `exact` if given, else as peft's merge computes it."""
+        cut to [start, stop): in `exact` if given, else in the dtypes peft's merge uses."""
         r0, r1 = start // cols, -(-stop // cols)
         a_full, b_full = self._view(ad.a, 0, ad.a.numel), self._view(ad.b, 0, ad.b.numel)
         a, b = a_full.view(ad.a.shape), b_full.view(ad.b.shape)
