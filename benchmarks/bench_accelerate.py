@@ -29,7 +29,7 @@ def demo(seeds: list[int]) -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    from relex.demo import BASE, accelerate
+    from relex.demo.run import BASE, accelerate
     torch.set_num_threads(1)
     rows = {}
     for seed in seeds:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from relex import kernels
+from relex.stream import kernels
 
 
 def timed(fn, reps: int) -> float:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from relex import arithmetic as A
+from relex.demo import arithmetic as A
 
 HERE = Path(__file__).resolve().parent
 
@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--carryless", type=float, default=0.6, help="share of carry-less targets")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=HERE.parent / "src/relex/data/demo-base")
+    p.add_argument("--out", type=Path, default=HERE.parent / "src/relex/demo/data/demo-base")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)

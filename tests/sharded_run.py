@@ -27,7 +27,7 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import relex
-import relex.writer
+import relex.output.model
 
 layout, out = sys.argv[1], Path(sys.argv[2])
 dtype = sys.argv[3] if len(sys.argv) > 3 else "float32"
@@ -151,7 +151,7 @@ for step in range(1, 4 * CYCLE + 2):
     reward = 0.0 if step == 2 * CYCLE + 1 else 0.5  # the step after jump B: the guard drops it
     if step == 3 * CYCLE + 1:  # cycle C: rank 1 fails
         if spill and rank == 1:
-            relex.writer.os.pwrite = full_disk
+            relex.output.model.os.pwrite = full_disk
         elif rank == 1 and layout == "fsdp2":  # out of host memory while storing a snapshot
             real_add = acc.store.add
 
@@ -162,7 +162,7 @@ for step in range(1, 4 * CYCLE + 2):
         elif rank == 1:
             acc._shapes[0] = ("renamed",) + acc._shapes[0][1:]
     if step == 3 * CYCLE + 2:
-        relex.writer.os.pwrite = PWRITE
+        relex.output.model.os.pwrite = PWRITE
     if step == 4 * CYCLE + 1 and rank == 1:  # cycle D: a NaN in rank 1's shard
         part = next(p for p in acc._parts() if p.tensor.numel())
         with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from relex import Accelerator, RelexError
-from relex.accelerate import Jump
+from relex.loop.accelerator import Jump
 
 
 class Toy(torch.nn.Module):
@@ -132,7 +132,7 @@ def test_guard_rolls_back_and_halves_the_next_jump(caplog):
     rewards = {1: .8, 2: .8, 3: .8, 4: .8, 5: .2, 6: .2}
     history, events = train(model, opt, acc, 4, rewards=lambda s: rewards.get(s, .8))
     pre_jump = history[4]
-    with caplog.at_level("WARNING", logger="relex.accelerate"):
+    with caplog.at_level("WARNING", logger="relex.loop.accelerator"):
         history, _ = train(model, opt, acc, 2, rewards=lambda s: rewards.get(s, .8), start=5)
     j = acc.jumps[0]
     assert j.rolled_back and j.reward_before == pytest.approx(.8) and j.reward_after == \
@@ -171,7 +171,7 @@ def test_bad_input_is_one_line(caplog):
     acc = Accelerator(model, cycle=4, jump=4)
     acc.step(1)
     model.a.weight = torch.nn.Parameter(torch.zeros(7, 6))
-    with caplog.at_level("ERROR", logger="relex.accelerate"):
+    with caplog.at_level("ERROR", logger="relex.loop.accelerator"):
         for step in range(2, 5):
             assert acc.step(step) is None
     assert acc.skipped and acc.skipped[0][0] == 4 and "a.weight" in acc.skipped[0][1]
@@ -248,7 +248,7 @@ def test_an_unexpected_error_disables_relex_not_the_run(monkeypatch, caplog):
 
     monkeypatch.setattr(acc, "_guard", broken)
     live = {}
-    with caplog.at_level("ERROR", logger="relex.accelerate"):
+    with caplog.at_level("ERROR", logger="relex.loop.accelerator"):
         _cycle(model, acc, 8, live)  # no exception reaches the loop
     assert acc.disabled == "RuntimeError: a bug in relex" and acc.jumps == []
     assert "disabled at step 1" in caplog.text
@@ -271,7 +271,7 @@ def test_a_failure_storing_a_snapshot_skips_the_cycle(monkeypatch, caplog):
 
     monkeypatch.setattr(acc.store, "add", fails_once)
     live = {}
-    with caplog.at_level("ERROR", logger="relex.accelerate"):
+    with caplog.at_level("ERROR", logger="relex.loop.accelerator"):
         _cycle(model, acc, 8, live)
     assert acc.disabled is None and len(acc.jumps) == 1 and acc.jumps[0].real_step == 8
     assert acc.skipped == [(4, "MemoryError: no room for the snapshot")]
@@ -320,23 +320,23 @@ def test_spilled_snapshots_are_removed_when_the_accelerator_goes_away(tmp_path):
 
 def test_a_full_snapshot_dir_skips_the_jump_and_cleans_up(tmp_path, monkeypatch, caplog):
     import errno
-    import relex.writer
+    import relex.output.model
     model = Toy()
     acc = Accelerator(model, cycle=4, jump=4, every=2, snapshot_dir=tmp_path)
-    real = relex.writer.os.pwrite
+    real = relex.output.model.os.pwrite
 
     def full(fd, data, pos):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     live = {}
     _cycle(model, acc, 2, live)
-    monkeypatch.setattr(relex.writer.os, "pwrite", full)
-    with caplog.at_level("ERROR", logger="relex.accelerate"):
+    monkeypatch.setattr(relex.output.model.os, "pwrite", full)
+    with caplog.at_level("ERROR", logger="relex.loop.accelerator"):
         _cycle(model, acc, 2, live, start=3)
     assert acc.jumps == [] and "No space left on device" in acc.skipped[0][1]
     assert _unchanged(model, live) == [] and acc.disabled is None
     assert not list(tmp_path.rglob("rows/*/model.safetensors")), "the cycle's files are removed"
-    monkeypatch.setattr(relex.writer.os, "pwrite", real)
+    monkeypatch.setattr(relex.output.model.os, "pwrite", real)
     _cycle(model, acc, 4, live, start=5)
     assert len(acc.jumps) == 1
     acc.close()

@@ -10,7 +10,7 @@ import torch
 
 import relex
 from conftest import load_dir, reference, save_checkpoint
-from relex.analysis import module_and_layer
+from relex.analysis.backtest import module_and_layer
 
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
 
@@ -151,7 +151,7 @@ def test_fit_is_shared_between_analyze_and_extrapolate(run_factory, tmp_path):
 
 def test_demo_trajectory(tmp_path):
     """The real GRPO trajectory of the demo: near rank-1 and linear in its early window."""
-    from relex.demo import BASE, run_demo
+    from relex.demo.run import BASE, run_demo
     run_demo(tmp_path / "demo", steps=20, observe_until=10, progress=False)
     res = relex.analyze(tmp_path / "demo" / "run", base=BASE, observe_until=10,
                         output=tmp_path / "rep", progress=False)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from relex import arithmetic as A
-from relex.demo import BASE, run_demo, targets_for
-from relex.grpo import advantages
+from relex.demo import arithmetic as A
+from relex.demo.run import BASE, run_demo, targets_for
+from relex.demo.grpo import advantages
 
 
 def test_task_and_reward():

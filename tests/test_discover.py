@@ -3,9 +3,9 @@
 import pytest
 
 import relex
-from relex.discover import discover
+from relex.checkpoints.discover import discover
 from relex.errors import RelexError
-from relex.inputs import resolve_inputs
+from relex.checkpoints.inputs import resolve_inputs
 
 
 @pytest.mark.parametrize("layout,rel", [

@@ -16,16 +16,17 @@ import torch
 from safetensors import safe_open
 
 import relex
-from relex import distributed
+from relex.stream import torchrun as distributed
 
 pytest.importorskip("torch.distributed")
 
 LAUNCHER = """
 import errno, os, sys
-from relex import cli, distributed
+from relex import cli
+from relex.stream import torchrun as distributed
 fault = os.environ.get("RELEX_TEST_FAULT") if os.environ.get("RANK") == "1" else None
 if fault == "die":
-    from relex import engine
+    from relex.stream import engine
     engine.Engine.run = lambda *a, **k: os._exit(3)
 elif fault == "enospc":
     def full(*a, **k):

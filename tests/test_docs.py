@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from relex.demo import BASE
+from relex.demo.run import BASE
 
 README = Path(__file__).parents[1] / "README.md"
 TEXT = README.read_text()

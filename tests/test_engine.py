@@ -12,12 +12,12 @@ import torch
 import relex
 from conftest import load_dir
 from relex import api
-from relex import engine as engine_mod
-from relex.engine import Engine
+from relex.stream import engine as engine_mod
+from relex.stream.engine import Engine
 from relex.errors import RelexError
 from relex.formats import base as fbase
 from relex.formats import open_reader
-from relex.trajectory import Trajectory
+from relex.stream.trajectory import Trajectory
 from test_extrapolate import check_outputs
 
 
@@ -123,7 +123,7 @@ def test_a_failing_pass_restores_the_collector_and_threads(run_factory, monkeypa
     setting up the pass (the read-ahead) or in its middle (the fit) must leave both as they
     were."""
     import gc
-    from relex import engine as engine_module
+    from relex.stream import engine as engine_module
     run, base = run_factory(base_dtype=torch.bfloat16)
     traj = _traj(run, base)
     threads = torch.get_num_threads()
@@ -144,7 +144,7 @@ def test_a_short_row_from_a_reader_is_an_error_not_a_crash(run_factory, tmp_path
     """The compiled kernels read rows by address without bounds checks: a reader that returns
     fewer elements than asked (a damaged file, a reader bug) must stop the run with one line
     naming the tensor and the checkpoint, before any kernel runs."""
-    from relex import kernels
+    from relex.stream import kernels
     if not kernels.available():
         pytest.skip("numba unavailable: the torch path checks shapes itself")
     run, base = run_factory(base_dtype=torch.bfloat16)

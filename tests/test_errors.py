@@ -191,7 +191,7 @@ def test_bad_flags(capsys, run, tmp_path):
 def test_interrupt_leaves_nothing(run, tmp_path, monkeypatch):
     """A crash mid-write (here: Ctrl-C from the first tensor write) leaves no output at all."""
     import relex
-    from relex import writer
+    from relex.output import model as writer
 
     def boom(*a, **k):
         raise KeyboardInterrupt

@@ -7,11 +7,12 @@ import sys
 import types
 
 import pytest
-import torch
 
 import relex
 from relex.errors import RelexError
-from relex.evaluation import (evaluate, grade, grade_responses, load_dataset, metrics, pass_at_k)
+from relex.evaluation.datasets import load_dataset
+from relex.evaluation.evaluate import evaluate
+from relex.evaluation.grading import grade, grade_responses, metrics, pass_at_k
 
 
 @pytest.mark.parametrize("gold,response", [
@@ -101,7 +102,7 @@ def test_generation_on_cpu_and_resume(tiny_chat_model, problems_file, tmp_path, 
     assert summary["models"]["tiny"]["avg@2"] == first.metrics["avg@2"]
 
     # resume: nothing left to do, so the model is not even loaded
-    from relex import evaluation as E
+    from relex.evaluation import evaluate as E
     monkeypatch.setattr(E.TransformersGenerator, "__init__",
                         lambda *a: (_ for _ in ()).throw(AssertionError("regenerated")))
     again = evaluate([tiny_chat_model], str(problems_file), **kw)[0]
@@ -181,14 +182,14 @@ def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
 
 
 def test_arithmetic_task_scores_the_demo_base():
-    from relex.demo import BASE
+    from relex.demo.run import BASE
     s = evaluate([BASE], "arithmetic", progress=False)[0]
     assert s.metrics["accuracy"] == pytest.approx(0.346, abs=1e-9)  # as printed by relex demo
     assert s.samples[0]["prompt"].endswith("=") and len(s.samples[0]["response"]) == 4
 
 
 def test_sweep_keeps_the_best(tmp_path):
-    from relex.demo import BASE, run_demo
+    from relex.demo.run import BASE, run_demo
     run_demo(tmp_path / "demo", steps=20, observe_until=6, progress=False)
     run = tmp_path / "demo" / "run"
     res = relex.sweep(run, base=BASE, observe_until=6, targets=[10, 20, 60, 200],
@@ -215,7 +216,7 @@ def test_sweep_keeps_the_best(tmp_path):
 @pytest.mark.slow
 def test_sweep_finds_the_demo_plateau(tmp_path):
     """The full demo run: the best target sits on the plateau, not at the far end."""
-    from relex.demo import BASE, run_demo
+    from relex.demo.run import BASE, run_demo
     run_demo(tmp_path / "demo", progress=False)
     res = relex.sweep(tmp_path / "demo" / "run", base=BASE, observe_until=60,
                       targets=[100, 200, 300, 400, 600, 800], dataset="arithmetic-dev",
@@ -228,7 +229,7 @@ def test_sweep_finds_the_demo_plateau(tmp_path):
 
 def test_cli_eval(tmp_path, capsys):
     from relex.cli import main
-    from relex.demo import BASE
+    from relex.demo.run import BASE
     assert main(["eval", str(BASE), "--dataset", "arithmetic", "--limit", "50", "-q"]) == 0
     assert "demo-base" in capsys.readouterr().out
     assert main(["eval", "--dataset", "arithmetic"]) == 2

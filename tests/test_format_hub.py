@@ -14,7 +14,7 @@ import relex
 from conftest import load_dir
 from relex.cli import main
 from relex.errors import RelexError
-from relex.inputs import resolve_inputs
+from relex.checkpoints.inputs import resolve_inputs
 
 STEPS = (2, 4, 6, 8, 10)
 

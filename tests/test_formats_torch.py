@@ -399,7 +399,7 @@ def test_dcp_truncated_and_missing(runs, tmp_path, capsys):
 
 
 def test_dcp_hint_names_accelerate_merge_weights(tmp_path):
-    from relex.discover import LAYOUTS, converter_hint
+    from relex.checkpoints.discover import LAYOUTS, converter_hint
     d = tmp_path / "checkpoint-5"
     (d / "pytorch_model_fsdp_0").mkdir(parents=True)
     hint = converter_hint(d, next(x for x in LAYOUTS if x.trainer.startswith("TRL")))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import relex
-from relex import kernels
+from relex.stream import kernels
 from test_extrapolate import STEPS, check_outputs
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
@@ -115,7 +115,7 @@ def test_a_compile_failure_falls_back_with_a_warning(monkeypatch, caplog):
         monkeypatch.setitem(kernels.__dict__, name, kernels.__dict__[name])
     monkeypatch.setattr(numba, "njit", broken)
     monkeypatch.setattr(kernels, "_compiled", None)
-    with caplog.at_level("WARNING", logger="relex.kernels"):
+    with caplog.at_level("WARNING", logger="relex.stream.kernels"):
         assert kernels.available() is False
     assert "simulated" in caplog.text
     x = np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32)

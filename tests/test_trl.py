@@ -18,8 +18,8 @@ trl = pytest.importorskip("trl")
 from transformers import LlamaForCausalLM, TrainerCallback
 
 from relex import RelexError
-from relex import arithmetic as A
-from relex.demo import BASE
+from relex.demo import arithmetic as A
+from relex.demo.run import BASE
 from relex.integrations.trl import RelexCallback
 
 
@@ -151,7 +151,7 @@ def test_refusals_and_errors_do_not_crash(tmp_path, caplog):
     # an error inside relex at jump time is logged, and training goes on to max_steps
     cb = RelexCallback("accelerate", cycle=2, jump=4, every=1)
     t = trainer(tmp_path / "c", 5, [cb], prompts=2)
-    with caplog.at_level(logging.ERROR, logger="relex.accelerate"):
+    with caplog.at_level(logging.ERROR, logger="relex.loop.accelerator"):
         cb.on_train_begin(t.args, t.state, t.control, model=t.model)
         cb.accelerator.store.base["lm_head.weight"] = torch.zeros(3, 3)  # a wrong shape
         cb.on_train_begin = lambda *a, **k: None

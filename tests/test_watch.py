@@ -9,7 +9,7 @@ import pytest
 from conftest import make_run
 
 from relex import RelexError
-from relex.watch import VERL_TRACKER, Follower, watch
+from relex.analysis.watch import VERL_TRACKER, Follower, watch
 
 
 def copy_slowly(src, dst, pause):

@@ -8,14 +8,14 @@ rank-1 coefficient grows linearly with the step, so a few early checkpoints pred
     ...                   targets=[500, 750], output="out")
 """
 
-__version__ = "0.1.0"
+from relex.version import __version__  # noqa: E402
 
 from relex.errors import RelexError  # noqa: E402
 from relex.api import Analysis, Report, analyze, extrapolate, reconstruct  # noqa: E402
-from relex.accelerate import Accelerator, Jump  # noqa: E402
+from relex.loop.accelerator import Accelerator, Jump  # noqa: E402
 
-from relex.evaluation import evaluate, grade_responses  # noqa: E402
-from relex.sweeps import sweep  # noqa: E402
+from relex.evaluation.evaluate import evaluate, grade_responses  # noqa: E402
+from relex.evaluation.sweep import sweep  # noqa: E402
 
 __all__ = ["Accelerator", "Analysis", "Jump", "RelexError", "Report", "analyze", "evaluate", "extrapolate",
            "grade_responses", "reconstruct", "sweep", "__version__"]

@@ -2,7 +2,7 @@
 
 import sys
 
-from relex import distributed
+from relex.stream import torchrun
 from relex.cli import main
 
 if __name__ == "__main__":
@@ -10,5 +10,5 @@ if __name__ == "__main__":
     try:
         code = main()
     finally:
-        distributed.reset(ok=code == 0)
+        torchrun.reset(ok=code == 0)
     sys.exit(code)

@@ -20,19 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from relex import __version__, distributed
-from relex.adapter_writer import AdapterWriter
-from relex.formats import DTYPES, hub, lora, open_reader
-from relex.engine import Engine, available_memory
+from relex.version import __version__
+from relex.stream import torchrun as distributed
+from relex.output.adapter import AdapterWriter
+from relex.checkpoints import hub
+from relex.formats import DTYPES, lora, open_reader
+from relex.stream.engine import Engine, available_memory
 from relex.errors import RelexError
 from relex.fit import FitConfig, TensorFit, extrapolation_weights, reconstruction_weights
-from relex.fitfile import FIT_FILE, check_fingerprint, load_fit, save_fit
-from relex.inputs import resolve_inputs, select_steps
-from relex.trajectory import TensorPlan, Trajectory
-from relex.writer import ModelWriter, atomic_directory, check_output, parse_size
+from relex.output.fitfile import FIT_FILE, check_fingerprint, load_fit, save_fit
+from relex.checkpoints.inputs import resolve_inputs, select_steps
+from relex.stream.trajectory import TensorPlan, Trajectory
+from relex.output.model import ModelWriter, atomic_directory, check_output, parse_size
 
 #: non-weight files of a model directory that a served model needs (config, tokenizer, template)
 MODEL_FILES = re.compile(
@@ -486,8 +487,8 @@ def analyze(run_dir: str | Path | None = None, *, output: str | Path,
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RelexError("analyze runs in one process; torchrun is for extrapolate and "
                          "reconstruct")
-    from relex.analysis import RunAnalysis, analyze_tensor
-    from relex.report import write_report
+    from relex.analysis.backtest import RunAnalysis, analyze_tensor
+    from relex.analysis.report import write_report
     config = FitConfig("relex", rank, parse_fit(fit), window)
     started = time.perf_counter()
     output = Path(output)

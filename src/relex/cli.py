@@ -13,9 +13,10 @@ import warnings
 
 import torch
 
-import relex
-from relex.errors import RelexError
-from relex.formats import hub
+from relex import api
+from relex.version import __version__
+from relex.errors import RelexError, one_line
+from relex.checkpoints import hub
 
 EPILOG = """examples:
   relex demo                                    # a real GRPO run on this CPU, ~4 minutes
@@ -38,11 +39,6 @@ RUN_DIR layouts read (docs/formats.md):
   PEFT LoRA      checkpoint-N/adapter_model.safetensors + adapter_config.json (needs --base)
   the Hub        hf://ORG/REPO, a branch per checkpoint (step_N; --revision-pattern)
   anything       step-N, step_N, or --checkpoint STEP=PATH (repeatable)"""
-
-
-def one_line(e: Exception) -> str:
-    """The message on one line: names taken from a damaged file may hold line breaks."""
-    return str(e).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _positive(text: str) -> int:
@@ -106,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="relex", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Predict late RLVR checkpoints from a short prefix of the run (RELEX: "
                     "rank-1 weight trajectories, linear in the step).")
-    parser.add_argument("--version", action="version", version=f"relex {relex.__version__}")
+    parser.add_argument("--version", action="version", version=f"relex {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ex = sub.add_parser("extrapolate", help="write the models of future steps",
@@ -334,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "extrapolate":
             with warnings.catch_warnings():  # notes are printed below, as one line each
                 warnings.simplefilter("ignore", UserWarning)
-                report = relex.extrapolate(args.run_dir, targets=args.target,
+                report = api.extrapolate(args.run_dir, targets=args.target,
                                            method=args.method, rank=args.rank, fit=args.fit,
                                            window=args.window,
                                            allow_interpolation=args.allow_interpolation,
@@ -342,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                                            output_format=args.output_format,
                                            lora_rank=args.lora_rank, **common)
         else:
-            report = relex.reconstruct(args.run_dir, rank=args.rank, **common)
+            report = api.reconstruct(args.run_dir, rank=args.rank, **common)
     except RelexError as e:
         print(f"relex: error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -367,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _analyze(args) -> int:
-    res = relex.analyze(args.run_dir, output=args.output, base=args.base,
+    res = api.analyze(args.run_dir, output=args.output, base=args.base,
                         checkpoints=args.checkpoint, observe_until=args.observe_until,
                         steps=args.steps, rank=args.rank, fit=args.fit, window=args.window,
                         revision_pattern=args.revision_pattern,
@@ -399,7 +395,7 @@ def _analyze(args) -> int:
 
 
 def _eval(args) -> int:
-    from relex.evaluation import evaluate, grade_responses
+    from relex.evaluation.evaluate import evaluate, grade_responses
     if args.responses:
         if args.models:
             raise RelexError("give MODEL_DIRs or --responses, not both")
@@ -423,8 +419,8 @@ def _eval(args) -> int:
 
 
 def _sweep(args) -> int:
-    from relex.sweeps import sweep
-    from relex.inputs import parse_steps
+    from relex.evaluation.sweep import sweep
+    from relex.checkpoints.inputs import parse_steps
     if not args.dataset:
         raise RelexError("--dataset is required (a dev set, not your test set)")
     res = sweep(args.run_dir, targets=parse_steps(args.targets), dataset=args.dataset,
@@ -462,7 +458,7 @@ def _metrics_table(rows: dict[str, dict]) -> str:
 
 
 def _watch(args) -> int:
-    from relex.watch import watch
+    from relex.analysis.watch import watch
     try:
         res = watch(args.run_dir, base=args.base, target=args.target,
                     write_when_verified=args.write_when_verified, output=args.output,
@@ -475,7 +471,7 @@ def _watch(args) -> int:
 
 
 def _demo(args) -> int:
-    from relex.demo import run_demo, table
+    from relex.demo.run import run_demo, table
     result = run_demo(args.output, steps=args.steps, observe_until=args.observe_until,
                       seed=args.seed, overwrite=args.overwrite, progress=not args.quiet,
                       cycle=args.cycle, jump=args.jump)

@@ -3,7 +3,7 @@
     trainer = GRPOTrainer(..., callbacks=[RelexCallback(mode="accelerate", cycle=20, jump=40)])
 
 Modes:
-- "accelerate": relex.accelerate.Accelerator in the loop. Every `cycle` optimizer steps the
+- "accelerate": relex.loop.accelerator.Accelerator in the loop. Every `cycle` optimizer steps the
   cycle's snapshots are fitted and the weights predicted `jump` steps ahead are written into the
   live parameters in place, on every rank (identical inputs, identical float64 math, so DDP
   replicas stay identical); Adam state and LR schedule are kept. Jumps (and guard rollbacks)
@@ -16,7 +16,7 @@ Modes:
   The guard needs each step's reward: the callback asks the Trainer to log every step
   (`control.should_log`) and acts in `on_log`, where TRL's `reward` for that step is known.
   Under FSDP2 (accelerate `fsdp_version: 2`) and DeepSpeed ZeRO-1/2/3 every rank jumps its own
-  shard of the fp32 masters (relex.shards) and DeepSpeed's 16-bit copies are refreshed, so TRL's
+  shard of the fp32 masters (relex.loop.shards) and DeepSpeed's 16-bit copies are refreshed, so TRL's
   vLLM sync sends the jumped weights; FSDP1, Megatron and tensor parallel training are refused
   at on_train_begin.
 - "forecast": at every save (world process zero) run `relex.analyze` on the checkpoints so far
@@ -39,7 +39,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from relex.accelerate import Accelerator
+from relex.loop.accelerator import Accelerator
 from relex.errors import RelexError
 
 log = logging.getLogger("relex.integrations.trl")
@@ -229,12 +229,12 @@ class RelexCallback(TrainerCallback):
             return False
 
     def _forecast(self, args, state) -> None:
-        import relex
-        from relex.discover import discover
+        from relex.api import analyze
+        from relex.checkpoints.discover import discover
         if len(discover(args.output_dir)) < 2:
             return  # a line needs two checkpoints
         out = Path(args.output_dir) / "relex-forecast"
-        summary = relex.analyze(args.output_dir, base=self.base, output=out, overwrite=True,
+        summary = analyze(args.output_dir, base=self.base, output=out, overwrite=True,
                                 progress=False).summary
         bt = summary["backtest"]
         entry = {"relex/explained_variance": summary["finding1_explained_variance"][
@@ -249,15 +249,15 @@ class RelexCallback(TrainerCallback):
         _log_into_history(state, entry)
 
     def _stop(self, args, state) -> None:
-        import relex
-        from relex.discover import discover
+        from relex.api import extrapolate
+        from relex.checkpoints.discover import discover
         have = [s for s in discover(args.output_dir) if s <= self.observe_until]
         if args.save_total_limit and len(have) < self.observe_until / max(args.save_steps, 1):
             log.warning("relex: only %d checkpoints up to step %d are left (save_total_limit=%d "
                         "deleted the others); the fit uses what is there", len(have),
                         self.observe_until, args.save_total_limit)
         out = Path(self.output or Path(args.output_dir) / "relex-extrapolated")
-        report = relex.extrapolate(args.output_dir, base=self.base,
+        report = extrapolate(args.output_dir, base=self.base,
                                    observe_until=self.observe_until, targets=self.targets,
                                    output=out, overwrite=True, progress=False)
         self.written = out

@@ -64,7 +64,7 @@ def refusal(actor_config) -> str | None:
 # --- run on every actor worker (verl's execute_with_func_generator passes the worker first) ---
 def worker_start(worker, start_step: int, kwargs: dict) -> str | None:
     """Create this worker's Accelerator on its engine; the error line if it cannot."""
-    from relex.accelerate import Accelerator
+    from relex.loop.accelerator import Accelerator
     try:
         engine = worker.actor.engine
         worker._relex = Accelerator(engine.module, optimizer=engine.optimizer,

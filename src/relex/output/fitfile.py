@@ -17,9 +17,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from relex import __version__
+from relex.version import __version__
 from relex.errors import RelexError
-from relex.writer import permissions
+from relex.output.model import permissions
 
 FIT_FILE = "relex-fit.safetensors"
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relex import api
 from relex.errors import RelexError
 
 VERL_TRACKER = "latest_checkpointed_iteration.txt"
@@ -56,7 +57,7 @@ class Follower:
 
     def poll(self) -> dict[int, Path]:
         """Complete checkpoints now (step -> weights directory)."""
-        from relex.discover import discover
+        from relex.checkpoints.discover import discover
         try:
             if not self.run_dir.is_dir():
                 raise RelexError(f"{self.run_dir}: does not exist yet")
@@ -111,7 +112,6 @@ def watch(run_dir: str | Path, *, base: str | Path, target: int,
         raise RelexError(f"{output}: exists; choose another --output")
     if interval <= 0:
         raise RelexError(f"--interval {interval}: must be > 0 seconds")
-    import relex
     follower = Follower(run_dir, echo)
     result = WatchResult()
     started, polls, analysed = time.monotonic(), 0, None
@@ -122,13 +122,13 @@ def watch(run_dir: str | Path, *, base: str | Path, target: int,
             complete = follower.poll()
             steps = sorted(s for s in complete if s > 0)
             if len(steps) >= 2 and steps != analysed:
-                row = _refresh(relex, complete, steps, base, target, rank, report, echo)
+                row = _refresh(complete, steps, base, target, rank, report, echo)
                 if row is not None:
                     analysed = steps
                     result.history.append(row)
                     _write_json(report / "watch.json", result.history)
                     if write_when_verified and row["target_verified"]:
-                        result.written = _write(relex, complete, steps, base, target, rank,
+                        result.written = _write(complete, steps, base, target, rank,
                                                 Path(output), echo)
                         if result.written is not None:
                             return result
@@ -139,9 +139,9 @@ def watch(run_dir: str | Path, *, base: str | Path, target: int,
             time.sleep(interval)
 
 
-def _refresh(relex, complete, steps, base, target, rank, report, echo) -> dict | None:
+def _refresh(complete, steps, base, target, rank, report, echo) -> dict | None:
     try:
-        summary = relex.analyze(checkpoints={s: complete[s] for s in steps}, base=base,
+        summary = api.analyze(checkpoints={s: complete[s] for s in steps}, base=base,
                                 output=report, overwrite=True, rank=rank,
                                 progress=False).summary
     except (RelexError, OSError) as e:  # e.g. a checkpoint removed while it was read
@@ -162,9 +162,9 @@ def _refresh(relex, complete, steps, base, target, rank, report, echo) -> dict |
     return row
 
 
-def _write(relex, complete, steps, base, target, rank, output, echo) -> Path | None:
+def _write(complete, steps, base, target, rank, output, echo) -> Path | None:
     try:
-        relex.extrapolate(checkpoints={s: complete[s] for s in steps}, base=base,
+        api.extrapolate(checkpoints={s: complete[s] for s in steps}, base=base,
                           targets=[target], output=output, rank=rank, progress=False,
                           allow_interpolation=target <= steps[-1])
     except (RelexError, OSError) as e:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relex import formats
-from relex.discover import discover, parse_checkpoint_arg
+from relex.checkpoints.discover import discover, parse_checkpoint_arg
 from relex.errors import RelexError
-from relex.formats import hub
+from relex.checkpoints import hub
 
 
 @dataclass(frozen=True)

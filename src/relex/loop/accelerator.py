@@ -46,13 +46,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from relex import shards
-from relex.distributed import LoopGroup, fingerprint
-from relex.errors import RelexError
+from relex.loop import shards
+from relex.loop.group import LoopGroup
+from relex.stream.torchrun import fingerprint
+from relex.errors import RelexError, first_line
 from relex.fit import FitConfig, extrapolation_weights
-from relex.snapshots import BLOCK, CycleStore
+from relex.loop.snapshots import BLOCK, CycleStore
 
-log = logging.getLogger("relex.accelerate")
+log = logging.getLogger("relex.loop.accelerator")
 
 #: seconds relex's collectives wait for the slowest rank before relex gives up: well below the
 #: training's own collective timeouts (torch's NCCL default and verl's are 600 s), so that when a
@@ -352,7 +353,8 @@ class Accelerator:
         return None
 
     def _disable(self, step: int, e: Exception) -> None:
-        self.disabled = _line(e) if isinstance(e, RelexError) else f"{type(e).__name__}: {_line(e)}"
+        self.disabled = (first_line(e) if isinstance(e, RelexError)
+                         else f"{type(e).__name__}: {first_line(e)}")
         log.error("relex: disabled at step %d (training goes on without it): %s", step,
                   self.disabled)
         try:
@@ -405,9 +407,5 @@ def _failure(e: Exception) -> str:
     """One line for a rank's own failure: a disk error is the snapshot directory's."""
     if isinstance(e, OSError):
         return f"snapshot_dir: {os.strerror(e.errno) if e.errno else e}"
-    return f"{type(e).__name__}: {_line(e)}"
+    return f"{type(e).__name__}: {first_line(e)}"
 
-
-def _line(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:limit]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from relex.analysis import MAX_REL_ERROR, RunAnalysis, TensorAnalysis
+from relex.analysis.backtest import MAX_REL_ERROR, RunAnalysis, TensorAnalysis
 
 
 def pyplot():

@@ -9,6 +9,7 @@ which is what RLVR mostly does to LLMs, and the regime where the trajectory is c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -101,3 +102,42 @@ def config(**overrides):
               bos_token_id=BOS, eos_token_id=EQUALS, pad_token_id=EQUALS)
     kw.update(overrides)
     return LlamaConfig(**kw)
+
+
+# ---------------------------------------------------------------------- as an eval task
+#: the task's held-out test set (as in `relex demo`) and a disjoint dev set: name -> seed
+DATASETS = {"arithmetic": 1234, "arithmetic-dev": 4321}
+
+
+def dataset_problems(name: str, problem):
+    """The 500 problems of DATASETS[name] as `problem(question, answer, row)` records."""
+    probs = heldout(500, seed=DATASETS[name])
+    answers = ["".join(map(str, row)) for row in probs.answers().tolist()]
+    return [problem(f"{a:03d}+{b:03d}=", ans, {"a": a, "b": b}) for a, b, ans in
+            zip(probs.a.tolist(), probs.b.tolist(), answers)]
+
+
+def grade(response: str, gold: str) -> tuple[str | None, bool]:
+    """(the first 4 digits of the response, whether they are the answer): exact match."""
+    digits = "".join(c for c in response if c.isdigit())[:4] or None
+    return digits, digits == gold
+
+
+class Generator:
+    """The demo's 13-token models: token prompts, 4 generated digits, no tokenizer files."""
+
+    def __init__(self, model_dir: Path, template: str):
+        from transformers import AutoModelForCausalLM
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir)
+        self.model.eval()
+
+    def prompt(self, question: str) -> str:
+        return question
+
+    def generate(self, prompts, n, temperature, max_tokens, seed):
+        a = torch.tensor([int(p[:3]) for p in prompts]).repeat_interleave(n)
+        b = torch.tensor([int(p[4:7]) for p in prompts]).repeat_interleave(n)
+        gen = torch.Generator().manual_seed(seed)
+        tokens = generate(self.model, Problems(a, b).prompts(), temperature, gen)
+        texts = ["".join(map(str, row)) for row in tokens.tolist()]
+        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -8,7 +8,7 @@
    with the per-parameter linear baseline to targets up to the end of the run and past it.
 4. Score every real and extrapolated checkpoint on 500 fixed held-out problems (greedy), print
    the table, draw the plot, and say where extrapolation stops being reliable.
-5. Train again from the same base and seed with relex in the loop (relex.accelerate: every
+5. Train again from the same base and seed with relex in the loop (relex.loop.accelerator: every
    `cycle` steps fit the cycle and jump `jump` steps ahead in place, Adam state kept) for half
    the real steps, and count the real steps each run needs to reach accuracy thresholds.
 """
@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import relex
-from relex import arithmetic as A
-from relex.accelerate import Accelerator
+from relex.api import extrapolate
+from relex.version import __version__
+from relex.demo import arithmetic as A
+from relex.loop.accelerator import Accelerator
 from relex.errors import RelexError
-from relex.grpo import GRPOConfig, train
+from relex.demo.grpo import GRPOConfig, train
 
 BASE = Path(__file__).parent / "data" / "demo-base"
 METHODS = ("relex", "linear-weights")
@@ -69,7 +70,7 @@ def _imports():
     except ImportError as e:
         raise RelexError(f"relex demo needs transformers and matplotlib ({e.name} is missing): "
                          f"pip install 'relex[demo]'") from None
-    from relex.evaluation import quiet_transformers
+    from relex.evaluation.generation import quiet_transformers
     quiet_transformers()
     return LlamaForCausalLM
 
@@ -137,7 +138,7 @@ def run_demo(output: str | Path = "relex-demo", steps: int = 400,
         for method in METHODS:
             started = time.perf_counter()
             out = output / "extrapolated" / method
-            relex.extrapolate(run, base=BASE, observe_until=k, targets=targets, output=out,
+            extrapolate(run, base=BASE, observe_until=k, targets=targets, output=out,
                               method=method, progress=False)
             timings[f"extrapolate ({method})"] = time.perf_counter() - started
             started = time.perf_counter()
@@ -163,7 +164,7 @@ def run_demo(output: str | Path = "relex-demo", steps: int = 400,
 
 def accelerate(model, steps: int, seed: int, cycle: int, jump: int, progress: bool,
                snapshot_dtype: str = "float16", timing: bool = False) -> dict:
-    """GRPO with relex.accelerate in the loop; held-out accuracy every 10 real steps.
+    """GRPO with relex.loop.accelerator in the loop; held-out accuracy every 10 real steps.
     timing: also report the median time between optimizer steps (not deterministic)."""
     acc = Accelerator(model, cycle=cycle, jump=jump, snapshot_dtype=snapshot_dtype)
     curve, held, stamps = [], [acc.memory_bytes()], []
@@ -250,7 +251,7 @@ def write_report(r: DemoResult, targets: list[int]) -> None:
     for t in targets:
         rows.append({"step": t, "real": r.real.get(t),
                      **{m: r.predicted[m][t] for m in METHODS}})
-    summary = {"relex_version": relex.__version__, "steps": r.steps,
+    summary = {"relex_version": __version__, "steps": r.steps,
                "observe_until": r.observe_until, "base_accuracy": r.base_accuracy,
                "heldout_problems": len(A.heldout()),
                "real_curve": {str(s): a for s, a in sorted(r.real.items())},
@@ -285,7 +286,7 @@ def table(r: DemoResult) -> str:
 
 
 def plot(r: DemoResult, path: Path) -> None:
-    from relex.report import pyplot
+    from relex.analysis.report import pyplot
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     ax.axvspan(0, r.observe_until, color="tab:blue", alpha=0.12,

@@ -21,8 +21,8 @@ import torch
 from relex.formats import DTYPES, lora
 from relex.formats.base import numel
 from relex.formats.hf import SAFE_WEIGHTS
-from relex.trajectory import Trajectory
-from relex.writer import ModelWriter
+from relex.stream.trajectory import Trajectory
+from relex.output.model import ModelWriter
 
 
 class AdapterWriter:

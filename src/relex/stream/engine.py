@@ -55,11 +55,11 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from relex import kernels
+from relex.stream import kernels
 from relex.formats import DTYPES
 from relex.errors import RelexError
 from relex.fit import TensorFit
-from relex.trajectory import TensorPlan, Trajectory
+from relex.stream.trajectory import TensorPlan, Trajectory
 
 #: elements per block (T rows of it are processed at once): on the 100M-parameter benchmark
 #: 2^17 ran in 6.0 s, 2^16 in 6.5 s, 2^18 in 7.8 s and 2^15 in 7.5 s (noise about 0.3 s)

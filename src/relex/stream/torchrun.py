@@ -25,7 +25,7 @@ import json
 import os
 import signal
 
-from relex.errors import RelexError
+from relex.errors import RelexError, first_line
 
 #: seconds a collective waits for the slowest rank (its share of the work included)
 DEFAULT_TIMEOUT = 1800
@@ -53,7 +53,7 @@ class Group:
             raise
         except Exception as e:  # a rank died or timed out
             raise RelexError(f"torch.distributed rank {self.rank}: another rank stopped or did "
-                             f"not answer ({_first_line(e)}); nothing was written") from None
+                             f"not answer ({first_line(e, 200)}); nothing was written") from None
         return out
 
     def check(self, error: str | None, what: str) -> None:
@@ -75,7 +75,7 @@ class Group:
         except RelexError as e:
             error = f"rank {self.rank}: {e}"
         except Exception as e:  # noqa: BLE001 - reported on every rank, one line
-            error = f"rank {self.rank}: {type(e).__name__}: {_first_line(e)}"
+            error = f"rank {self.rank}: {type(e).__name__}: {first_line(e, 200)}"
         self.check(error, what)
         return out
 
@@ -92,11 +92,6 @@ class Group:
                 if ok:
                     dist.barrier()
                 dist.destroy_process_group()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
 
 
 _GROUP: Group | None = None
@@ -133,7 +128,7 @@ def group(device: str = "cpu") -> Group:
         dist.init_process_group(backend, timeout=timeout)
     except Exception as e:
         raise RelexError(f"torch.distributed: could not join the group of {size} ranks "
-                         f"({_first_line(e)})") from None
+                         f"({first_line(e, 200)})") from None
     # torchrun stops the surviving ranks with SIGTERM when one fails: unwind like Ctrl-C so
     # the temporary output directory is removed.
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
@@ -187,42 +182,3 @@ def split(sizes: list[int], ranks: int) -> list[int]:
         owner[i] = r
         load[r] += sizes[i]
     return owner
-
-
-class LoopGroup:
-    """relex's own collectives inside a user's training run: a gloo group of all ranks with a
-    timeout, so a rank that stops answering makes relex give up (and disable itself) instead of
-    hanging the run. Small CPU objects and float64 tensors only."""
-
-    def __init__(self, timeout: float):
-        import torch.distributed as dist
-        self.rank, self.size = dist.get_rank(), dist.get_world_size()
-        self.timeout = timeout
-        self.pg = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
-
-    @classmethod
-    def of_run(cls, timeout: float) -> LoopGroup | None:
-        """The group of the training run this process is in, or None for a single process."""
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return None
-        return cls(timeout)
-
-    def gather(self, obj) -> list:
-        import torch.distributed as dist
-        out = [None] * self.size
-        self._call(dist.all_gather_object, out, obj, group=self.pg)
-        return out
-
-    def sum_(self, tensor):
-        """All-reduce (sum) a CPU tensor in place."""
-        import torch.distributed as dist
-        self._call(dist.all_reduce, tensor, group=self.pg)
-        return tensor
-
-    def _call(self, fn, *args, **kwargs) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception as e:  # a rank died, or did not come within the timeout
-            raise RelexError(f"rank {self.rank}: another rank stopped or did not answer within "
-                             f"{self.timeout:g} s ({_first_line(e)})") from None

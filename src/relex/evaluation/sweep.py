@@ -12,12 +12,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import relex
-from relex.discover import discover
+from relex.api import extrapolate
+from relex.checkpoints.discover import discover
 from relex.errors import RelexError
-from relex.evaluation import evaluate, load_dataset
-from relex.formats import hub
-from relex.writer import atomic_directory, check_output
+from relex.evaluation.datasets import load_dataset
+from relex.evaluation.evaluate import evaluate
+from relex.checkpoints import hub
+from relex.output.model import atomic_directory, check_output
 
 
 @dataclass
@@ -63,7 +64,7 @@ def sweep(run_dir: str | Path | None = None, *, targets: list[int], dataset: str
     else:
         found = discover(run_dir)
     with atomic_directory(output, overwrite) as tmp:
-        relex.extrapolate(run_dir, targets=targets, output=tmp / "candidates", base=base,
+        extrapolate(run_dir, targets=targets, output=tmp / "candidates", base=base,
                           checkpoints=checkpoints, observe_until=observe_until, steps=steps,
                           method=method, rank=rank, fit=fit, window=window,
                           max_memory=max_memory, device=device,
@@ -99,7 +100,7 @@ def sweep(run_dir: str | Path | None = None, *, targets: list[int], dataset: str
 
 def plot(scores: dict[int, float], real: dict[int, float], best: int, metric: str,
          dataset: str, path: Path) -> None:
-    from relex.report import pyplot
+    from relex.analysis.report import pyplot
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = sorted(scores)

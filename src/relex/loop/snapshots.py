@@ -237,7 +237,7 @@ class CycleStore:
     def _writer(self, what: str, parts, own_dtype: bool = False):
         """A one-file safetensors writer for `parts` (stored dtype, or each part's own)."""
         from relex.formats import CODES
-        from relex.writer import ModelWriter
+        from relex.output.model import ModelWriter
         d = self.root / what
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)

@@ -1,0 +1,1 @@
+"""The demo: a tiny Llama trained with GRPO on 3-digit addition, extrapolated and scored."""
