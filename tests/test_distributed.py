@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import relex
 from relex.stream import torchrun as distributed
@@ -94,15 +93,8 @@ def test_torchrun_two_processes_write_the_bytes_of_one(run_factory, tmp_path):
     one, two = files_of(tmp_path / "one"), files_of(tmp_path / "two")
     assert len([f for f in one if f.endswith(".safetensors")]) > 2  # several shards + fit
     assert one.keys() == two.keys()
-    for name in one:
-        if name == "relex-fit.safetensors":  # safetensors orders __metadata__ keys at random
-            continue
+    for name in one:  # the models and the fit file
         assert one[name] == two[name], name
-    f1, f2 = (safe_open(str(d / "relex-fit.safetensors"), "np") for d in (tmp_path / "one",
-                                                                             tmp_path / "two"))
-    assert f1.metadata() == f2.metadata() and list(f1.keys()) == list(f2.keys())
-    for k in f1.keys():
-        assert f1.get_tensor(k).tobytes() == f2.get_tensor(k).tobytes(), k
     p1 = json.loads((tmp_path / "one/step-30/relex.json").read_text())
     p2 = json.loads((tmp_path / "two/step-30/relex.json").read_text())
     assert p1["tensors"] == p2["tensors"]

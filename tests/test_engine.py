@@ -14,6 +14,7 @@ from conftest import load_dir
 from relex import api
 from relex.stream import engine as engine_mod
 from relex.stream.engine import Engine
+from relex.stream.plan import PassPlan
 from relex.errors import RelexError
 from relex.formats import base as fbase
 from relex.formats import open_reader
@@ -27,13 +28,11 @@ def _traj(run, base):
                       steps)
 
 
-def _weights(traj):
-    from relex.fit import FitConfig, extrapolation_weights
-    cfg = FitConfig()
-
-    def weights(plan, gram):
-        return extrapolation_weights(gram, traj.steps.astype(float), np.array([30.0]), cfg)
-    return weights
+def _plan(traj, budget, fit=True, workers=2):
+    """The pass of one target (step 30) over every tensor."""
+    from relex.fit import Extrapolation, FitConfig
+    rule = Extrapolation(traj.steps.astype(float), np.array([30.0]), FitConfig())
+    return PassPlan(list(traj.plans), 1, rule if fit is True else fit, budget, workers=workers)
 
 
 class _Sink:
@@ -65,10 +64,10 @@ def test_prefetch_asks_for_every_range_once_per_pass_from_disk_from_its_own_thre
             (threading.current_thread().name, r, name, a, b)))(reader)
     try:
         # a budget small enough that some tensors are read twice (two passes)
-        engine = Engine(traj, 1, 200_000, workers=2)
+        engine = Engine(traj, _plan(traj, 200_000))
         twice = [p for p in traj.plans if p.moves and not engine._single(p)]
         assert twice, "the budget must force a second pass somewhere"
-        engine.run(_weights(traj), [_Sink()])
+        engine.run([_Sink()])
     finally:
         traj.close()
     assert {c[0] for c in calls} == {"relex-prefetch"}
@@ -134,7 +133,7 @@ def test_a_failing_pass_restores_the_collector_and_threads(run_factory, monkeypa
         monkeypatch.setattr(engine_module, "Prefetcher", fail)
     try:
         with pytest.raises(RelexError, match=f"{where} failed"):
-            Engine(traj, 1, 1 << 30, workers=2).run(fail, [])
+            Engine(traj, _plan(traj, 1 << 30, fit=fail)).run([])
     finally:
         traj.close()
     assert gc.isenabled() and torch.get_num_threads() == threads
@@ -172,9 +171,9 @@ def test_float32_products_are_full_precision_during_the_pass_and_the_setting_com
     seen = []
     fit = Engine._fit
 
-    def spy(self, plan, gram, weights):
+    def spy(self, *args):
         seen.append((b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision))
-        return fit(self, plan, gram, weights)
+        return fit(self, *args)
     monkeypatch.setattr(Engine, "_fit", spy)
     try:
         if setting == "legacy":

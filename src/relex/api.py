@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
 import shutil
 import time
@@ -23,16 +22,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from relex.version import __version__
-from relex.stream import torchrun as distributed
-from relex.output.adapter import AdapterWriter
+from relex.stream import torchrun
+from relex.output.adapter import AdapterWriter, delta_outputs
 from relex.checkpoints import hub
 from relex.formats import DTYPES, lora, open_reader
 from relex.stream.engine import Engine, available_memory
 from relex.errors import RelexError
-from relex.fit import FitConfig, TensorFit, extrapolation_weights, reconstruction_weights
+from relex.fit import Extrapolation, FitConfig, Reconstruction
 from relex.output.fitfile import FIT_FILE, check_fingerprint, load_fit, save_fit
 from relex.checkpoints.inputs import resolve_inputs, select_steps
-from relex.stream.trajectory import TensorPlan, Trajectory
+from relex.stream.plan import FitRule, PassPlan
+from relex.stream.trajectory import Trajectory
 from relex.output.model import ModelWriter, atomic_directory, check_output, parse_size
 
 #: non-weight files of a model directory that a served model needs (config, tokenizer, template)
@@ -121,7 +121,8 @@ def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
                 device: str = "cpu", threads: int | None = None,
                 from_fit: str | Path | None = None, progress: bool = True,
                 output_format: str = "hf", lora_rank: int | None = None,
-                skip_unreadable: bool = False, verify_checksums: bool = True) -> Report:
+                skip_unreadable: bool = False, verify_checksums: bool = True,
+                group: torchrun.Group | None = None) -> Report:
     """Write the model of each target step, predicted from the observed checkpoints.
 
     Writes output/step-S/ for every S in targets (a Hugging Face model directory with a relex.json
@@ -135,11 +136,15 @@ def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
     instead of stopping; verify_checksums=False skips the CRC-32 check of torch.save tensor
     bytes (docs/robustness.md). Both also apply to reconstruct and analyze.
 
+    group: the processes sharing the work (torchrun.Group); by default the torchrun world when
+    launched by torchrun, else this process alone. The CLI decides it once and passes it.
+
     >>> relex.extrapolate("runs/grpo", base="Qwen2.5-Math-1.5B", observe_until=75,
     ...                   targets=[500, 750], output="out")
     """
     config = FitConfig(method, rank, parse_fit(fit), window)
     targets = _parse_targets(targets)
+    group = group or torchrun.from_environment(device)
     if output_format not in ("hf", "lora"):
         raise RelexError(f"--output-format {output_format}: expected hf or lora")
     if lora_rank is not None and output_format != "lora":
@@ -167,20 +172,16 @@ def extrapolate(run_dir: str | Path | None = None, *, output: str | Path,
             check_fingerprint(saved, traj.fingerprint())
             grams = saved.select(observed)
             _check_grams(grams, traj, saved.path)
-        steps_arr = traj.steps.astype(np.float64)
-
-        def weights(plan: TensorPlan, gram: np.ndarray) -> TensorFit:
-            return extrapolation_weights(gram, steps_arr, np.asarray(targets, float), config)
-
+        rule = Extrapolation(traj.steps.astype(np.float64), np.asarray(targets, float), config)
         notes: list[str] = []
         adapter_rank = (_adapter_rank(traj, lora_rank, notes) if output_format == "lora"
                         else None)
         for note in notes:
             warnings.warn(note, stacklevel=2)
-        return _write(traj, inputs, targets, weights, config, output, overwrite, max_memory,
+        return _write(traj, inputs, targets, rule, config, output, overwrite, max_memory,
                       max_shard_size, device, threads, progress,
                       grams if saved is not None else None, mode="extrapolate",
-                      from_fit=from_fit, adapter_rank=adapter_rank, notes=notes)
+                      from_fit=from_fit, adapter_rank=adapter_rank, notes=notes, group=group)
     finally:
         traj.close()
 
@@ -194,7 +195,7 @@ def reconstruct(run_dir: str | Path | None = None, *, output: str | Path,
                 max_memory: str | int | None = None, max_shard_size: str | int = "5GB",
                 device: str = "cpu", threads: int | None = None,
                 progress: bool = True, skip_unreadable: bool = False,
-                verify_checksums: bool = True) -> Report:
+                verify_checksums: bool = True, group: torchrun.Group | None = None) -> Report:
     """Write the rank-`rank` projection of every observed checkpoint (is the run rank-r?).
 
     output/step-S/ holds theta_0 + the projection of D[S] onto the top-`rank` right singular
@@ -202,6 +203,7 @@ def reconstruct(run_dir: str | Path | None = None, *, output: str | Path,
     RL gain the low-rank subspace carries.
     """
     config = FitConfig("relex", rank, 1, None)
+    group = group or torchrun.from_environment(device)
     inputs = resolve_inputs(run_dir, base=base, checkpoints=checkpoints,
                             observe_until=observe_until, steps=steps,
                             revision_pattern=revision_pattern, skip_unreadable=skip_unreadable)
@@ -211,14 +213,10 @@ def reconstruct(run_dir: str | Path | None = None, *, output: str | Path,
                          f"{len(targets)}")
     traj = _open(inputs.base, inputs.observed, dtype, verify_checksums)
     try:
-        steps_arr = traj.steps.astype(np.float64)
-        indices = list(range(len(targets)))
-
-        def weights(plan: TensorPlan, gram: np.ndarray) -> TensorFit:
-            return reconstruction_weights(gram, indices, steps_arr, config)
-
-        return _write(traj, inputs, targets, weights, config, output, overwrite, max_memory,
-                      max_shard_size, device, threads, progress, None, mode="reconstruct")
+        rule = Reconstruction(traj.steps.astype(np.float64), list(range(len(targets))), config)
+        return _write(traj, inputs, targets, rule, config, output, overwrite, max_memory,
+                      max_shard_size, device, threads, progress, None, mode="reconstruct",
+                      group=group)
     finally:
         traj.close()
 
@@ -293,18 +291,18 @@ def _budget(max_memory, local_processes: int = 1) -> int:
     return default_budget(local_processes) if max_memory is None else parse_size(max_memory)
 
 
-def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitConfig,
+def _write(traj: Trajectory, inputs, targets: list[int], rule: FitRule, config: FitConfig,
            output, overwrite: bool, max_memory, max_shard_size, device: str,
            threads: int | None, progress: bool, grams: dict | None, mode: str,
-           from_fit=None, adapter_rank: int | None = None,
+           group: torchrun.Group, from_fit=None, adapter_rank: int | None = None,
            notes: list[str] | None = None) -> Report:
-    """Stream, write and finalize; under torchrun each rank does its share (distributed.py).
+    """Plan the pass, stream it, write and finalize; under torchrun each rank does its share
+    (torchrun.py).
 
     adapter_rank: write PEFT adapter directories of this r (AdapterWriter) instead of models."""
     output = Path(output)
-    group = distributed.group(device)
-    device = distributed.device_of(device, group)
-    distributed.check_same(group, {
+    device = torchrun.device_of(device, group)
+    torchrun.check_same(group, {
         "mode": mode, "targets": targets, "config": repr(config), "output": str(output.resolve()),
         "overwrite": overwrite, "max_memory": max_memory, "max_shard_size": max_shard_size,
         "device": device.split(":")[0], "from_fit": str(from_fit), "grams": grams is not None,
@@ -317,15 +315,16 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
         output, overwrite, [inputs.base, *inputs.observed.values()], out_bytes * len(targets))
         if group.leader else None)
     shard = parse_size(max_shard_size)
-    budget = _budget(max_memory, group.local_size)
     started = time.perf_counter()
-    engine = Engine(traj, len(targets), budget, device, workers=threads,
-                    local_processes=group.local_size)
-    owner = distributed.split([sum(i.nbytes for i in (p.sources if p.moves else (p.base,)))
-                               for p in traj.plans], group.size)
-    engine.plans = [p for p, r in zip(traj.plans, owner) if r == group.rank]
-    engine.lora_rank = adapter_rank
-    owned = {p.name for p in engine.plans}
+    owner = torchrun.split([sum(i.nbytes for i in (p.sources if p.moves else (p.base,)))
+                            for p in traj.plans], group.size)
+    plan = PassPlan([p for p, r in zip(traj.plans, owner) if r == group.rank], len(targets),
+                    rule, _budget(max_memory, group.local_size), grams=grams,
+                    lora_rank=adapter_rank,
+                    delta_out=delta_outputs(traj) if adapter_rank is not None else {},
+                    device=device, workers=threads, local_processes=group.local_size)
+    engine = Engine(traj, plan)
+    owned = {p.name for p in plan.tensors}
     specs = [(p.name, p.out_dtype, p.shape) for p in traj.plans]
     meta_src = _metadata_source(traj)
     with (atomic_directory(output, overwrite) if group.leader else nullcontext()) as tmp:
@@ -340,7 +339,6 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
                 if adapter_rank is not None:
                     writers.append(AdapterWriter(d, traj, adapter_rank, create=create,
                                                  owned=owned))
-                    engine.delta_out = writers[-1].delta_out
                 else:
                     writers.append(ModelWriter(d, specs, shard, create=create, owned=owned))
 
@@ -352,10 +350,10 @@ def _write(traj: Trajectory, inputs, targets: list[int], weights, config: FitCon
                           lambda: None if group.leader else open_writers(False))
 
             def stream():
-                with tqdm(total=engine.bytes_to_read(grams), unit="B", unit_scale=True,
+                with tqdm(total=engine.bytes_to_read(), unit="B", unit_scale=True,
                           unit_divisor=1024, desc=f"relex {mode}", leave=False,
                           disable=None if progress and group.leader else True) as bar:
-                    result = engine.run(weights, writers, grams, progress=bar.update)
+                    result = engine.run(writers, progress=bar.update)
                 for w in writers:
                     w.close()
                 return result
@@ -484,7 +482,7 @@ def analyze(run_dir: str | Path | None = None, *, output: str | Path,
     Gram matrix over all of them (saved as output/relex-fit.safetensors, reusable by
     `extrapolate --from-fit` and `analyze --from-fit`, which then reads no weights at all).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if torchrun.launched():
         raise RelexError("analyze runs in one process; torchrun is for extrapolate and "
                          "reconstruct")
     from relex.analysis.backtest import RunAnalysis, analyze_tensor
@@ -514,11 +512,12 @@ def analyze(run_dir: str | Path | None = None, *, output: str | Path,
         traj = _open(inputs.base, {s: inputs.available[s] for s in all_steps},
                      verify_checksums=verify_checksums)
         try:
-            engine = Engine(traj, 0, _budget(max_memory), device, workers=threads)
-            with tqdm(total=engine.bytes_to_read(gram_only=True), unit="B", unit_scale=True,
+            engine = Engine(traj, PassPlan(list(traj.plans), 0, None, _budget(max_memory),
+                                           device=device, workers=threads))
+            with tqdm(total=engine.bytes_to_read(), unit="B", unit_scale=True,
                       unit_divisor=1024, desc="relex analyze",
                       disable=None if progress else True, leave=False) as bar:
-                result = engine.run(None, [], progress=bar.update)
+                result = engine.run([], progress=bar.update)
             grams, bytes_read = result.grams, result.bytes_read
             numels = {p.name: p.numel for p in traj.plans}
             fingerprint = traj.fingerprint()

@@ -7,13 +7,13 @@ on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 
 import torch
 
 from relex import api
+from relex.stream import torchrun
 from relex.version import __version__
 from relex.errors import RelexError, one_line
 from relex.checkpoints import hub
@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "watch":
             return _watch(args)
-        common = dict(base=args.base, checkpoints=args.checkpoint, steps=args.steps,
+        group = torchrun.from_environment(args.device)  # torchrun or not: decided here, once
+        common = dict(group=group, base=args.base, checkpoints=args.checkpoint, steps=args.steps,
                       revision_pattern=args.revision_pattern,
                       observe_until=args.observe_until, output=args.output, dtype=args.dtype,
                       overwrite=args.overwrite, max_memory=args.max_memory,
@@ -353,10 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("relex: interrupted; nothing was written", file=sys.stderr)
         return 130
-    if os.environ.get("RANK", "0") == "0":
+    if group.leader:
         for note in report.notes:
             print(f"relex: note: {note}", file=sys.stderr)
-    if not args.quiet and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
+    if not args.quiet and group.leader:  # torchrun: rank 0 reports
         print(f"relex {args.command}: wrote {report.output}")
         print(_table(report))
     return 0

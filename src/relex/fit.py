@@ -175,3 +175,28 @@ def reconstruction_weights(gram: np.ndarray, indices: list[int], steps: np.ndarr
     r = min(config.rank, len(spec.sigma))
     u = spec.u[:, :r]
     return TensorFit(u[indices] @ u.T, stats)
+
+
+@dataclass(frozen=True)
+class Extrapolation:
+    """The fit rule of `extrapolate`: a tensor's Gram matrix -> the weights of each target."""
+
+    steps: np.ndarray
+    targets: np.ndarray
+    config: FitConfig
+
+    def __call__(self, gram: np.ndarray) -> TensorFit:
+        return extrapolation_weights(gram, self.steps, self.targets, self.config)
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """The fit rule of `reconstruct`: project the observed checkpoints `indices` onto the
+    top-rank subspace."""
+
+    steps: np.ndarray
+    indices: list[int]
+    config: FitConfig
+
+    def __call__(self, gram: np.ndarray) -> TensorFit:
+        return reconstruction_weights(gram, self.indices, self.steps, self.config)

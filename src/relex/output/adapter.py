@@ -25,12 +25,25 @@ from relex.stream.trajectory import Trajectory
 from relex.output.model import ModelWriter
 
 
+def delta_outputs(traj: Trajectory) -> dict[str, str]:
+    """Tensors an adapter output holds as their delta, not theta_0 + delta, with the dtype code
+    they are written in: the lora_B biases (unless the adapter file saved the full tensor)."""
+    last = traj.checkpoints[-1]
+    out = {}
+    for plan in traj.plans:
+        ad = last.adapters.get(plan.name)
+        full = any(plan.name in c.full_keys for c in traj.checkpoints)
+        if ad is not None and ad.bias and plan.exact and not plan.factored and not full:
+            out[plan.name] = "F32"
+    return out
+
+
 class AdapterWriter:
     """One target step's adapter directory, written as the engine computes it.
 
     rank: the adapter's r (each module gets min(rank, T r_module): rank_pattern where that is
-    less). `delta_out` (tensor -> dtype code) names the tensors whose extrapolated delta, not
-    theta_0 + delta, is written (lora_B biases): the engine's Engine.delta_out.
+    less). `delta_out` (delta_outputs: tensor -> dtype code) names the tensors whose
+    extrapolated delta, not theta_0 + delta, is written (lora_B biases): PassPlan.delta_out.
     """
 
     def __init__(self, directory: Path, traj: Trajectory, rank: int,
@@ -42,7 +55,7 @@ class AdapterWriter:
         self._keys: dict[str, str] = {}  # tensor -> adapter-file key (full tensors, biases)
         self._factor_keys: dict[str, tuple[str, str, bool]] = {}  # weight -> (A, B, transposed)
         self.ranks: dict[str, int] = {}
-        self.delta_out: dict[str, str] = {}
+        self.delta_out = delta_outputs(traj)
         specs = []
         for plan in traj.plans:
             name = plan.name
@@ -65,7 +78,6 @@ class AdapterWriter:
                 specs.append((full, plan.out_dtype, plan.shape))
             elif plan.exact and ad is not None and ad.bias:
                 self._keys[name] = f"{ad.prefix}.lora_B.bias"
-                self.delta_out[name] = "F32"
                 specs.append((self._keys[name], "F32", plan.shape))
         owned_keys = None
         if owned is not None:

@@ -51,11 +51,16 @@ class SavedFit:
 
 def save_fit(path: Path, steps: list[int], fingerprint: dict, grams: dict[str, np.ndarray],
              numels: dict[str, int]) -> None:
+    """Write the fit to `path` (load_fit reads it back). Tensors are listed by name and the
+    metadata is one entry, so the file's bytes do not depend on the process or on the order a
+    pass (or torchrun's ranks) produced the Gram matrices."""
+    names = sorted(grams)
     meta = {"relex_version": __version__, "steps": [int(s) for s in steps],
-            "fingerprint": fingerprint, "numel": {k: int(numels[k]) for k in grams}}
-    tensors = {name: torch.from_numpy(np.ascontiguousarray(g, dtype=np.float64))
-               for name, g in grams.items()}
-    save_file(tensors, str(path), metadata={"format": "pt", "relex": json.dumps(meta)})
+            "fingerprint": fingerprint, "numel": {k: int(numels[k]) for k in names}}
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(grams[name], dtype=np.float64))
+               for name in names}
+    # one metadata entry: safetensors writes the metadata map in a random order per process
+    save_file(tensors, str(path), metadata={"relex": json.dumps(meta)})
     os.chmod(path, permissions())  # safetensors creates it 0600
 
 

@@ -38,7 +38,7 @@ file's next ranges, 8 MiB per file and request, up to 512 MiB ahead of the furth
 kernel reads in large sequential requests while the workers compute; a second pass that the page
 cache can hold is not asked for, so meanwhile the disk reads the tensors that follow (up to that
 tensor's size further ahead). Under torchrun each rank runs an
-Engine over its share of the tensors (`plans`; see distributed.py).
+Engine over its share of the tensors (PassPlan.tensors; see torchrun.py).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from threadpoolctl import threadpool_limits
 from relex.stream import kernels
 from relex.formats import DTYPES
 from relex.errors import RelexError
-from relex.fit import TensorFit
+from relex.stream.plan import FitRule, PassPlan
 from relex.stream.trajectory import TensorPlan, Trajectory
 
 #: elements per block (T rows of it are processed at once): on the 100M-parameter benchmark
@@ -94,7 +94,6 @@ PREFETCH_WINDOW = 512 << 20
 #: kernels.delta_combine)
 _KERNEL_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32}
 
-WeightsFn = Callable[[TensorPlan, np.ndarray], TensorFit]
 
 
 class Prefetcher:
@@ -198,19 +197,19 @@ class EngineResult:
 class Engine:
     """Runs the Gram step and the output step over a Trajectory within a memory budget.
 
-    n_targets: outputs per tensor (K); budget: bytes of buffers; device: where arithmetic runs;
-    workers: threads (default: torch's thread count on CPU; GPU_WORKERS feeding a GPU);
-    local_processes: torchrun's ranks on this machine, which share its RAM (the read-ahead's
-    page-cache room).
+    It receives the pass finished (plan.PassPlan: tensors, targets, fit rule, budget, device,
+    threads) and sizes its blocks and buffers from it; workers default to torch's thread count
+    on CPU and GPU_WORKERS feeding a GPU; local processes (torchrun's ranks on this machine)
+    share its RAM, the read-ahead's page-cache room.
     """
 
-    def __init__(self, traj: Trajectory, n_targets: int, budget: int, device: str = "cpu",
-                 block: int | None = None, workers: int | None = None,
-                 local_processes: int = 1):
+    def __init__(self, traj: Trajectory, plan: PassPlan, block: int | None = None):
         self.traj = traj
+        self.pass_plan = plan
+        budget, workers = plan.budget, plan.workers
         #: processes of this run on this machine (torchrun's local ranks), sharing its RAM
-        self.local_processes = max(1, local_processes)
-        self.device = torch.device(device)
+        self.local_processes = max(1, plan.local_processes)
+        self.device = torch.device(plan.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RelexError("--device cuda: torch sees no CUDA device here")
         self.cpu = self.device.type == "cpu"
@@ -225,7 +224,7 @@ class Engine:
             raise RelexError(f"--threads {workers}: give a positive number of threads")
         self.workers = workers or (torch.get_num_threads() if self.cpu else
                                    min(GPU_WORKERS, os.cpu_count() or 1))
-        self.k = n_targets
+        self.k = plan.targets
         t = traj.T
         self.item = 8 if any(p.compute_dtype == torch.float64 for p in traj.plans) else 4
         #: widest stored element of any input (bytes)
@@ -259,14 +258,8 @@ class Engine:
         self._lock = threading.Lock()
         self._progress: Callable[[int], None] | None = None
         self._prefetch: Prefetcher | None = None
-        #: tensors run() handles (all by default; a rank's share under torchrun)
-        self.plans: list[TensorPlan] = list(traj.plans)
-        #: adapter outputs (api's output_format="lora"): factored tensors are compressed to
-        #: the writers' ranks and written as factors; None writes merged tensors
-        self.lora_rank: int | None = None
-        #: tensors written as their extrapolated delta W @ D (not theta_0 + W @ D), in the
-        #: given dtype code: lora_B biases of an adapter output
-        self.delta_out: dict[str, str] = {}
+        #: tensors run() handles (a rank's share under torchrun)
+        self.plans: list[TensorPlan] = list(plan.tensors)
 
     # ------------------------------------------------------------------ planning
     def _kernel_rows(self, plan: TensorPlan) -> torch.dtype | None:
@@ -313,9 +306,10 @@ class Engine:
             return 1 if plan.moves else 0
         return 2 if (grams is None and not self._single(plan)) else 1
 
-    def bytes_to_read(self, grams: dict | None = None, gram_only: bool = False) -> int:
-        """Bytes run() will read (tensors over the memory budget count twice without grams;
-        gram_only: the Gram step alone, every moving tensor once)."""
+    def bytes_to_read(self) -> int:
+        """Bytes run() will read (tensors over the memory budget count twice without a saved
+        fit's Gram matrices; the Gram step alone reads every moving tensor once)."""
+        grams, gram_only = self.pass_plan.grams, self.pass_plan.fit is None
         total = 0
         for plan in self.plans:
             if plan.factored:
@@ -330,15 +324,10 @@ class Engine:
         return total
 
     # ------------------------------------------------------------------ the pass
-    def run(self, weights: WeightsFn | None, writers: list,
-            grams: dict[str, np.ndarray] | None = None,
-            progress: Callable[[int], None] | None = None) -> EngineResult:
-        """Stream every tensor; each writer gets one target's tensors via write_at().
-
-        weights: the fit (plan, Gram) -> TensorFit; None runs the Gram step alone (analysis).
-        grams: Gram matrices of a saved fit (skips the Gram step) or None to compute them.
-        progress: called with the number of bytes read, from worker threads.
-        """
+    def run(self, writers: list, progress: Callable[[int], None] | None = None) -> EngineResult:
+        """Stream every tensor of the plan; each writer gets one target's tensors via
+        write_at(). progress: called with the number of bytes read, from worker threads."""
+        weights, grams = self.pass_plan.fit, self.pass_plan.grams
         result = EngineResult()
         threads = torch.get_num_threads()
         # The pass makes many short-lived tensor views; Python's cyclic collector then kept
@@ -399,8 +388,8 @@ class Engine:
         if fit is not None:
             result.stats[plan.name] = fit.stats
 
-    def _fit(self, plan: TensorPlan, gram: np.ndarray, weights: WeightsFn):
-        fit = weights(plan, gram)
+    def _fit(self, plan: TensorPlan, gram: np.ndarray, weights: FitRule):
+        fit = weights(gram)
         return fit, torch.from_numpy(fit.weights).to(self.device, plan.compute_dtype)
 
     def _whole(self, plan, weights, writers, grams, result):
@@ -451,9 +440,9 @@ class Engine:
             gram = grams[plan.name]
         if weights is None:
             return gram, None
-        fit = weights(plan, gram)
+        fit = weights(gram)
         w = torch.from_numpy(fit.weights)  # (K, T) float64
-        if self.lora_rank is not None:
+        if self.pass_plan.lora_rank is not None:
             if left.shape[1]:  # (an unadapted tensor has no adapter entry)
                 shares = []
                 for k, writer in enumerate(writers):
@@ -724,7 +713,7 @@ class Engine:
             d, base = self._torch_buffers(plan, a, b, full)
             if full is None:
                 self._fill(plan, a, b, d, base, result, npass)
-            if plan.name in self.delta_out:
+            if plan.name in self.pass_plan.delta_out:
                 torch.mm(w, d, out=out)
             else:
                 torch.addmm(base, w, d, out=out)
@@ -736,7 +725,7 @@ class Engine:
                 rows = self._read_as_is(plan, a, b, base, kdt, result, npass)
             kernels.delta_combine(_addresses(rows), base.numpy(), w.numpy(), out.numpy(),
                                   kdt == torch.bfloat16)
-        code = DTYPES[self.delta_out.get(plan.name, plan.out_dtype)]
+        code = DTYPES[self.pass_plan.delta_out.get(plan.name, plan.out_dtype)]
         for k, writer in enumerate(writers):
             writer.write_at(plan.name, a, out[k].to(code))
 

@@ -97,18 +97,25 @@ class Group:
 _GROUP: Group | None = None
 
 
-def group(device: str = "cpu") -> Group:
-    """This run's group: the torchrun world when launched by torchrun (WORLD_SIZE > 1, the
+def launched() -> bool:
+    """Whether torchrun started this process as one of several (WORLD_SIZE > 1): the one place
+    relex reads torchrun's environment."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def from_environment(device: str = "cpu") -> Group:
+    """This run's group, decided once per process at the entry point (the CLI, or a public
+    function called without a group): the torchrun world when launched by torchrun (the
     process group is created on first use), else a group of one."""
     global _GROUP
     if _GROUP is not None:
         return _GROUP
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
+    if not launched():
         _GROUP = Group()
         return _GROUP
     import torch
     import torch.distributed as dist
+    size = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
