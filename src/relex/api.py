@@ -1,8 +1,8 @@
 """The Python API (`extrapolate`, `reconstruct`) that the CLI is a thin face of: from a run's checkpoints to ready-to-serve model directories.
 
-Both stream the trajectory once (see engine.py), write one Hugging Face model directory per
+Both plan one streaming pass (stream/plan.py) and run it (stream/engine.py), write one Hugging Face model directory per
 requested step under `output` (step-S/; for a LoRA run, optionally a PEFT adapter directory
-instead: adapter_writer.py), save the fit (relex-fit.safetensors) beside them, and only then
+instead: output/adapter.py), save the fit (relex-fit.safetensors) beside them, and only then
 move the whole output into place, so an interrupted run leaves nothing behind.
 """
 

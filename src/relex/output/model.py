@@ -21,6 +21,7 @@ import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 
 from relex.formats import DTYPES
+from relex.formats.base import numel
 from relex.formats.hf import SAFE_INDEX, SAFE_WEIGHTS
 from relex.errors import RelexError
 
@@ -66,7 +67,7 @@ class ModelWriter:
         self.owned = set(owned) if owned is not None else None
         self.directory = Path(directory)
         self.specs = {name: (code, tuple(shape)) for name, code, shape in specs}
-        self.sizes = {name: DTYPES[code].itemsize * _numel(shape)
+        self.sizes = {name: DTYPES[code].itemsize * numel(shape)
                       for name, (code, shape) in self.specs.items()}
         self.split = split_state_dict_into_shards_factory(
             dict(self.sizes), get_storage_size=int,
@@ -128,7 +129,7 @@ class ModelWriter:
             raise RuntimeError(f"tensor {short[0]} got {self._written[short[0]]} of "
                                f"{self.sizes[short[0]]} bytes")
         if self.split.is_sharded and self.create:
-            index = {"metadata": {"total_parameters": sum(_numel(s) for _, s in
+            index = {"metadata": {"total_parameters": sum(numel(s) for _, s in
                                                           self.specs.values()),
                                   **self.split.metadata},
                      "weight_map": self.split.tensor_to_filename}
@@ -147,12 +148,6 @@ def permissions(mode: int = 0o666) -> int:
     os.umask(umask)
     return mode & ~umask
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def check_output(final: Path, overwrite: bool, inputs: list[Path], needed_bytes: int) -> None:
