@@ -525,7 +525,8 @@ def test_real_deepspeed_zero2_checkpoint(tmp_path):
 def _boxes(tmp_path, boxes):
     """A (2, 4) float32 global tensor stored as (2, 2) boxes at the given offsets."""
     from relex.formats.base import MappedFiles
-    from relex.formats.torchfile import Chunk, ChunkedTensor, Storage, StoredTensor
+    from relex.formats.torchfile import Chunk, ChunkedTensor
+    from relex.formats.unpickler import Storage, StoredTensor
     f = tmp_path / "data.bin"
     f.write_bytes(torch.arange(8, dtype=torch.float32).numpy().tobytes())
     st = Storage("0", torch.float32, 8, f, 0)
@@ -551,7 +552,7 @@ _LAZY = r"""
 import sys
 import torch
 from relex.errors import RelexError
-from relex.formats.torchfile import restricted_loads
+from relex.formats.unpickler import restricted_loads
 lazy = ("torch._dynamo", "torch.onnx")
 assert not any(m in sys.modules for m in lazy), [m for m in lazy if m in sys.modules]
 for name in ("_dynamo", "onnx", "compile"):

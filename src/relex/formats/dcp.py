@@ -9,8 +9,8 @@ complete torch.save blob there (or raw bytes with the safetensors serialization 
 length is exactly the chunk's bytes); we parse it with torchfile.load at its offset, so tensor
 bytes are read through the shared mapped-file path and never torch.load'ed.
 
-`.metadata` is a pickle. It is loaded with torchfile's restricted unpickler, which here also
-allows (as inert records, nothing called): torch.distributed.checkpoint.metadata's Metadata,
+`.metadata` is a pickle. It is loaded with the restricted unpickler (unpickler.py), which here
+also allows (as inert records, nothing called): torch.distributed.checkpoint.metadata's Metadata,
 TensorStorageMetadata, BytesStorageMetadata, ChunkStorageMetadata, TensorProperties,
 MetadataIndex, StorageMeta, _MEM_FORMAT_ENCODING; torch.distributed.checkpoint.filesystem's
 _StorageInfo; and pathlib's PosixPath / WindowsPath (StorageMeta.checkpoint_id).
@@ -32,11 +32,13 @@ from relex.formats.torchfile import (
     Chunk,
     ChunkedReader,
     ChunkedTensor,
+    load,
+)
+from relex.formats.unpickler import (
     Record,
     Storage,
     StoredTensor,
-    _record,
-    load,
+    record_class,
     records_of,
     restricted_loads,
     short,
@@ -47,12 +49,12 @@ METADATA = ".metadata"
 MAX_METADATA = 512 << 20
 
 _MD = "torch.distributed.checkpoint.metadata"
-ALLOWED = {(_MD, n): _record(n) for n in (
+ALLOWED = {(_MD, n): record_class(n) for n in (
     "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
     "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")}
-ALLOWED[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = _record("_StorageInfo")
+ALLOWED[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = record_class("_StorageInfo")
 for _p in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
-    ALLOWED[("pathlib", _p)] = _record(_p)
+    ALLOWED[("pathlib", _p)] = record_class(_p)
 
 HINT = "accelerate merge-weights {path} {path}-hf"
 

@@ -28,9 +28,8 @@ from relex.formats.torchfile import (
     Chunk,
     ChunkedReader,
     ChunkedTensor,
-    Storage,
-    StoredTensor,
 )
+from relex.formats.unpickler import Storage, StoredTensor
 
 NAME = "nemo"
 SHARD = re.compile(r"shard-(\d+)-model-(\d+)-of-(\d+)\.safetensors")

@@ -23,10 +23,12 @@ from relex.formats.torchfile import (
     Chunk,
     ChunkedReader,
     ChunkedTensor,
+    load,
+)
+from relex.formats.unpickler import (
     DTensorRecord,
     Record,
     StoredTensor,
-    load,
     records_of,
     short,
 )
