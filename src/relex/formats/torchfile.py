@@ -15,7 +15,6 @@ import io
 import os
 import re
 import struct
-import threading
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 
 from relex.errors import RelexError
 from relex.formats.base import CODES, DTYPES, MappedFiles, Reader, TensorMeta, numel
+from relex.formats.checksums import Checksums
 from relex.formats.unpickler import (
     Record,
     RestrictedUnpickler,
@@ -36,11 +36,6 @@ from relex.formats.unpickler import (
 
 #: data.pkl larger than this is not a state dict (a 7B DTensor state dict pickles to ~1 MB)
 MAX_PICKLE = 256 << 20
-
-try:  # ISA-L's CRC-32: 12 GB/s here against zlib's 2.2 GB/s (256 MiB in 8 MiB calls, 2 cores),
-    from isal.isal_zlib import crc32  # which made the check cost 1.3-1.4x on 100M x 30
-except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same values
-    from zlib import crc32
 
 
 class _Slice(io.RawIOBase):
@@ -403,74 +398,6 @@ class ChunkedReader(Reader):
 
     def close(self) -> None:
         self._maps.close()
-
-
-class _Member:
-    """One zip member's bytes [start, end) in `file`, and its CRC-32 folded up to `pos`."""
-
-    def __init__(self, storage: Storage):
-        self.storage, self.start = storage, storage.offset
-        self.end = storage.offset + storage.numel * storage.dtype.itemsize
-        self.pos, self.crc, self.lock = self.start, 0, threading.Lock()
-
-
-class Checksums:
-    """The CRC-32 of every zip member a pass reads, computed as the pass releases its bytes.
-
-    torch.save records each storage's CRC-32 but nothing else checks it when bytes are
-    mapped in place: a flipped bit in tensor data would be used as is. The engine releases
-    each tensor's ranges in order right after using them (mapped, usually in the CPU cache),
-    so each member's CRC is folded in there, from the furthest byte folded onwards (ranges
-    released again, or before that point, cost nothing); `finish` folds what the pass never
-    released (a storage's padding past its tensor) and checks every member it touched."""
-
-    def __init__(self, maps: MappedFiles):
-        self.maps, self.enabled = maps, True
-        self._members: dict[Path, dict[int, _Member]] = {}
-        self._starts: dict[Path, list[int]] = {}
-
-    def add(self, storage: Storage) -> None:
-        if storage.crc is None or storage.numel == 0:
-            return
-        members = self._members.setdefault(storage.file, {})
-        if storage.offset not in members:
-            members[storage.offset] = _Member(storage)
-            self._starts[storage.file] = sorted(members)
-
-    def fold(self, file: Path, start: int, nbytes: int) -> None:
-        """Fold bytes [start, start + nbytes) of `file` into the members they belong to."""
-        import bisect
-        starts = self._starts.get(file)
-        if not self.enabled or not starts or nbytes <= 0:
-            return
-        end = start + nbytes
-        i = max(0, bisect.bisect_right(starts, start) - 1)
-        while i < len(starts) and starts[i] < end:
-            m = self._members[file][starts[i]]
-            i += 1
-            with m.lock:
-                if start <= m.pos < min(end, m.end):
-                    self._fold(m, min(end, m.end))
-
-    def _fold(self, m: _Member, upto: int) -> None:
-        data = self.maps.view(m.storage.file, m.pos, upto - m.pos, torch.uint8).numpy()
-        m.crc, m.pos = crc32(data, m.crc), upto
-        if m.pos == m.end and m.crc != m.storage.crc:
-            raise RelexError(f"{m.storage.file}: the bytes of storage '{m.storage.key}' (file "
-                             f"bytes {m.start}-{m.end}) fail their CRC-32 check: the tensor "
-                             f"data is damaged; re-copy the checkpoint")
-
-    def finish(self, read: list[Storage] = ()) -> None:
-        """Check every member the pass released bytes of, or that holds a storage in `read`,
-        reading what it left out."""
-        if not self.enabled:
-            return
-        wanted = {(st.file, st.offset) for st in read}
-        for file, members in self._members.items():
-            for m in members.values():
-                with m.lock:
-                    if m.pos < m.end and (m.pos > m.start or (file, m.start) in wanted):
-                        self._fold(m, m.end)
 
 
 def _overlapping(chunks: list[Chunk]) -> tuple[Chunk, Chunk] | None:
