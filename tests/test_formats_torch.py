@@ -525,7 +525,7 @@ def test_real_deepspeed_zero2_checkpoint(tmp_path):
 def _boxes(tmp_path, boxes):
     """A (2, 4) float32 global tensor stored as (2, 2) boxes at the given offsets."""
     from relex.formats.base import MappedFiles
-    from relex.formats.torchfile import Chunk, ChunkedTensor
+    from relex.formats.chunked import Chunk, ChunkedTensor
     from relex.formats.unpickler import Storage, StoredTensor
     f = tmp_path / "data.bin"
     f.write_bytes(torch.arange(8, dtype=torch.float32).numpy().tobytes())

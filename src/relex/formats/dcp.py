@@ -28,12 +28,12 @@ import torch
 
 from relex.errors import RelexError
 from relex.formats.base import CODES, numel
-from relex.formats.torchfile import (
+from relex.formats.chunked import (
     Chunk,
     ChunkedReader,
     ChunkedTensor,
-    load,
 )
+from relex.formats.torchfile import load
 from relex.formats.unpickler import (
     Record,
     Storage,

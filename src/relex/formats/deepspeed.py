@@ -18,12 +18,12 @@ import re
 from pathlib import Path
 
 from relex.errors import RelexError
-from relex.formats.torchfile import (
+from relex.formats.chunked import (
     Chunk,
     ChunkedReader,
     ChunkedTensor,
-    load,
 )
+from relex.formats.torchfile import load
 from relex.formats.unpickler import StoredTensor, record_class
 
 NAME = "deepspeed"

@@ -19,12 +19,12 @@ from pathlib import Path
 
 from relex.errors import RelexError
 from relex.formats.base import numel
-from relex.formats.torchfile import (
+from relex.formats.chunked import (
     Chunk,
     ChunkedReader,
     ChunkedTensor,
-    load,
 )
+from relex.formats.torchfile import load
 from relex.formats.unpickler import (
     DTensorRecord,
     Record,
