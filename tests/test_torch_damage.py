@@ -220,7 +220,7 @@ def test_memo_bomb_in_shard_dim(capsys, clean, runs):
 
 
 def test_memo_bomb_in_persistent_id(tmp_path):
-    from relex.formats.torchfile import load
+    from relex.formats.torchzip import load
     f = tmp_path / "pid.pt"
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
         z.writestr("archive/data.pkl", b"\x80\x02(X\x07\x00\x00\x00storage" + _bomb()

@@ -1,6 +1,6 @@
 """CRC-32 checks of the tensor bytes a pass reads out of torch.save archives.
 
-The archive loader keeps each storage's CRC-32 from the zip, and chunked tensors hand their
+torchzip.load keeps each storage's CRC-32 from the zip, and chunked tensors hand their
 bytes here as the pass releases them (Checksums says why the check is needed and how it stays
 cheap). The CRC-32 is ISA-L's, with zlib's as the fallback: the same values at a fifth of the
 speed (measured at the import below; benchmarks/bench_checksums.py times the whole check).

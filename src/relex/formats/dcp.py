@@ -6,7 +6,7 @@ DTensor v1 policy (`step_N/policy/weights/`, {"model": ModelState}). `.metadata`
 tensor's global size and chunks (N-d boxes: offsets and sizes per dim) and where each chunk is
 stored: `(relative_path, offset, length)` in a .distcp file. torch 2.13 stores each chunk as a
 complete torch.save blob there (or raw bytes with the safetensors serialization format, where
-length is exactly the chunk's bytes); we parse it with torchfile.load at its offset, so tensor
+length is exactly the chunk's bytes); we parse it with torchzip.load at its offset, so tensor
 bytes are read through the shared mapped-file path and never torch.load'ed.
 
 `.metadata` is a pickle. It is loaded with the restricted unpickler (unpickler.py), which here
@@ -33,7 +33,7 @@ from relex.formats.chunked import (
     ChunkedReader,
     ChunkedTensor,
 )
-from relex.formats.torchfile import load
+from relex.formats.torchzip import load
 from relex.formats.unpickler import (
     Record,
     Storage,

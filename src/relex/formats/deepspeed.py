@@ -23,7 +23,7 @@ from relex.formats.chunked import (
     ChunkedReader,
     ChunkedTensor,
 )
-from relex.formats.torchfile import load
+from relex.formats.torchzip import load
 from relex.formats.unpickler import StoredTensor, record_class
 
 NAME = "deepspeed"

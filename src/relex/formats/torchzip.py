@@ -1,4 +1,4 @@
-"""torch.save archives read without running their pickles.
+"""torch.save archives (zip files) read without running their pickles, and their storages located.
 
 A `torch.save` file is a zip archive: `<prefix>/data.pkl` (a pickle of the saved object whose
 tensors point to storages by key) and one uncompressed member `<prefix>/data/<key>` per storage.
@@ -7,6 +7,11 @@ anything (unpickler.py), and find each storage's absolute byte offset from the z
 tensor bytes are then read through base.MappedFiles (zero-copy views, released as the pass goes),
 never torch.load'ed: a 7B verl rank file is 14-28 GB. The same parser reads a torch.save blob
 inside a bigger file (torch DCP `.distcp` chunks), given its [offset, offset + length).
+
+zipfile reads only the directory, data.pkl and the small records; the storages, which we map
+ourselves, get the checks zipfile would have made: each local header agrees with the central
+directory, each member lies whole inside the archive and before the next entry, and each tensor
+inside its storage. Their CRC-32s are checked as a pass reads them (checksums.py).
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ def load(file: Path, offset: int = 0, length: int | None = None, where: str | No
     where: how errors name it; extra: more allowed globals {(module, name): object}. Every
     storage is checked to be stored uncompressed and whole inside [offset, offset + length),
     its local zip header to agree with the central directory, and every tensor to lie inside
-    its storage; each storage keeps its CRC-32 for the pass to check (Checksums)."""
+    its storage; each storage keeps its CRC-32 for the pass to check (checksums.py)."""
     file = Path(file)
     where = where or str(file)
     fix = "re-copy the checkpoint or re-save it"
