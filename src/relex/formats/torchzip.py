@@ -100,39 +100,7 @@ def load(file: Path, offset: int = 0, length: int | None = None, where: str | No
         raise RelexError(f"{where}: truncated: bytes {offset}-{offset + length} are past the "
                          f"end of the file ({size} bytes); {fix}")
     with open(file, "rb") as f:
-        head = os.pread(f.fileno(), 4, offset)
-        if head != b"PK\x03\x04":
-            what = ("a legacy (pre-1.6, non-zip) torch.save file; re-save it with torch >= 1.6"
-                    if head[:2] == b"\x80\x02" else f"not a torch.save zip archive; {fix}")
-            raise RelexError(f"{where}: {what}")
-        try:
-            zf = zipfile.ZipFile(_Slice(f, offset, length))
-            members = {i.filename: i for i in zf.infolist()}
-            pkls = [n for n in members if re.fullmatch(r"[^/]+/data\.pkl", n)]
-            if len(pkls) != 1:
-                raise RelexError(f"{where}: not a torch.save archive (no single "
-                                 f"<name>/data.pkl); {fix}")
-            prefix = pkls[0][: -len("data.pkl")]
-            order = members.get(prefix + "byteorder")
-            if order is not None and zf.read(order) != b"little":
-                raise RelexError(f"{where}: saved on a big-endian machine; re-save it on a "
-                                 f"little-endian one")
-            info = members[pkls[0]]
-            if info.file_size > MAX_PICKLE:
-                raise RelexError(f"{where}: data.pkl is {info.file_size} bytes, too large for "
-                                 f"a state dict; {fix}")
-        except _ZIP_ERRORS as e:
-            raise RelexError(f"{where}: corrupt or truncated torch.save archive "
-                             f"({type(e).__name__}: {str(e)[:100]}); {fix}") from None
-        try:
-            data = zf.read(info)  # zipfile checks its local header and CRC-32
-            for m in members.values():  # the small records too (version, byteorder, ...)
-                if (m is not info and not m.filename.startswith(f"{prefix}data/")
-                        and m.compress_type == zipfile.ZIP_STORED and m.file_size < 1 << 20):
-                    zf.read(m)
-        except _ZIP_ERRORS as e:
-            raise RelexError(f"{where}: corrupt data.pkl ({type(e).__name__}: "
-                             f"{str(e)[:100]}); {fix}") from None
+        zf, members, prefix, data = _open_archive(f, offset, length, where, fix)
         storages: dict[str, Storage] = {}
         try:
             obj = RestrictedUnpickler(data, where, storages, extra, file=file).load()
@@ -160,6 +128,46 @@ def load(file: Path, offset: int = 0, length: int | None = None, where: str | No
         raise RelexError(f"{where}: data.pkl nests too deeply or is too large for a state dict "
                          f"({type(e).__name__}); the file is corrupt or not a checkpoint: "
                          f"{fix}") from None
+
+
+def _open_archive(f, offset: int, length: int, where: str, fix: str):
+    """(zip file, its members by name, the `<name>/` prefix, the bytes of data.pkl) of the
+    torch.save archive at [offset, offset + length) of `f`, after checking that it is one
+    (a single data.pkl, little-endian, of a state dict's size) and that its records read."""
+    head = os.pread(f.fileno(), 4, offset)
+    if head != b"PK\x03\x04":
+        what = ("a legacy (pre-1.6, non-zip) torch.save file; re-save it with torch >= 1.6"
+                if head[:2] == b"\x80\x02" else f"not a torch.save zip archive; {fix}")
+        raise RelexError(f"{where}: {what}")
+    try:
+        zf = zipfile.ZipFile(_Slice(f, offset, length))
+        members = {i.filename: i for i in zf.infolist()}
+        pkls = [n for n in members if re.fullmatch(r"[^/]+/data\.pkl", n)]
+        if len(pkls) != 1:
+            raise RelexError(f"{where}: not a torch.save archive (no single "
+                             f"<name>/data.pkl); {fix}")
+        prefix = pkls[0][: -len("data.pkl")]
+        order = members.get(prefix + "byteorder")
+        if order is not None and zf.read(order) != b"little":
+            raise RelexError(f"{where}: saved on a big-endian machine; re-save it on a "
+                             f"little-endian one")
+        info = members[pkls[0]]
+        if info.file_size > MAX_PICKLE:
+            raise RelexError(f"{where}: data.pkl is {info.file_size} bytes, too large for "
+                             f"a state dict; {fix}")
+    except _ZIP_ERRORS as e:
+        raise RelexError(f"{where}: corrupt or truncated torch.save archive "
+                         f"({type(e).__name__}: {str(e)[:100]}); {fix}") from None
+    try:
+        data = zf.read(info)  # zipfile checks its local header and CRC-32
+        for m in members.values():  # the small records too (version, byteorder, ...)
+            if (m is not info and not m.filename.startswith(f"{prefix}data/")
+                    and m.compress_type == zipfile.ZIP_STORED and m.file_size < 1 << 20):
+                zf.read(m)
+    except _ZIP_ERRORS as e:
+        raise RelexError(f"{where}: corrupt data.pkl ({type(e).__name__}: "
+                         f"{str(e)[:100]}); {fix}") from None
+    return zf, members, prefix, data
 
 
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header
