@@ -217,7 +217,7 @@ def test_odd_shards_match_torch_load(runs):
 def test_reader_matches_torch_load_of_rank_file(runs):
     """The restricted unpickler sees the same local tensors as torch.load(weights_only)."""
     from relex.formats.base import MappedFiles
-    from relex.formats.torchfile import load
+    from relex.formats.torchzip import load
     file = runs / "fsdp2" / "global_step_4" / "actor" / f"model_world_size_{WORLD}_rank_1.pt"
     ours = load(file)
     theirs = torch.load(file, weights_only=True, mmap=True, map_location="cpu")
@@ -521,11 +521,12 @@ def test_real_deepspeed_zero2_checkpoint(tmp_path):
             assert torch.equal(r.read(name, 0, t.numel()), t.reshape(-1)), name
 
 
-# --------------------------------------------------------------------- torchfile hardening
+# --------------------------------------------------------- torch.save reader hardening
 def _boxes(tmp_path, boxes):
     """A (2, 4) float32 global tensor stored as (2, 2) boxes at the given offsets."""
     from relex.formats.base import MappedFiles
-    from relex.formats.torchfile import Chunk, ChunkedTensor, Storage, StoredTensor
+    from relex.formats.chunked import Chunk, ChunkedTensor
+    from relex.formats.unpickler import Storage, StoredTensor
     f = tmp_path / "data.bin"
     f.write_bytes(torch.arange(8, dtype=torch.float32).numpy().tobytes())
     st = Storage("0", torch.float32, 8, f, 0)
@@ -551,7 +552,7 @@ _LAZY = r"""
 import sys
 import torch
 from relex.errors import RelexError
-from relex.formats.torchfile import restricted_loads
+from relex.formats.unpickler import restricted_loads
 lazy = ("torch._dynamo", "torch.onnx")
 assert not any(m in sys.modules for m in lazy), [m for m in lazy if m in sys.modules]
 for name in ("_dynamo", "onnx", "compile"):
@@ -577,7 +578,7 @@ def test_refused_torch_global_imports_nothing():
 
 
 def test_deeply_nested_pickle_is_one_error(tmp_path):
-    from relex.formats.torchfile import load
+    from relex.formats.torchzip import load
     n = 100_000
     f = tmp_path / "deep.pt"
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:

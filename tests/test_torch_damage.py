@@ -220,7 +220,7 @@ def test_memo_bomb_in_shard_dim(capsys, clean, runs):
 
 
 def test_memo_bomb_in_persistent_id(tmp_path):
-    from relex.formats.torchfile import load
+    from relex.formats.torchzip import load
     f = tmp_path / "pid.pt"
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
         z.writestr("archive/data.pkl", b"\x80\x02(X\x07\x00\x00\x00storage" + _bomb()
@@ -235,7 +235,7 @@ def test_memo_bomb_in_persistent_id(tmp_path):
 
 def test_self_containing_pickle_is_refused():
     """A list that holds itself (through the memo) would send any walk round forever."""
-    from relex.formats.torchfile import restricted_loads
+    from relex.formats.unpickler import restricted_loads
     with pytest.raises(RelexError, match=r"loop\.pkl: the pickle contains itself"):
         restricted_loads(b"\x80\x02]q\x00h\x00a.", "loop.pkl")
     assert restricted_loads(b"\x80\x02]q\x00(K\x01K\x02e.", "ok.pkl") == [1, 2]
@@ -253,11 +253,11 @@ def test_memo_bomb_in_transform_descriptors(capsys, clean, runs):
 
 
 def test_real_pickles_stay_below_one_node_per_byte(clean, monkeypatch):
-    """The bound on unpickled objects (torchfile.NODES_PER_BYTE = 8) has room: real rank files
+    """The bound on unpickled objects (unpickler.NODES_PER_BYTE = 8) has room: real rank files
     and DCP metadata load with 1 node per byte and no floor."""
-    from relex.formats import open_reader, torchfile
-    monkeypatch.setattr(torchfile, "NODES_PER_BYTE", 1)
-    monkeypatch.setattr(torchfile, "MIN_NODES", 0)
+    from relex.formats import open_reader, unpickler
+    monkeypatch.setattr(unpickler, "NODES_PER_BYTE", 1)
+    monkeypatch.setattr(unpickler, "MIN_NODES", 0)
     for path in (clean / "verl" / "global_step_2" / "actor", _dcp(clean, 2)):
         with open_reader(path) as r:
             assert len(r.tensors) > 10

@@ -87,7 +87,7 @@ class Reader:
 
     #: short format name shown in messages and recorded in fingerprints
     format = "?"
-    #: torchfile.Checksums of the zip members its tensors come from, or None (not a zip)
+    #: checksums.Checksums of the zip members its tensors come from, or None (not a zip)
     checksums = None
 
     def __init__(self, path: Path):
@@ -124,7 +124,7 @@ class Reader:
 
     def verify(self) -> None:
         """After a pass: check what it read against the checksums the files carry (torch.save
-        archives' CRC-32s, see torchfile.Checksums); raises RelexError. Default: nothing."""
+        archives' CRC-32s, see checksums.Checksums); raises RelexError. Default: nothing."""
 
     def files(self) -> list[Path]:
         """The data files this checkpoint's tensors come from (for fingerprints)."""

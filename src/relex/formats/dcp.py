@@ -6,11 +6,11 @@ DTensor v1 policy (`step_N/policy/weights/`, {"model": ModelState}). `.metadata`
 tensor's global size and chunks (N-d boxes: offsets and sizes per dim) and where each chunk is
 stored: `(relative_path, offset, length)` in a .distcp file. torch 2.13 stores each chunk as a
 complete torch.save blob there (or raw bytes with the safetensors serialization format, where
-length is exactly the chunk's bytes); we parse it with torchfile.load at its offset, so tensor
+length is exactly the chunk's bytes); we parse it with torchzip.load at its offset, so tensor
 bytes are read through the shared mapped-file path and never torch.load'ed.
 
-`.metadata` is a pickle. It is loaded with torchfile's restricted unpickler, which here also
-allows (as inert records, nothing called): torch.distributed.checkpoint.metadata's Metadata,
+`.metadata` is a pickle. It is loaded with the restricted unpickler (unpickler.py), which here
+also allows (as inert records, nothing called): torch.distributed.checkpoint.metadata's Metadata,
 TensorStorageMetadata, BytesStorageMetadata, ChunkStorageMetadata, TensorProperties,
 MetadataIndex, StorageMeta, _MEM_FORMAT_ENCODING; torch.distributed.checkpoint.filesystem's
 _StorageInfo; and pathlib's PosixPath / WindowsPath (StorageMeta.checkpoint_id).
@@ -28,15 +28,17 @@ import torch
 
 from relex.errors import RelexError
 from relex.formats.base import CODES, numel
-from relex.formats.torchfile import (
+from relex.formats.chunked import (
     Chunk,
     ChunkedReader,
     ChunkedTensor,
+)
+from relex.formats.torchzip import load
+from relex.formats.unpickler import (
     Record,
     Storage,
     StoredTensor,
-    _record,
-    load,
+    record_class,
     records_of,
     restricted_loads,
     short,
@@ -47,12 +49,12 @@ METADATA = ".metadata"
 MAX_METADATA = 512 << 20
 
 _MD = "torch.distributed.checkpoint.metadata"
-ALLOWED = {(_MD, n): _record(n) for n in (
+ALLOWED = {(_MD, n): record_class(n) for n in (
     "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
     "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")}
-ALLOWED[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = _record("_StorageInfo")
+ALLOWED[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = record_class("_StorageInfo")
 for _p in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
-    ALLOWED[("pathlib", _p)] = _record(_p)
+    ALLOWED[("pathlib", _p)] = record_class(_p)
 
 HINT = "accelerate merge-weights {path} {path}-hf"
 

@@ -3,8 +3,8 @@
 ZeRO-1/2: `mp_rank_00_model_states.pt` is `torch.save` of a dict whose "module" entry is the
 model's full 16-bit state dict with HF names (DeepSpeed wraps the HF model itself); the other
 entries are bookkeeping (param_shapes, ds_config, lr_scheduler, ...). We parse its pickle with
-torchfile's restricted unpickler (plus builtins.set / frozenset and argparse.Namespace, which
-such files may hold, as inert values) and read "module" in place from the mapped file.
+the restricted unpickler (unpickler.py; plus builtins.set / frozenset and argparse.Namespace,
+which such files may hold, as inert values) and read "module" in place from the mapped file.
 
 ZeRO-3 keeps only fp32 partitions in the optimizer files (`*_optim_states.pt`, interleaved per
 parameter across ranks, padded): relex does not read those and names the `zero_to_fp32.py`
@@ -18,14 +18,13 @@ import re
 from pathlib import Path
 
 from relex.errors import RelexError
-from relex.formats.torchfile import (
+from relex.formats.chunked import (
     Chunk,
     ChunkedReader,
     ChunkedTensor,
-    StoredTensor,
-    _record,
-    load,
 )
+from relex.formats.torchzip import load
+from relex.formats.unpickler import StoredTensor, record_class
 
 NAME = "deepspeed"
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -33,7 +32,7 @@ ZERO3 = re.compile(r"zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt")
 
 EXTRA = {("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
          ("__builtin__", "set"): set, ("__builtin__", "frozenset"): frozenset,
-         ("argparse", "Namespace"): _record("Namespace")}
+         ("argparse", "Namespace"): record_class("Namespace")}
 
 
 def zero_to_fp32_command(path: Path) -> str:

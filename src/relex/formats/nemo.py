@@ -7,7 +7,7 @@ chunk of every tensor under its HF name; `__metadata__["DCP_SHARDING_INFO"]` is 
 {name: {"saved_offsets": [o_0, o_1, ...]}} giving each chunk's place in the global tensor, whose
 shape is max(offset + size) per dim. There is no `.metadata` file; config.json sits in
 `.hf_metadata/`; a tied lm_head is not saved. FSDP2 shards dim 0 (`Shard(0)`), so a tensor is a
-stack of row ranges (torchfile.ChunkedTensor, read through MappedFiles like every format).
+stack of row ranges (chunked.ChunkedTensor, read through MappedFiles like every format).
 Chunks split along another dim (tensor parallel) are refused.
 
 Nothing records the world size or the global shapes (the file names count ranks, the `-of-`
@@ -23,14 +23,13 @@ from pathlib import Path
 
 from relex.errors import RelexError
 from relex.formats.base import DTYPES
-from relex.formats.hf import TensorInfo, read_header
-from relex.formats.torchfile import (
+from relex.formats.chunked import (
     Chunk,
     ChunkedReader,
     ChunkedTensor,
-    Storage,
-    StoredTensor,
 )
+from relex.formats.hf import TensorInfo, read_header
+from relex.formats.unpickler import Storage, StoredTensor
 
 NAME = "nemo"
 SHARD = re.compile(r"shard-(\d+)-model-(\d+)-of-(\d+)\.safetensors")

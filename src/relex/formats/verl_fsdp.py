@@ -5,7 +5,7 @@ tensors are that rank's shard (placements `Shard(d)` on a 1-D mesh, or `(Replica
 for HSDP), or plain tensors (a full copy on every rank). A global tensor is its shards laid end
 to end along d in mesh order (torch.chunk semantics: uneven last shards, possibly empty ones),
 as verl's own merger assembles them. Every rank's pickle is parsed without executing it
-(torchfile.py), and each tensor's dtype, shape, placements and mesh must agree on all ranks; tensor
+(torchzip.py), and each tensor's dtype, shape, placements and mesh must agree on all ranks; tensor
 bytes are read only from the ranks along the sharded mesh dim (the replicate dim holds copies),
 range by range from the mapped files, so memory stays bounded however big the rank files are.
 Config and tokenizer come from `huggingface/` beside the rank files.
@@ -19,14 +19,16 @@ from pathlib import Path
 
 from relex.errors import RelexError
 from relex.formats.base import numel
-from relex.formats.torchfile import (
+from relex.formats.chunked import (
     Chunk,
     ChunkedReader,
     ChunkedTensor,
+)
+from relex.formats.torchzip import load
+from relex.formats.unpickler import (
     DTensorRecord,
     Record,
     StoredTensor,
-    load,
     records_of,
     short,
 )
