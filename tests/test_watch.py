@@ -10,6 +10,7 @@ from conftest import make_run
 
 from relex import RelexError
 from relex.analysis.watch import VERL_TRACKER, Follower, watch
+from relex.cli import main
 
 
 def copy_slowly(src, dst, pause):
@@ -82,11 +83,36 @@ def test_watch_a_live_run_and_write_when_verified(tmp_path):
     assert any("inside the verified horizon" in line for line in lines)
 
 
+def test_watch_once_analyses_a_finished_run(run_factory, tmp_path, capsys):
+    run, base = run_factory(steps=(2, 4, 6, 8, 10), noise=0.01)
+    report = tmp_path / "report"
+    assert main(["watch", str(run), "--base", str(base), "--target", "12", "--once",
+                 "--interval", "0.05", "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "relex watch: step 10 (5 checkpoints)" in out and "verified horizon" in out
+    assert (report / "summary.json").is_file() and (report / "watch.json").is_file()
+    res = watch(run, base=base, target=10, write_when_verified=True, output=tmp_path / "out",
+                once=True, interval=0.05, echo=lambda line: None)
+    assert res.written == tmp_path / "out" / "step-10" and len(res.history) == 1
+
+
+def test_watch_a_missing_run_dir_is_an_error(tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(RelexError, match="does not exist"):
+        watch(missing, base=tmp_path, target=10)
+    assert main(["watch", str(missing), "--base", str(tmp_path), "--target", "10",
+                 "--once"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relex: error: ") and str(missing) in err and err.count("\n") == 1
+
+
 def test_watch_stops_and_refuses(tmp_path):
     lines = []
-    res = watch(tmp_path / "nothing-yet", base=tmp_path, target=10, interval=0.01, max_polls=3,
+    (tmp_path / "empty").mkdir()
+    res = watch(tmp_path / "empty", base=tmp_path, target=10, interval=0.01, max_polls=3,
                 echo=lines.append)
     assert res.history == [] and res.written is None
+    assert "nothing analysed" in lines[-1]
     with pytest.raises(RelexError, match="needs --output"):
         watch(tmp_path, base=tmp_path, target=10, write_when_verified=True)
     with pytest.raises(RelexError, match="exists"):

@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "analysis (explained variance, R^2, backtest horizon) and "
                                     "say whether --target lies inside the verified horizon. "
                                     "Checkpoints still being written are never read.")
-    wa.add_argument("run_dir", metavar="RUN_DIR", help="the live training output directory")
+    wa.add_argument("run_dir", metavar="RUN_DIR",
+                    help="the training output directory; it must exist (mkdir -p it to wait for "
+                         "a run that has not started yet)")
     wa.add_argument("--base", required=True, metavar="DIR", help="the model before RL")
     wa.add_argument("--target", type=int, required=True, metavar="S", help="step to predict")
     wa.add_argument("--write-when-verified", action="store_true",
@@ -229,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the latest analysis and watch.json here (default: temporary)")
     wa.add_argument("--interval", type=float, default=60.0, metavar="SEC",
                     help="seconds between polls (default 60)")
-    wa.add_argument("--once", action="store_true", help="poll once and exit")
+    wa.add_argument("--once", action="store_true",
+                    help="analyze the run as it is now (e.g. a finished run), write the report "
+                         "(and the target with --write-when-verified) and exit; looks twice, "
+                         "min(--interval, 2) seconds apart, so a checkpoint still being written "
+                         "is not read")
     wa.add_argument("--timeout", type=float, metavar="SEC", help="stop after SEC seconds")
     wa.add_argument("--rank", type=int, default=1, help="subspace rank (default 1)")
 
@@ -464,7 +470,7 @@ def _watch(args) -> int:
         res = watch(args.run_dir, base=args.base, target=args.target,
                     write_when_verified=args.write_when_verified, output=args.output,
                     report=args.report, interval=args.interval,
-                    max_polls=1 if args.once else None, timeout=args.timeout, rank=args.rank)
+                    once=args.once, timeout=args.timeout, rank=args.rank)
     except KeyboardInterrupt:  # outputs are atomic: nothing half-written is left
         print("relex watch: interrupted", file=sys.stderr)
         return 130

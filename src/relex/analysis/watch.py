@@ -11,9 +11,11 @@ A checkpoint still being written is never read:
   discovery does not match them);
 - otherwise a checkpoint counts once the names, sizes and mtimes of its files are the same at two
   polls in a row.
-A directory without checkpoints is waited on; a checkpoint that disappears is reported and left
-out. Outputs are written atomically by relex.analyze / relex.extrapolate, so Ctrl-C leaves no
-half-written directory.
+A directory without checkpoints is waited on, a missing one is an error (a mistyped path would
+otherwise wait silently); a checkpoint that disappears is reported and left out. `once` looks
+twice, a short interval apart, so that a finished run is analysed in one call while a checkpoint
+still being written is still not read. Outputs are written atomically by relex.analyze /
+relex.extrapolate, so Ctrl-C leaves no half-written directory.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from relex import api
 from relex.errors import RelexError
 
 VERL_TRACKER = "latest_checkpointed_iteration.txt"
+ONCE_SETTLE_S = 2.0  # with once: the most seconds between the two looks
 
 
 def _signature(path: Path) -> tuple:
@@ -99,19 +102,26 @@ def watch(run_dir: str | Path, *, base: str | Path, target: int,
           write_when_verified: bool = False, output: str | Path | None = None,
           report: str | Path | None = None, interval: float = 60.0,
           max_polls: int | None = None, timeout: float | None = None, rank: int = 1,
-          echo: Callable[[str], None] = print) -> WatchResult:
+          once: bool = False, echo: Callable[[str], None] = print) -> WatchResult:
     """Follow run_dir until the target is verified and written, max_polls, or timeout (s).
 
     report: where the latest analysis (report.html, summary.json) and watch.json go (default:
     a temporary directory). output: where the target model goes (OUT/step-S), required with
-    write_when_verified.
+    write_when_verified. once: two polls, min(interval, ONCE_SETTLE_S) apart, since a checkpoint
+    counts as complete only once it is unchanged between two polls.
     """
+    if not Path(run_dir).is_dir():
+        problem = "is not a directory" if Path(run_dir).exists() else "does not exist"
+        raise RelexError(f"{run_dir}: {problem}; to wait for a run that has not started yet, "
+                         f"create it first (mkdir -p {run_dir})")
     if write_when_verified and output is None:
         raise RelexError("relex watch --write-when-verified needs --output DIR")
     if write_when_verified and Path(output).exists():
         raise RelexError(f"{output}: exists; choose another --output")
     if interval <= 0:
         raise RelexError(f"--interval {interval}: must be > 0 seconds")
+    if once:
+        max_polls, interval = 2, min(interval, ONCE_SETTLE_S)
     follower = Follower(run_dir, echo)
     result = WatchResult()
     started, polls, analysed = time.monotonic(), 0, None
@@ -132,9 +142,11 @@ def watch(run_dir: str | Path, *, base: str | Path, target: int,
                                                 Path(output), echo)
                         if result.written is not None:
                             return result
-            if max_polls is not None and polls >= max_polls:
-                return result
-            if timeout is not None and time.monotonic() - started + interval > timeout:
+            if (max_polls is not None and polls >= max_polls
+                    or timeout is not None and time.monotonic() - started + interval > timeout):
+                if not result.history and len(steps) < 2:
+                    echo(f"relex watch: nothing analysed: {len(steps)} complete checkpoint(s) "
+                         f"after step 0, at least 2 needed")
                 return result
             time.sleep(interval)
 
