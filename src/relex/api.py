@@ -1,9 +1,11 @@
-"""The Python API (`extrapolate`, `reconstruct`) that the CLI is a thin face of: from a run's checkpoints to ready-to-serve model directories.
+"""The Python API (`extrapolate`, `reconstruct`) that the CLI is a thin face of: from a run's
+checkpoints to ready-to-serve model directories.
 
-Both plan one streaming pass (stream/plan.py) and run it (stream/engine.py), write one Hugging Face model directory per
-requested step under `output` (step-S/; for a LoRA run, optionally a PEFT adapter directory
-instead: output/adapter.py), save the fit (relex-fit.safetensors) beside them, and only then
-move the whole output into place, so an interrupted run leaves nothing behind.
+Both plan one streaming pass (stream/plan.py) and run it (stream/engine.py), write one Hugging
+Face model directory per requested step under `output` (step-S/; for a LoRA run, optionally a
+PEFT adapter directory instead: output/adapter.py), save the fit (relex-fit.safetensors)
+beside them, and only then move the whole output into place, so an interrupted run leaves
+nothing behind.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ with huggingface_hub's own progress bars. Each snapshot is then an ordinary dire
 format module reads. Offline (`HF_HUB_OFFLINE=1`, or the hub unreachable) the branches already
 in the local cache are used (`refs/<branch>` -> `snapshots/<commit>/`).
 
-This module is not in FORMATS: it turns a repo into step -> local directory for checkpoints/inputs.py.
+This module is not in FORMATS: it turns a repo into step -> local directory for
+checkpoints/inputs.py.
 """
 
 from __future__ import annotations

@@ -109,11 +109,11 @@ def config(**overrides):
 DATASETS = {"arithmetic": 1234, "arithmetic-dev": 4321}
 
 
-def dataset_problems(name: str, problem):
-    """The 500 problems of DATASETS[name] as `problem(question, answer, row)` records."""
+def dataset_problems(name: str) -> list[tuple[str, str, dict]]:
+    """The 500 problems of DATASETS[name] as (question, answer, row) records."""
     probs = heldout(500, seed=DATASETS[name])
     answers = ["".join(map(str, row)) for row in probs.answers().tolist()]
-    return [problem(f"{a:03d}+{b:03d}=", ans, {"a": a, "b": b}) for a, b, ans in
+    return [(f"{a:03d}+{b:03d}=", ans, {"a": a, "b": b}) for a, b, ans in
             zip(probs.a.tolist(), probs.b.tolist(), answers)]
 
 

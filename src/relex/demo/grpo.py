@@ -49,8 +49,8 @@ def train(model, out: Path, cfg: GRPOConfig, on_step: Callable[[dict], None] | N
     every eval_every steps, seconds). Checkpoints: the steps in `keep`, else every save_every.
 
     after_optimizer_step(step, mean_reward, optimizer) runs right after each optimizer step,
-    before checkpointing and evaluation: the hook where relex.loop.accelerator.Accelerator.step jumps
-    the weights in place (its return value, e.g. a Jump, goes into the row as "jump")."""
+    before checkpointing and evaluation: the hook where relex.loop.accelerator.Accelerator.step
+    jumps the weights in place (its return value, e.g. a Jump, goes into the row as "jump")."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

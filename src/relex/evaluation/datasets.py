@@ -38,7 +38,8 @@ def load_dataset(spec: str, *, question_field: str | None = None, answer_field: 
     """A local JSONL/JSON/Parquet file, a hub dataset (short name or repo id), or 'arithmetic'."""
     from relex.demo import arithmetic
     if spec in arithmetic.DATASETS:
-        return Dataset(spec, arithmetic.dataset_problems(spec, Problem)[:limit], "arithmetic")
+        problems = [Problem(*record) for record in arithmetic.dataset_problems(spec)]
+        return Dataset(spec, problems[:limit], "arithmetic")
     path = Path(spec)
     if path.suffix in (".jsonl", ".json", ".parquet"):
         if not path.is_file():

@@ -10,6 +10,7 @@ import torch
 from relex.errors import RelexError
 from relex.evaluation.datasets import QWEN_MATH_INSTRUCTION
 
+
 def format_prompt(tokenizer, question: str, template: str) -> str:
     """auto: the model's chat template if it has one, else the question; qwen-math: the same
     with Qwen's boxed-answer instruction; raw: the question; anything with {question}: used as

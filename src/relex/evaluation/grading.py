@@ -10,6 +10,7 @@ from pathlib import Path
 from relex.errors import RelexError
 from relex.evaluation.datasets import read_rows
 
+
 def grade(response: str, gold: str) -> tuple[str | None, bool]:
     """(extracted answer, correct) for a math response, graded with math-verify.
 

@@ -42,8 +42,8 @@ class AdapterWriter:
     """One target step's adapter directory, written as the engine computes it.
 
     rank: the adapter's r (each module gets min(rank, T r_module): rank_pattern where that is
-    less). `delta_out` (delta_outputs: tensor -> dtype code) names the tensors whose
-    extrapolated delta, not theta_0 + delta, is written (lora_B biases): PassPlan.delta_out.
+    less). The lora_B biases are written as their extrapolated delta, not theta_0 + delta
+    (delta_outputs, which the pass plan carries to the engine).
     """
 
     def __init__(self, directory: Path, traj: Trajectory, rank: int,
@@ -55,7 +55,6 @@ class AdapterWriter:
         self._keys: dict[str, str] = {}  # tensor -> adapter-file key (full tensors, biases)
         self._factor_keys: dict[str, tuple[str, str, bool]] = {}  # weight -> (A, B, transposed)
         self.ranks: dict[str, int] = {}
-        self.delta_out = delta_outputs(traj)
         specs = []
         for plan in traj.plans:
             name = plan.name

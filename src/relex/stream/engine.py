@@ -258,8 +258,6 @@ class Engine:
         self._lock = threading.Lock()
         self._progress: Callable[[int], None] | None = None
         self._prefetch: Prefetcher | None = None
-        #: tensors run() handles (a rank's share under torchrun)
-        self.plans: list[TensorPlan] = list(plan.tensors)
 
     # ------------------------------------------------------------------ planning
     def _kernel_rows(self, plan: TensorPlan) -> torch.dtype | None:
@@ -311,7 +309,7 @@ class Engine:
         fit's Gram matrices; the Gram step alone reads every moving tensor once)."""
         grams, gram_only = self.pass_plan.grams, self.pass_plan.fit is None
         total = 0
-        for plan in self.plans:
+        for plan in self.pass_plan.tensors:
             if plan.factored:
                 total += self._factor_bytes(plan) + (0 if gram_only else plan.base.nbytes)
                 continue
@@ -343,7 +341,7 @@ class Engine:
             pool = ThreadPoolExecutor(self.workers, thread_name_prefix="relex",
                                       initializer=init)
             self._progress = progress
-            plans = self.plans
+            plans = self.pass_plan.tensors
             self._twice = grams is None and weights is not None
             room = available_memory() // self.local_processes - self.budget - PREFETCH_WINDOW
             self._prefetch = Prefetcher(self.traj, [(p, self._passes(p, grams, weights is None))
@@ -554,7 +552,7 @@ class Engine:
         buf = bufs.get(what)
         if buf is None or buf.numel() < nbytes:
             bufs[what] = None  # free the old one first
-            biggest = max(size_of(p) for p in self.plans if p.moves and self._single(p))
+            biggest = max(size_of(p) for p in self.pass_plan.tensors if p.moves and self._single(p))
             bufs[what] = buf = torch.empty(max(biggest, nbytes), dtype=torch.uint8,
                                            device=self.device)
         return buf[:nbytes]
