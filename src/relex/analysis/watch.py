@@ -30,6 +30,7 @@ from pathlib import Path
 
 from relex import api
 from relex.errors import RelexError
+from relex.output.model import refuse_existing
 
 VERL_TRACKER = "latest_checkpointed_iteration.txt"
 ONCE_SETTLE_S = 2.0  # with once: the most seconds between the two looks
@@ -116,8 +117,8 @@ def watch(run_dir: str | Path, *, base: str | Path, target: int,
                          f"create it first (mkdir -p {run_dir})")
     if write_when_verified and output is None:
         raise RelexError("relex watch --write-when-verified needs --output DIR")
-    if write_when_verified and Path(output).exists():
-        raise RelexError(f"{output}: exists; choose another --output")
+    if write_when_verified:
+        refuse_existing(output, overwrite=False, can_overwrite=False)
     if interval <= 0:
         raise RelexError(f"--interval {interval}: must be > 0 seconds")
     if once:

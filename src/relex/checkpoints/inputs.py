@@ -164,18 +164,22 @@ def select_steps(available: list[int], observe_until: int | None = None,
         missing = [s for s in chosen if s not in available]
         if missing:
             raise RelexError(f"--steps: no checkpoint for step {missing[0]}; available steps: "
-                             f"{_fmt_steps(available)}")
+                             f"{format_steps(available)}")
         return chosen
     if observe_until is not None:
         picked = [s for s in available if s <= observe_until]
         if not picked:
             raise RelexError(f"--observe-until {observe_until}: no checkpoint at or before it; "
-                             f"available steps: {_fmt_steps(available)}")
+                             f"available steps: {format_steps(available)}")
         return picked
     return list(available)
 
 
-def _fmt_steps(steps) -> str:
+def format_steps(steps) -> str:
+    """Steps for a message or a table: all of them up to 12, else the first 5 and the last 3
+    with the count."""
     s = sorted(steps)
-    return ", ".join(map(str, s)) if len(s) <= 12 else (
-        ", ".join(map(str, s[:5])) + ", ..., " + ", ".join(map(str, s[-3:])))
+    if len(s) <= 12:
+        return ", ".join(map(str, s))
+    return (", ".join(map(str, s[:5])) + ", ..., " + ", ".join(map(str, s[-3:]))
+            + f" ({len(s)} steps)")

@@ -30,6 +30,7 @@ from relex.version import __version__
 from relex.demo import arithmetic as A
 from relex.loop.accelerator import Accelerator
 from relex.errors import RelexError
+from relex.output.model import refuse_existing
 from relex.demo.grpo import GRPOConfig, train
 
 BASE = Path(__file__).parent / "data" / "demo-base"
@@ -96,9 +97,8 @@ def run_demo(output: str | Path = "relex-demo", steps: int = 400,
     k = observe_until if observe_until is not None else max(4, round(0.15 * steps / 2) * 2)
     if not 2 <= k < steps:
         raise RelexError(f"--observe-until {k}: must be at least 2 and below --steps {steps}")
+    refuse_existing(output, overwrite)
     if output.exists():
-        if not overwrite:
-            raise RelexError(f"{output}: exists; choose another --output or pass --overwrite")
         if any(output.iterdir()) and not (output / "run").is_dir():
             raise RelexError(f"{output}: not a relex demo directory (no run/ inside); refusing "
                              f"to delete it, choose another --output")
@@ -197,7 +197,6 @@ def verdict(r: DemoResult) -> list[str]:
     lines = []
     compared = [t for t in sorted(r.predicted["relex"]) if t in r.real]
     gaps = {t: r.real[t] - r.predicted["relex"][t] for t in compared}
-    good = [t for t in compared if abs(gaps[t]) <= TOLERANCE]
     last_good = max((t for t in compared if all(abs(gaps[s]) <= TOLERANCE
                                                 for s in compared if s <= t)), default=None)
     final = r.real[max(r.real)]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from relex.errors import RelexError
 from relex.formats import DTYPES, lora
 from relex.formats.base import numel
 from relex.formats.hf import SAFE_WEIGHTS
@@ -36,6 +37,36 @@ def delta_outputs(traj: Trajectory) -> dict[str, str]:
         if ad is not None and ad.bias and plan.exact and not plan.factored and not full:
             out[plan.name] = "F32"
     return out
+
+
+def adapter_rank(traj: Trajectory, lora_rank: int | None, notes: list[str]) -> int:
+    """The r of an adapter output: lora_rank (default the run's r), clamped to T * r, the rank
+    of any extrapolated delta (and said in `notes`). Refuses runs that are not all LoRA."""
+    for step, ckpt in zip(traj.steps, traj.checkpoints):
+        if ckpt.format != "lora":
+            raise RelexError(f"--output-format lora: the checkpoint of step {step} ({ckpt.path})"
+                             f" is a {ckpt.format} checkpoint, not a LoRA adapter; an adapter "
+                             f"output needs a LoRA run (drop --output-format lora to write "
+                             f"model directories)")
+    last = traj.checkpoints[-1]
+    if last.dora:
+        raise RelexError(f"--output-format lora: {last.path} is a DoRA adapter, whose "
+                         f"extrapolated delta (rows rescaled by the magnitude vector) is not a "
+                         f"low-rank product; drop --output-format lora to write model "
+                         f"directories")
+    r_max = max((ad.rank for ad in last.adapters.values()), default=0)
+    if r_max == 0:
+        raise RelexError(f"--output-format lora: {last.path} adapts no weight (only full "
+                         f"tensors); drop --output-format lora")
+    k = int(lora.read_config(last.path)["r"]) if lora_rank is None else int(lora_rank)
+    if k < 1:
+        raise RelexError(f"--lora-rank {k}: give a positive rank")
+    if k > traj.T * r_max:
+        notes.append(f"--lora-rank {k} is more than T*r = {traj.T}*{r_max} = "
+                     f"{traj.T * r_max}, the rank of the extrapolated delta: using "
+                     f"{traj.T * r_max}")
+        k = traj.T * r_max
+    return k
 
 
 class AdapterWriter:

@@ -150,12 +150,17 @@ def permissions(mode: int = 0o666) -> int:
 
 
 
+def refuse_existing(final: str | Path, overwrite: bool, can_overwrite: bool = True) -> None:
+    """The one check that an output directory does not exist yet (or may be replaced)."""
+    if Path(final).exists() and not overwrite:
+        hint = " or pass --overwrite" if can_overwrite else ""
+        raise RelexError(f"{final}: output directory exists; choose another --output{hint}")
+
+
 def check_output(final: Path, overwrite: bool, inputs: list[Path], needed_bytes: int) -> None:
     """Refuse early (before any work) what atomic_directory would refuse late."""
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise RelexError(f"{final}: output directory exists; choose another --output or pass "
-                         f"--overwrite")
+    refuse_existing(final, overwrite)
     if final.exists() and not final.is_dir():
         raise RelexError(f"{final}: exists and is not a directory")
     resolved = final.resolve()
@@ -182,8 +187,7 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
     complete.
     """
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise RelexError(f"{final}: output directory exists; pass --overwrite to replace it")
+    refuse_existing(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
