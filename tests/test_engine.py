@@ -11,9 +11,9 @@ import torch
 
 import relex
 from conftest import load_dir
-from relex import api
 from relex.stream import engine as engine_mod
 from relex.stream.engine import Engine
+from relex.stream import plan
 from relex.stream.plan import PassPlan
 from relex.errors import RelexError
 from relex.formats import base as fbase
@@ -104,11 +104,11 @@ def test_budget_below_one_block_says_the_minimum(run_factory, tmp_path):
 
 
 def test_default_budget_is_a_quarter_of_available_ram():
-    b = api.default_budget()
-    assert b >= api.MIN_DEFAULT_BUDGET
+    b = plan.default_budget()
+    assert b >= plan.MIN_DEFAULT_BUDGET
     avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert b <= max(api.MIN_DEFAULT_BUDGET, avail // 4)
-    assert api.default_budget(4) <= max(api.MIN_DEFAULT_BUDGET, b // 4 + 1)
+    assert b <= max(plan.MIN_DEFAULT_BUDGET, avail // 4)
+    assert plan.default_budget(4) <= max(plan.MIN_DEFAULT_BUDGET, b // 4 + 1)
 
 
 def test_reader_prefetch_defaults_to_nothing(tmp_path):

@@ -9,6 +9,7 @@ import types
 import pytest
 
 import relex
+from relex import cli
 from relex.errors import RelexError
 from relex.evaluation.datasets import load_dataset
 from relex.evaluation.evaluate import evaluate
@@ -234,3 +235,28 @@ def test_cli_eval(tmp_path, capsys):
     assert "demo-base" in capsys.readouterr().out
     assert main(["eval", "--dataset", "arithmetic"]) == 2
     assert "MODEL_DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("missing", ["transformers", "math_verify"])
+def test_missing_generation_library_stops_before_any_work(missing, problems_file, tmp_path,
+                                                          monkeypatch, capsys):
+    """Without transformers (or math-verify) sweep and eval stop in one line naming the extra,
+    before the long extrapolation: the run directory is never even read."""
+    monkeypatch.setitem(sys.modules, missing, None)  # import now raises ImportError
+    pretty = missing.replace("_", "-")
+    code = cli.main(["sweep", str(tmp_path / "no-run"), "--base", str(tmp_path / "no-base"),
+                     "--targets", "10,20", "--dataset", str(problems_file), "--answer-field",
+                     "solution", "--backend",
+                     "transformers", "-o", str(tmp_path / "sw")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"needs {pretty}" in err and "relex[eval]" in err
+    assert not (tmp_path / "sw").exists()
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    code = cli.main(["eval", str(model), "--dataset", str(problems_file), "--answer-field",
+                     "solution", "--backend",
+                     "transformers"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"needs {pretty}" in err

@@ -1,95 +1,33 @@
-"""The Python API (`extrapolate`, `reconstruct`) that the CLI is a thin face of: from a run's
-checkpoints to ready-to-serve model directories.
-
-Both plan one streaming pass (stream/plan.py) and run it (stream/engine.py), write one Hugging
-Face model directory per requested step under `output` (step-S/; for a LoRA run, optionally a
-PEFT adapter directory instead: output/adapter.py), save the fit (relex-fit.safetensors)
-beside them, and only then move the whole output into place, so an interrupted run leaves
-nothing behind.
+"""The public functions (`extrapolate`, `reconstruct`, `analyze`) that the CLI is a thin face
+of: keyword arguments -> option groups (relex.options) -> the checkpoints (checkpoints/) -> a
+trajectory of readers (stream/trajectory.py) -> a write job (output/job.py: plan, engine,
+writers) -> step directories moved into place at once, so an interrupted run leaves nothing.
 """
 
 from __future__ import annotations
 
-import re
 import time
 import warnings
-from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from relex.checkpoints.inputs import resolve_inputs, select_steps
 from relex.errors import RelexError
-from relex.fit import Extrapolation, FitConfig, Reconstruction
-from relex.formats import DTYPES, open_reader
+from relex.fit import Extrapolation, FitConfig, Reconstruction, parse_fit
+from relex.formats import open_reader
 from relex.options import FitOptions, Inputs, OutputOptions, Resources, takes
-from relex.output.adapter import AdapterWriter, adapter_rank, delta_outputs
-from relex.output.finish import copy_model_files, metadata_source, write_provenance
+from relex.output.adapter import adapter_rank
 from relex.output.fitfile import FIT_FILE, check_fingerprint, load_fit, save_fit
-from relex.output.model import ModelWriter, atomic_directory, check_output, parse_size
+from relex.output.job import WriteJob, write
+from relex.output.model import atomic_directory, check_output
+from relex.results import Analysis, Report
 from relex.stream import torchrun
-from relex.stream.engine import Engine, available_memory
-from relex.stream.plan import FitRule, PassPlan
+from relex.stream.engine import Engine
+from relex.stream.plan import PassPlan, budget
 from relex.stream.trajectory import Trajectory
 
-#: the smallest default --max-memory (bytes)
-MIN_DEFAULT_BUDGET = 512 * 10**6
-
-
-@dataclass
-class Report:
-    """What a run wrote and measured (also printed as the CLI's summary table)."""
-
-    output: Path
-    targets: dict[int, Path]
-    observed_steps: list[int]
-    tensors: int
-    moving: int
-    copied: int
-    dropped: list[str]
-    bytes_read: int
-    seconds: float
-    stats: dict[str, dict] = field(default_factory=dict)
-    rank: int = 1
-    #: "hf" (model directories) or "lora" (PEFT adapter directories)
-    output_format: str = "hf"
-    #: adapter outputs: their r, and per target step the share of each LoRA'd tensor's
-    #: extrapolated delta (Frobenius norm) the rank-r adapter keeps
-    lora_rank: int | None = None
-    norm_share: dict[int, dict[str, float]] = field(default_factory=dict)
-    #: things the run changed or noticed on the way (a clamped --lora-rank)
-    notes: list[str] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        """Mean / min explained variance (at the fit's rank) and R^2 over moving tensors."""
-        ev = [s["explained_variance"][self.rank - 1] for s in self.stats.values()
-              if s.get("r2") is not None]
-        r2 = [s["r2"] for s in self.stats.values() if s.get("r2") is not None]
-        out = {"tensors": self.tensors, "trajectory_tensors": self.moving,
-               "copied_tensors": self.copied, "dropped_tensors": self.dropped,
-               "bytes_read": self.bytes_read, "seconds": round(self.seconds, 3)}
-        if ev:
-            out.update(explained_variance_mean=float(np.mean(ev)),
-                       explained_variance_min=float(np.min(ev)),
-                       r2_mean=float(np.mean(r2)), r2_min=float(np.min(r2)))
-        shares = [v for per in self.norm_share.values() for v in per.values()]
-        if shares:
-            out.update(lora_rank=self.lora_rank, norm_share_mean=float(np.mean(shares)),
-                       norm_share_min=float(np.min(shares)))
-        return out
-
-
-def parse_fit(fit: str) -> int:
-    """'linear' -> 1, 'poly2' -> 2, 'poly3' -> 3 (polynomial degree of the coefficient fit)."""
-    if fit == "linear":
-        return 1
-    m = re.fullmatch(r"poly(\d+)", fit)
-    if not m:
-        raise RelexError(f"--fit {fit}: expected linear or polyN (e.g. poly2)")
-    return int(m.group(1))
 
 
 def _parse_targets(targets) -> list[int]:
@@ -161,9 +99,9 @@ def extrapolate(*, inputs: Inputs, fit: FitOptions, resources: Resources, out: O
                 else None)
         for note in notes:
             warnings.warn(note, stacklevel=2)
-        job = _Job("extrapolate", traj, resolved, targets, rule, config, out, resources, group,
+        job = WriteJob("extrapolate", traj, resolved, targets, rule, config, out, resources, group,
                    grams=grams, from_fit=inputs.from_fit, adapter_rank=rank, notes=notes)
-        return _write(job)
+        return write(job)
     finally:
         traj.close()
 
@@ -198,7 +136,7 @@ def reconstruct(*, inputs: Inputs, resources: Resources, out: OutputOptions, ran
     traj = _open(resolved.base, resolved.observed, out.dtype, inputs.verify_checksums)
     try:
         rule = Reconstruction(traj.steps.astype(np.float64), list(range(len(targets))), config)
-        return _write(_Job("reconstruct", traj, resolved, targets, rule, config, out, resources,
+        return write(WriteJob("reconstruct", traj, resolved, targets, rule, config, out, resources,
                            group))
     finally:
         traj.close()
@@ -239,178 +177,6 @@ def _check_grams(grams: dict[str, np.ndarray], traj: Trajectory, path: Path) -> 
     bad = [n for n, g in grams.items() if g.shape != (traj.T, traj.T)]
     if bad:
         raise RelexError(f"--from-fit {path}: Gram matrix of '{bad[0]}' is not {traj.T}x{traj.T}")
-
-
-def default_budget(local_processes: int = 1) -> int:
-    """--max-memory when none is given: a quarter of the RAM available now (shared by the
-    processes of this node under torchrun), at least 512 MB."""
-    return max(MIN_DEFAULT_BUDGET, available_memory() // 4 // max(1, local_processes))
-
-
-def _budget(max_memory, local_processes: int = 1) -> int:
-    return default_budget(local_processes) if max_memory is None else parse_size(max_memory)
-
-
-@dataclass
-class _Job:
-    """Everything `_write` needs: the pass to run and where its results go."""
-
-    mode: str
-    traj: Trajectory
-    inputs: Any
-    targets: list[int]
-    rule: FitRule
-    config: FitConfig
-    out: OutputOptions
-    resources: Resources
-    group: torchrun.Group
-    grams: dict | None = None
-    from_fit: Any = None
-    #: write PEFT adapter directories of this r (AdapterWriter) instead of models
-    adapter_rank: int | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def _write(job: _Job) -> Report:
-    """Plan the pass, stream it, write and finalize; under torchrun each rank does its share
-    (stream/torchrun.py)."""
-    traj, group, output = job.traj, job.group, Path(job.out.output)
-    device = torchrun.device_of(job.resources.device, group)
-    _check_arguments(job, device)
-    group.attempt("checking the output", lambda: check_output(
-        output, job.out.overwrite, [job.inputs.base, *job.inputs.observed.values()],
-        _output_bytes(job)) if group.leader else None)
-    started = time.perf_counter()
-    owner = torchrun.split([sum(i.nbytes for i in (p.sources if p.moves else (p.base,)))
-                            for p in traj.plans], group.size)
-    plan = PassPlan([p for p, r in zip(traj.plans, owner) if r == group.rank], len(job.targets),
-                    job.rule, _budget(job.resources.max_memory, group.local_size),
-                    grams=job.grams, lora_rank=job.adapter_rank,
-                    delta_out=delta_outputs(traj) if job.adapter_rank is not None else {},
-                    device=device, workers=job.resources.threads,
-                    local_processes=group.local_size)
-    engine = Engine(traj, plan)
-    with (atomic_directory(output, job.out.overwrite) if group.leader else nullcontext()) as tmp:
-        tmp = Path(group.broadcast(str(tmp) if group.leader else None))
-        dirs = {s: tmp / f"step-{s}" for s in job.targets}
-        writers = _open_writers(job, dirs, {p.name for p in plan.tensors})
-        try:
-            def stream():
-                with tqdm(total=engine.bytes_to_read(), unit="B", unit_scale=True,
-                          unit_divisor=1024, desc=f"relex {job.mode}", leave=False,
-                          disable=None if job.out.progress and group.leader else True) as bar:
-                    result = engine.run(writers, progress=bar.update)
-                for w in writers:
-                    w.close()
-                return result
-
-            result = group.attempt("computing its tensors", stream)
-        finally:
-            for w in writers:
-                w.abort()
-        _gather(group, result, traj)
-        report = Report(output, {s: output / f"step-{s}" for s in job.targets},
-                        list(map(int, traj.steps)), len(traj.plans),
-                        sum(p.moves for p in traj.plans), sum(not p.moves for p in traj.plans),
-                        traj.dropped, result.bytes_read, time.perf_counter() - started,
-                        result.stats, job.config.rank,
-                        output_format="hf" if job.adapter_rank is None else "lora",
-                        lora_rank=job.adapter_rank, notes=list(job.notes))
-        if job.adapter_rank is not None:
-            report.norm_share = {s: {name: shares[k] for name, shares in result.kept.items()
-                                     if name in writers[0].ranks}
-                                 for k, s in enumerate(job.targets)}
-        group.attempt("finalizing the output",
-                      lambda: _finalize(job, tmp, dirs, report, result) if group.leader else None)
-    report.seconds = time.perf_counter() - started
-    return report
-
-
-def _check_arguments(job: _Job, device: str) -> None:
-    """Under torchrun: every rank was given the same arguments and sees the same inputs."""
-    out = job.out
-    torchrun.check_same(job.group, {
-        "mode": job.mode, "targets": job.targets, "config": repr(job.config),
-        "output": str(Path(out.output).resolve()), "overwrite": out.overwrite,
-        "max_memory": job.resources.max_memory, "max_shard_size": out.max_shard_size,
-        "device": device.split(":")[0], "from_fit": str(job.from_fit),
-        "grams": job.grams is not None, "inputs": job.traj.fingerprint(),
-        "plans": [(p.name, p.out_dtype) for p in job.traj.plans]})
-
-
-def _output_bytes(job: _Job) -> int:
-    """Bytes the outputs will take (the free-space check)."""
-    plans, k = job.traj.plans, job.adapter_rank
-    size = sum(p.numel * DTYPES[p.out_dtype].itemsize for p in plans
-               if k is None or (p.exact and not p.factored))
-    if k is not None:
-        size += sum(4 * k * sum(p.shape) for p in plans if p.factored)
-    return size * len(job.targets)
-
-
-def _open_writers(job: _Job, dirs: dict[int, Path], owned: set[str]) -> list:
-    """One writer per target; rank 0 creates the files before the other ranks open them."""
-    group, traj, writers = job.group, job.traj, []
-    specs = [(p.name, p.out_dtype, p.shape) for p in traj.plans]
-    shard = parse_size(job.out.max_shard_size)
-
-    def open_all(create: bool) -> None:
-        for d in dirs.values():
-            if create:
-                d.mkdir()
-            if job.adapter_rank is not None:
-                writers.append(AdapterWriter(d, traj, job.adapter_rank, create=create,
-                                             owned=owned))
-            else:
-                writers.append(ModelWriter(d, specs, shard, create=create, owned=owned))
-
-    try:
-        group.attempt("creating the output", lambda: open_all(True) if group.leader else None)
-        group.attempt("opening the output", lambda: None if group.leader else open_all(False))
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
-    return writers
-
-
-def _gather(group: torchrun.Group, result, traj: Trajectory) -> None:
-    """Under torchrun, every rank gets all ranks' Gram matrices and statistics, in tensor order."""
-    if group.size == 1:
-        return
-    parts = group.all_gather((result.grams, result.stats, result.bytes_read, result.kept))
-    order = [p.name for p in traj.plans]
-
-    def merged(i):
-        every = {k: v for part in parts for k, v in part[i].items()}
-        return {name: every[name] for name in order if name in every}
-
-    result.grams, result.stats, result.kept = merged(0), merged(1), merged(3)
-    result.bytes_read = sum(part[2] for part in parts)
-
-
-def _finalize(job: _Job, tmp: Path, dirs: dict[int, Path], report: Report, result) -> None:
-    """The fit file, and each step directory's config, tokenizer and relex.json."""
-    traj = job.traj
-    save_fit(tmp / FIT_FILE, list(map(int, traj.steps)), traj.fingerprint(),
-             job.grams if job.grams is not None else result.grams,
-             {p.name: p.numel for p in traj.plans})
-    meta_src = metadata_source(traj)
-    for step, d in dirs.items():
-        if job.adapter_rank is None:
-            copy_model_files(meta_src, d, traj)
-        write_provenance(d / "relex.json", report, traj, job.config, step, job.mode,
-                         job.from_fit)
-
-
-@dataclass
-class Analysis:
-    """What `analyze` wrote: the report directory, its summary numbers, cost."""
-
-    output: Path
-    summary: dict
-    bytes_read: int
-    seconds: float
 
 
 @takes(Inputs, (FitOptions, ["rank", "fit", "window"]),
@@ -479,7 +245,7 @@ def analyze(*, inputs: Inputs, fit: FitOptions, resources: Resources,
 
 def _grams_only(traj: Trajectory, resources: Resources, progress: bool):
     """The Gram pass alone: every tensor's Gram matrix and the bytes read."""
-    engine = Engine(traj, PassPlan(list(traj.plans), 0, None, _budget(resources.max_memory),
+    engine = Engine(traj, PassPlan(list(traj.plans), 0, None, budget(resources.max_memory),
                                    device=resources.device, workers=resources.threads))
     with tqdm(total=engine.bytes_to_read(), unit="B", unit_scale=True, unit_divisor=1024,
               desc="relex analyze", disable=None if progress else True, leave=False) as bar:

@@ -11,6 +11,7 @@ never needs more of D than one block at a time. See shared/DESIGN-NOTES.md for t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,16 @@ from relex.errors import RelexError
 DROP = 1e-6
 #: the explained-variance curve reported per tensor covers ranks 1..EV_RANKS
 EV_RANKS = 5
+
+
+def parse_fit(fit: str) -> int:
+    """'linear' -> 1, 'poly2' -> 2, 'poly3' -> 3 (polynomial degree of the coefficient fit)."""
+    if fit == "linear":
+        return 1
+    m = re.fullmatch(r"poly(\d+)", fit)
+    if not m:
+        raise RelexError(f"--fit {fit}: expected linear or polyN (e.g. poly2)")
+    return int(m.group(1))
 
 
 @dataclass(frozen=True)

@@ -311,7 +311,9 @@ class LoopOptions(OptionGroup):
                                  f"{', '.join(known)}")
             if value is None:
                 continue
-            kind = type(known[name].default) if known[name].default is not None else str
+            f = known[name]
+            kind = f.metadata["argparse"].get("type") or (
+                type(f.default) if f.default is not None else str)
             try:
                 out[name] = kind(value)
             except (TypeError, ValueError):

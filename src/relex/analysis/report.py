@@ -171,7 +171,7 @@ def fig_backtest(plt, run: RunAnalysis, summary: dict):
     if summary["oracle"]:
         o = summary["oracle"]
         a.plot([p["ratio"] for p in o], [p["rel_error"] for p in o], "k--", lw=1.5,
-               label=f"fit on the window, later checkpoints")
+               label="fit on the window, later checkpoints")
         b.plot([p["ratio"] for p in o], [p["cosine"] for p in o], "k--", lw=1.5)
     a.axhline(MAX_REL_ERROR, color="red", lw=0.8)
     horizon = summary["backtest"]["verified_horizon_ratio"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from relex.errors import RelexError
 from relex.evaluation.datasets import Dataset, load_dataset
 from relex.evaluation.generation import (TransformersGenerator, VLLMGenerator, pick_backend,
+                                         require,
                                          quiet_transformers)
 from relex.evaluation.grading import grade, grade_responses, metrics
 
@@ -131,6 +132,7 @@ def evaluate(models: list[str | Path], dataset: str, *, n: int = 1, temperature:
             raise RelexError(f"{m}: not a model directory (no config.json)")
     data = load_dataset(dataset, question_field=question_field, answer_field=answer_field,
                         split=split, limit=limit)
+    require(backend, data.task)
     out = Path(output) if output is not None else None
     scores = []
     for model, label in zip(models, labels_for(models)):

@@ -3,6 +3,8 @@ transformers' batched `generate` (CPU or GPU)."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -31,12 +33,26 @@ def format_prompt(tokenizer, question: str, template: str) -> str:
 
 def pick_backend(backend: str) -> str:
     if backend == "auto":
-        import importlib.util
         return "vllm" if (importlib.util.find_spec("vllm") and torch.cuda.is_available()) \
             else "transformers"
     if backend not in ("vllm", "transformers"):
         raise RelexError(f"--backend {backend}: expected auto, vllm or transformers")
     return backend
+
+
+def require(backend: str, task: str) -> None:
+    """Stop before any work (a sweep's extrapolation, a model load) when generation or grading
+    cannot run here, naming the extra to install."""
+    need = ["vllm" if pick_backend(backend) == "vllm" else "transformers"]
+    if task != "arithmetic":  # the demo's task is graded by exact match
+        need.append("math_verify")
+    for module in need:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            extra = "pip install vllm" if module == "vllm" else "pip install 'relex[eval]'"
+            raise RelexError(f"scoring models needs {module.replace('_', '-')}, which is not "
+                             f"installed here: {extra}") from None
 
 
 class TransformersGenerator:

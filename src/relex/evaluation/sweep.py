@@ -18,6 +18,8 @@ from relex.errors import RelexError
 from relex.evaluation.datasets import load_dataset
 from relex.evaluation.evaluate import evaluate
 from relex.checkpoints import hub
+from relex.evaluation.generation import require
+from relex.options import EvalOptions, FitOptions, Inputs, OutputOptions, Resources, takes
 from relex.output.model import atomic_directory, check_output
 
 
@@ -31,51 +33,62 @@ class SweepResult:
     metric: str
 
 
-def sweep(run_dir: str | Path | None = None, *, targets: list[int], dataset: str,
-          output: str | Path, base: str | Path | None = None,
-          checkpoints: list[str] | None = None, observe_until: int | None = None,
-          steps: str | list[int] | None = None, method: str = "relex", rank: int = 1,
-          fit: str = "linear", window: int | None = None, keep_all: bool = False,
-          real: bool = True, metric: str | None = None, n: int = 1, temperature: float = 0.0,
-          max_tokens: int = 1024, template: str = "auto", backend: str = "auto",
-          seed: int = 0, limit: int | None = None, question_field: str | None = None,
-          answer_field: str = "answer", split: str | None = None, overwrite: bool = False,
-          max_memory: str | int | None = None, device: str = "cpu",
-          revision_pattern: str = hub.DEFAULT_PATTERN, progress: bool = True) -> SweepResult:
+@takes((Inputs, ["run_dir", "base", "revision_pattern", "checkpoints", "observe_until",
+                 "steps"]),
+       (FitOptions, ["targets", "method", "rank", "fit", "window"]), EvalOptions,
+       (Resources, ["max_memory", "device", "threads"]),
+       (OutputOptions, ["output", "overwrite", "progress"]),
+       required=("targets", "dataset", "output"))
+def sweep(*, inputs: Inputs, fit: FitOptions, evaluation: EvalOptions, resources: Resources,
+          out: OutputOptions, keep_all: bool = False, real: bool = True,
+          metric: str | None = None) -> SweepResult:
     """Extrapolate to every target (one streaming pass), score each on `dataset`, keep the best.
 
     Writes output/best -> the best step's model directory, output/summary.json, sweep.png and
     per-sample evaluations under output/eval/. Real checkpoints at the target steps (when the
-    run has them) are scored too, for the plot. `metric`: accuracy, or avg@n when n > 1.
+    run has them) are scored too, for the plot.
+
+    Args:
+        run_dir: the run's directory (or hf://ORG/REPO); the options are listed below.
+        keep_all: keep every candidate's model directory, not only the best.
+        real: also score the run's real checkpoints at the target steps.
+        metric: what to maximise: accuracy (default with n=1), avg@n (default with n > 1) or
+            pass@k.
+
+    Returns:
+        SweepResult: the score of each target, of the real checkpoints, and the best step.
+
+    Example:
+        >>> relex.sweep("runs/grpo", base="models/base", observe_until=75,
+        ...             targets=[200, 300, 500], dataset="dev.jsonl", output="sweep")
     """
-    targets = sorted(set(int(t) for t in targets))
+    targets = sorted(set(int(t) for t in fit.targets))
     if len(targets) < 2:
         raise RelexError("--targets: a sweep needs at least two target steps")
-    data = load_dataset(dataset, question_field=question_field, answer_field=answer_field,
-                        split=split, limit=limit)  # fail fast, before the long pass
-    metric = metric or ("accuracy" if n == 1 else f"avg@{n}")
-    output = Path(output)
-    local = [p for p in (run_dir, base) if p is not None and not hub.is_hub(p)]
-    check_output(output, overwrite, [Path(p) for p in local], 0)
+    ev = evaluation
+    data = load_dataset(ev.dataset, question_field=ev.question_field,
+                        answer_field=ev.answer_field, split=ev.split,
+                        limit=ev.limit)  # fail fast, before the long pass
+    require(ev.backend, data.task)
+    metric = metric or ("accuracy" if ev.n == 1 else f"avg@{ev.n}")
+    output, run_dir = Path(out.output), inputs.run_dir
+    local = [p for p in (run_dir, inputs.base) if p is not None and not hub.is_hub(p)]
+    check_output(output, out.overwrite, [Path(p) for p in local], 0)
     if not real or run_dir is None:
         found = {}
     elif hub.is_hub(run_dir):  # only the real checkpoints at the targets are downloaded
-        found = hub.checkpoints(run_dir, lambda s: s in targets, revision_pattern)
+        found = hub.checkpoints(run_dir, lambda s: s in targets, inputs.revision_pattern)
     else:
         found = discover(run_dir)
-    with atomic_directory(output, overwrite) as tmp:
-        extrapolate(run_dir, targets=targets, output=tmp / "candidates", base=base,
-                          checkpoints=checkpoints, observe_until=observe_until, steps=steps,
-                          method=method, rank=rank, fit=fit, window=window,
-                          max_memory=max_memory, device=device,
-                          revision_pattern=revision_pattern, progress=progress)
+    with atomic_directory(output, out.overwrite) as tmp:
+        extrapolate(targets=targets, output=tmp / "candidates", progress=out.progress,
+                    **vars(inputs), **vars(resources),
+                    **{k: v for k, v in vars(fit).items() if k != "targets"})
         models = [tmp / "candidates" / f"step-{t}" for t in targets]
         reals = [found[t] for t in targets if t in found]
-        common = dict(n=n, temperature=temperature, max_tokens=max_tokens, template=template,
-                      backend=backend, seed=seed, progress=progress, limit=limit,
-                      question_field=question_field, answer_field=answer_field, split=split)
-        scores = evaluate(models, dataset, output=tmp / "eval" / "extrapolated", **common)
-        real_scores = evaluate(reals, dataset, output=tmp / "eval" / "real", **common) \
+        common = dict(vars(ev), progress=out.progress)
+        scores = evaluate(models, output=tmp / "eval" / "extrapolated", **common)
+        real_scores = evaluate(reals, output=tmp / "eval" / "real", **common) \
             if reals else []
         if metric not in scores[0].metrics:
             raise RelexError(f"--metric {metric}: not measured (have "
@@ -89,7 +102,7 @@ def sweep(run_dir: str | Path | None = None, *, targets: list[int], dataset: str
                 shutil.rmtree(tmp / "candidates" / f"step-{t}")
         (tmp / "best").symlink_to(Path("candidates") / f"step-{best}")
         summary = {"dataset": data.name, "problems": len(data.problems), "metric": metric,
-                   "method": method, "targets": targets, "scores": by_step,
+                   "method": fit.method, "targets": targets, "scores": by_step,
                    "real_scores": real_by_step, "best_step": best, "best_score": by_step[best],
                    "kept": "all" if keep_all else [best]}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

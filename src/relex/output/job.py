@@ -1,0 +1,183 @@
+"""A write job: one streaming pass whose results land in step directories.
+
+The public functions (relex.api) build a WriteJob from the user's options; `write` plans the
+pass (stream/plan.py), splits the tensors among the ranks under torchrun, opens one writer per
+target (a model or an adapter directory), runs the engine, gathers the ranks' statistics, and
+finishes the directories (fit file, config and tokenizer, relex.json) before they are moved into
+place at once.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from relex.fit import FitConfig
+from relex.formats import DTYPES
+from relex.options import OutputOptions, Resources
+from relex.output.adapter import AdapterWriter, delta_outputs
+from relex.output.finish import copy_model_files, metadata_source, write_provenance
+from relex.output.fitfile import FIT_FILE, save_fit
+from relex.output.model import ModelWriter, atomic_directory, check_output, parse_size
+from relex.results import Report
+from relex.stream import torchrun
+from relex.stream.engine import Engine
+from relex.stream.plan import FitRule, PassPlan, budget
+from relex.stream.trajectory import Trajectory
+
+
+@dataclass
+class WriteJob:
+    """Everything `_write` needs: the pass to run and where its results go."""
+
+    mode: str
+    traj: Trajectory
+    inputs: Any
+    targets: list[int]
+    rule: FitRule
+    config: FitConfig
+    out: OutputOptions
+    resources: Resources
+    group: torchrun.Group
+    grams: dict | None = None
+    from_fit: Any = None
+    #: write PEFT adapter directories of this r (AdapterWriter) instead of models
+    adapter_rank: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def write(job: WriteJob) -> Report:
+    """Plan the pass, stream it, write and finalize; under torchrun each rank does its share
+    (stream/torchrun.py)."""
+    traj, group, output = job.traj, job.group, Path(job.out.output)
+    device = torchrun.device_of(job.resources.device, group)
+    _check_arguments(job, device)
+    group.attempt("checking the output", lambda: check_output(
+        output, job.out.overwrite, [job.inputs.base, *job.inputs.observed.values()],
+        _output_bytes(job)) if group.leader else None)
+    started = time.perf_counter()
+    owner = torchrun.split([sum(i.nbytes for i in (p.sources if p.moves else (p.base,)))
+                            for p in traj.plans], group.size)
+    plan = PassPlan([p for p, r in zip(traj.plans, owner) if r == group.rank], len(job.targets),
+                    job.rule, budget(job.resources.max_memory, group.local_size),
+                    grams=job.grams, lora_rank=job.adapter_rank,
+                    delta_out=delta_outputs(traj) if job.adapter_rank is not None else {},
+                    device=device, workers=job.resources.threads,
+                    local_processes=group.local_size)
+    engine = Engine(traj, plan)
+    with (atomic_directory(output, job.out.overwrite) if group.leader else nullcontext()) as tmp:
+        tmp = Path(group.broadcast(str(tmp) if group.leader else None))
+        dirs = {s: tmp / f"step-{s}" for s in job.targets}
+        writers = _open_writers(job, dirs, {p.name for p in plan.tensors})
+        try:
+            def stream():
+                with tqdm(total=engine.bytes_to_read(), unit="B", unit_scale=True,
+                          unit_divisor=1024, desc=f"relex {job.mode}", leave=False,
+                          disable=None if job.out.progress and group.leader else True) as bar:
+                    result = engine.run(writers, progress=bar.update)
+                for w in writers:
+                    w.close()
+                return result
+
+            result = group.attempt("computing its tensors", stream)
+        finally:
+            for w in writers:
+                w.abort()
+        _gather(group, result, traj)
+        report = Report(output, {s: output / f"step-{s}" for s in job.targets},
+                        list(map(int, traj.steps)), len(traj.plans),
+                        sum(p.moves for p in traj.plans), sum(not p.moves for p in traj.plans),
+                        traj.dropped, result.bytes_read, time.perf_counter() - started,
+                        result.stats, job.config.rank,
+                        output_format="hf" if job.adapter_rank is None else "lora",
+                        lora_rank=job.adapter_rank, notes=list(job.notes))
+        if job.adapter_rank is not None:
+            report.norm_share = {s: {name: shares[k] for name, shares in result.kept.items()
+                                     if name in writers[0].ranks}
+                                 for k, s in enumerate(job.targets)}
+        group.attempt("finalizing the output",
+                      lambda: _finalize(job, tmp, dirs, report, result) if group.leader else None)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _check_arguments(job: WriteJob, device: str) -> None:
+    """Under torchrun: every rank was given the same arguments and sees the same inputs."""
+    out = job.out
+    torchrun.check_same(job.group, {
+        "mode": job.mode, "targets": job.targets, "config": repr(job.config),
+        "output": str(Path(out.output).resolve()), "overwrite": out.overwrite,
+        "max_memory": job.resources.max_memory, "max_shard_size": out.max_shard_size,
+        "device": device.split(":")[0], "from_fit": str(job.from_fit),
+        "grams": job.grams is not None, "inputs": job.traj.fingerprint(),
+        "plans": [(p.name, p.out_dtype) for p in job.traj.plans]})
+
+
+def _output_bytes(job: WriteJob) -> int:
+    """Bytes the outputs will take (the free-space check)."""
+    plans, k = job.traj.plans, job.adapter_rank
+    size = sum(p.numel * DTYPES[p.out_dtype].itemsize for p in plans
+               if k is None or (p.exact and not p.factored))
+    if k is not None:
+        size += sum(4 * k * sum(p.shape) for p in plans if p.factored)
+    return size * len(job.targets)
+
+
+def _open_writers(job: WriteJob, dirs: dict[int, Path], owned: set[str]) -> list:
+    """One writer per target; rank 0 creates the files before the other ranks open them."""
+    group, traj, writers = job.group, job.traj, []
+    specs = [(p.name, p.out_dtype, p.shape) for p in traj.plans]
+    shard = parse_size(job.out.max_shard_size)
+
+    def open_all(create: bool) -> None:
+        for d in dirs.values():
+            if create:
+                d.mkdir()
+            if job.adapter_rank is not None:
+                writers.append(AdapterWriter(d, traj, job.adapter_rank, create=create,
+                                             owned=owned))
+            else:
+                writers.append(ModelWriter(d, specs, shard, create=create, owned=owned))
+
+    try:
+        group.attempt("creating the output", lambda: open_all(True) if group.leader else None)
+        group.attempt("opening the output", lambda: None if group.leader else open_all(False))
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    return writers
+
+
+def _gather(group: torchrun.Group, result, traj: Trajectory) -> None:
+    """Under torchrun, every rank gets all ranks' Gram matrices and statistics, in tensor order."""
+    if group.size == 1:
+        return
+    parts = group.all_gather((result.grams, result.stats, result.bytes_read, result.kept))
+    order = [p.name for p in traj.plans]
+
+    def merged(i):
+        every = {k: v for part in parts for k, v in part[i].items()}
+        return {name: every[name] for name in order if name in every}
+
+    result.grams, result.stats, result.kept = merged(0), merged(1), merged(3)
+    result.bytes_read = sum(part[2] for part in parts)
+
+
+def _finalize(job: WriteJob, tmp: Path, dirs: dict[int, Path], report: Report, result) -> None:
+    """The fit file, and each step directory's config, tokenizer and relex.json."""
+    traj = job.traj
+    save_fit(tmp / FIT_FILE, list(map(int, traj.steps)), traj.fingerprint(),
+             job.grams if job.grams is not None else result.grams,
+             {p.name: p.numel for p in traj.plans})
+    meta_src = metadata_source(traj)
+    for step, d in dirs.items():
+        if job.adapter_rank is None:
+            copy_model_files(meta_src, d, traj)
+        write_provenance(d / "relex.json", report, traj, job.config, step, job.mode,
+                         job.from_fit)
