@@ -318,17 +318,11 @@ class Accelerator:
     def _write(self, parts, fits) -> tuple[list[shards.Part], str | None]:
         """theta_0 + W @ D into every part, keeping each part's pre-jump copy first."""
         written = []
-        spill = self.store.root is not None
         try:
-            self.store.begin_pre(parts)
-            if spill:  # all pre-jump copies on disk before anything changes
-                for part in parts:
-                    self.store.keep_pre(part)
-                self.store.end_pre()
+            self.store.begin_pre(parts)  # spilled: all pre-jump copies on disk here
             with torch.no_grad():
                 for part, fit in zip(parts, fits):
-                    if not spill:
-                        self.store.keep_pre(part)
+                    self.store.keep_pre(part)  # in RAM: each copy just before its write
                     written.append(part)
                     self.store.combine_into(part, fit.weights[0])
                     self.store.free(part.name)
