@@ -24,10 +24,10 @@ relex never crashes or hangs the run it sits in: its collectives run on a gloo g
 with a timeout, and an unexpected error disables the Accelerator (logged, `disabled`), not the
 run. Configuration errors are raised when the Accelerator is created, before training.
 
-The guard: when the mean reward of the `guard_steps` steps after a jump falls more than
-`guard_margin` below the mean of the `guard_steps` steps before it (means over all ranks), the
-pre-jump weights are restored on every rank, the next jump is halved, and the rollback is logged
-and recorded.
+The guard (guard.py): when the mean reward of the `guard_steps` steps after a jump falls more
+than `guard_margin` below the mean of the `guard_steps` steps before it (means over all ranks),
+the pre-jump weights are restored on every rank, the next jump is halved, and the rollback is
+logged and recorded.
 
     acc = Accelerator(model, cycle=20, jump=40)      # a module, a fully_shard model, a DeepSpeed engine
     for step in range(1, n + 1):
@@ -40,25 +40,25 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import deque
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from relex.loop import shards
-from relex.loop.group import LoopGroup
-from relex.stream.torchrun import fingerprint
 from relex.errors import RelexError, first_line
 from relex.fit import FitConfig, extrapolation_weights
+from relex.loop import shards
+from relex.loop.group import LoopGroup
+from relex.loop.guard import Guard, Verdict
 from relex.loop.snapshots import BLOCK, CycleStore
+from relex.stream.torchrun import fingerprint
 
 log = logging.getLogger("relex.loop.accelerator")
 
 #: seconds relex's collectives wait for the slowest rank before relex gives up: well below the
 #: training's own collective timeouts (torch's NCCL default and verl's are 600 s), so that when a
 #: rank has left relex the others give up relex before the training's watchdog fires
-DEFAULT_TIMEOUT = float(os.environ.get("RELEX_LOOP_TIMEOUT", 180))
+DEFAULT_TIMEOUT = float(os.environ.get("RELEX_LOOP_TIMEOUT", "180"))
 
 
 @dataclass
@@ -126,9 +126,9 @@ class Accelerator:
         self.model, self.cycle, self.every, self.jump = model, cycle, every, jump
         self.reset_optimizer = reset_optimizer
         self.optimizer = optimizer
-        self.guard_steps = max(1, cycle // 4) if guard_steps is None else guard_steps
-        self.guard_margin = guard_margin
         self.group = LoopGroup.of_run(timeout)
+        self.guard = Guard(max(1, cycle // 4) if guard_steps is None else guard_steps,
+                           guard_margin, self.group)
         self.store = CycleStore(snapshot_dtype, snapshot_dir,
                                 self.group.rank if self.group else 0, block)
         self.jumps: list[Jump] = []
@@ -136,8 +136,6 @@ class Accelerator:
         self.disabled: str | None = None
         self.jumped = 0  # sum of accepted jumps
         self.last_step = start_step
-        self._rewards: deque = deque(maxlen=self.guard_steps)
-        self._pending: tuple[Jump, list[float], int] | None = None
         self._restart(start_step, first=True)
 
     # ------------------------------------------------------------------ state
@@ -170,6 +168,14 @@ class Accelerator:
     def virtual_step(self) -> int:
         return self.last_step + self.jumped
 
+    @property
+    def guard_steps(self) -> int:
+        return self.guard.steps
+
+    @property
+    def guard_margin(self) -> float:
+        return self.guard.margin
+
     def memory_bytes(self) -> int:
         """Bytes held now in RAM (cycle start, stored deltas, pre-jump weights)."""
         return self.store.memory_bytes()
@@ -196,8 +202,6 @@ class Accelerator:
                 self.layout.use(optimizer)
         self.last_step = step
         self._guard(step, reward)
-        if reward is not None:
-            self._rewards.append(float(reward))
         k = step - self.start
         if k <= 0 or k % self.every:
             return None
@@ -249,8 +253,7 @@ class Accelerator:
         names = [n for n, *_ in self._shapes]
         shape_print = fingerprint([(n, list(s)) for n, s, _ in self._shapes] + [self.snap_steps])
         error = self._cycle_error or self.layout_ready()
-        before = (sum(self._rewards), len(self._rewards))
-        error, extras = self._agree(error, (shape_print, before))
+        error, extras = self._agree(error, (shape_print, self.guard.window()))
         if error is None and len({x[0] for x in extras}) > 1:
             odd = next(r for r, x in enumerate(extras) if x[0] != extras[0][0])
             error = (f"rank {odd}'s trainable parameters differ from rank 0's in names or "
@@ -283,13 +286,12 @@ class Accelerator:
         except Exception:
             try:  # best effort before relex disables itself; the disable says why
                 self._restore(written, refresh=False)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001, S110
                 pass
             raise
         if self.reset_optimizer:
             self.layout.clear_optimizer_state(self.optimizer)
-        n_before = sum(n for _, (_, n) in extras)
-        mean_before = sum(s for _, (s, _) in extras) / n_before if n_before else None
+        mean_before = Guard.mean([window for _, window in extras])
         self.jumped += self.jump
         evs = [f.stats["explained_variance"][self.config.rank - 1] for f in fits
                if f.stats["r2"] is not None]
@@ -298,9 +300,7 @@ class Accelerator:
                  float(np.mean(r2s)) if r2s else 1.0, mean_before,
                  seconds=time.perf_counter() - started)
         self.jumps.append(j)
-        if mean_before is not None:
-            self._pending = (j, [], 0)
-        else:
+        if not self.guard.watch(j):  # no reward before it: nothing to judge, the jump stays
             self.store.drop_pre()
         log.info("relex: jumped %d steps at real step %d (virtual %d; explained variance %.4f, "
                  "R^2 %.4f; %.2f s)", j.size, step, j.virtual_step, j.explained_variance, j.r2,
@@ -318,17 +318,11 @@ class Accelerator:
     def _write(self, parts, fits) -> tuple[list[shards.Part], str | None]:
         """theta_0 + W @ D into every part, keeping each part's pre-jump copy first."""
         written = []
-        spill = self.store.root is not None
         try:
-            self.store.begin_pre(parts)
-            if spill:  # all pre-jump copies on disk before anything changes
-                for part in parts:
-                    self.store.keep_pre(part)
-                self.store.end_pre()
+            self.store.begin_pre(parts)  # spilled: all pre-jump copies on disk here
             with torch.no_grad():
                 for part, fit in zip(parts, fits):
-                    if not spill:
-                        self.store.keep_pre(part)
+                    self.store.keep_pre(part)  # in RAM: each copy just before its write
                     written.append(part)
                     self.store.combine_into(part, fit.weights[0])
                     self.store.free(part.name)
@@ -350,7 +344,6 @@ class Accelerator:
     def _skip(self, step: int, why: str) -> None:
         self.skipped.append((step, why))
         log.error("relex: no jump at real step %d: %s", step, why)
-        return None
 
     def _disable(self, step: int, e: Exception) -> None:
         self.disabled = (first_line(e) if isinstance(e, RelexError)
@@ -359,39 +352,28 @@ class Accelerator:
                   self.disabled)
         try:
             self.store.close()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001, S110
             pass
 
     # ------------------------------------------------------------------ the guard
     def _guard(self, step: int, reward: float | None) -> None:
-        """Collect rewards after the last jump; roll it back when they fell clearly. Every
-        rank decides at the same step, on the means over all ranks."""
-        if self._pending is None:
-            return
-        j, after, seen = self._pending
-        if reward is not None:
-            after.append(float(reward))
-        seen += 1
-        self._pending = (j, after, seen)
-        if seen < self.guard_steps:
-            return
-        self._pending = None
-        total = torch.tensor([sum(after), float(len(after))], dtype=torch.float64)
-        if self.group is not None:
-            self.group.sum_(total)
-        if total[1] == 0:  # no rank reported a reward: keep the jump
+        """Feed the guard this step's reward; act on its verdict on the last jump, if any."""
+        verdict = self.guard.observe(reward)
+        if verdict is not None:
+            self._settle(step, verdict)
+
+    def _settle(self, step: int, verdict: Verdict) -> None:
+        """Keep the jump (its pre-jump copy goes), or restore the pre-jump weights on this
+        rank (every rank does, at the same step), halve the next jump and start a new cycle."""
+        if verdict.keep:
             self.store.drop_pre()
             return
-        j.reward_after = float(total[0] / total[1])
-        if j.reward_after >= j.reward_before - self.guard_margin:
-            self.store.drop_pre()
-            return
+        j = verdict.jump
         self._restore(self._parts())
         self.store.drop_pre()
         j.rolled_back = True
         self.jumped -= j.size
         self.jump //= 2
-        self._rewards.clear()
         self._restart(step)
         log.warning("relex: rolled back the jump at real step %d (reward %.3f before, %.3f "
                     "after); next jumps: %d steps", j.real_step, j.reward_before, j.reward_after,
