@@ -263,7 +263,7 @@ class EvalOptions(OptionGroup):
 
 #: seconds relex's own collectives wait for the other ranks (RELEX_LOOP_TIMEOUT): below the
 #: 600 s NCCL timeout of torch and verl, so a stuck relex disables itself before the job dies
-DEFAULT_TIMEOUT = float(os.environ.get("RELEX_LOOP_TIMEOUT", 180))
+DEFAULT_TIMEOUT = float(os.environ.get("RELEX_LOOP_TIMEOUT", "180"))
 
 
 @dataclass
@@ -307,7 +307,7 @@ class LoopOptions(OptionGroup):
         out = {}
         for name, value in values.items():
             if name not in known:
-                raise RelexError(f"{where}.{name}: not an option of relex's loop; use "
+                raise RelexError(f"{where}.{name}: not an option of relex's loop mode; use "
                                  f"{', '.join(known)}")
             if value is None:
                 continue
@@ -315,10 +315,20 @@ class LoopOptions(OptionGroup):
             kind = f.metadata["argparse"].get("type") or (
                 type(f.default) if f.default is not None else str)
             try:
-                out[name] = kind(value)
+                out[name] = _boolean(value) if kind is bool else kind(value)
             except (TypeError, ValueError):
                 raise RelexError(f"{where}.{name}={value!r}: expected {kind.__name__}") from None
         return out
+
+
+def _boolean(value) -> bool:
+    """A config file's true/false (bool("false") would be True)."""
+    if isinstance(value, bool):
+        return value
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if str(value).lower() not in words:
+        raise ValueError(value)
+    return words[str(value).lower()]
 
 
 def takes(*groups, required: tuple[str, ...] = ()):

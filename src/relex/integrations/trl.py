@@ -41,6 +41,7 @@ from transformers import TrainerCallback
 
 from relex.loop.accelerator import Accelerator
 from relex.errors import RelexError
+from relex.options import LoopOptions
 
 log = logging.getLogger("relex.integrations.trl")
 
@@ -72,29 +73,23 @@ def refuse_unsupported(args) -> None:
 class RelexCallback(TrainerCallback):
     """relex in a transformers / TRL training loop; see the module docstring.
 
-    mode: "accelerate" (cycle, jump, every, method, rank, reset_optimizer, guard_steps,
-    guard_margin, snapshot_dtype, snapshot_dir as in relex.Accelerator), "forecast" (base) or "stop" (observe_until,
+    mode: "accelerate" (options: relex.options.LoopOptions' fields, as in relex.Accelerator:
+    cycle, jump, every, method, rank, reset_optimizer, guard_steps, guard_margin,
+    snapshot_dtype, snapshot_dir, timeout), "forecast" (base) or "stop" (observe_until,
     targets, base, output). base: the model before RL; default: the model as training starts,
     saved to output_dir/relex-base. output: where "stop" writes (default
     output_dir/relex-extrapolated); "forecast" writes its report to output_dir/relex-forecast.
     """
 
-    def __init__(self, mode: str = "accelerate", *, cycle: int = 20, jump: int = 40,
-                 every: int = 2, method: str = "relex", rank: int = 1,
-                 reset_optimizer: bool = False, guard_steps: int | None = None,
-                 guard_margin: float = 0.05, snapshot_dtype: str = "float16",
-                 snapshot_dir: str | Path | None = None, observe_until: int | None = None,
+    def __init__(self, mode: str = "accelerate", *, observe_until: int | None = None,
                  targets: list[int] | None = None, base: str | Path | None = None,
-                 output: str | Path | None = None):
+                 output: str | Path | None = None, **options):
         if mode not in MODES:
             raise RelexError(f"RelexCallback mode {mode!r}: expected one of {', '.join(MODES)}")
         if mode == "stop" and (observe_until is None or not targets):
             raise RelexError("RelexCallback(mode='stop') needs observe_until=K and targets=[...]")
         self.mode = mode
-        self.accel_kw = dict(cycle=cycle, jump=jump, every=every, method=method, rank=rank,
-                             reset_optimizer=reset_optimizer, guard_steps=guard_steps,
-                             guard_margin=guard_margin, snapshot_dtype=snapshot_dtype,
-                             snapshot_dir=snapshot_dir)
+        self.loop = LoopOptions(**options)
         self.observe_until, self.targets = observe_until, sorted(targets or [])
         self.base, self.output = base, output
         self.accelerator: Accelerator | None = None
@@ -118,7 +113,7 @@ class RelexCallback(TrainerCallback):
             refuse_unsupported(args)
             self._check_boundaries(args)
             self.accelerator = Accelerator(model, start_step=state.global_step,
-                                           optimizer=optimizer, **self.accel_kw)
+                                           optimizer=optimizer, options=self.loop)
             self.optimizer = optimizer
             log.info("relex: accelerating (%s), cycle %d, jump %d; the cycle start holds %.1f MB",
                      self.accelerator.layout.kind, self.accelerator.cycle,
@@ -142,10 +137,10 @@ class RelexCallback(TrainerCallback):
 
     def _check_boundaries(self, args) -> None:
         interval = generation_interval(args)
-        kw = self.accel_kw
-        guard = kw["guard_steps"] if kw["guard_steps"] is not None else max(1, kw["cycle"] // 4)
-        if interval > 1 and (kw["cycle"] % interval or guard % interval):
-            raise RelexError(f"RelexCallback: cycle {kw['cycle']} and guard_steps {guard} must "
+        o = self.loop
+        guard = o.guard_steps if o.guard_steps is not None else max(1, o.cycle // 4)
+        if interval > 1 and (o.cycle % interval or guard % interval):
+            raise RelexError(f"RelexCallback: cycle {o.cycle} and guard_steps {guard} must "
                              f"be multiples of the generation interval ({interval:g} optimizer "
                              f"steps = steps_per_generation x num_iterations / gradient "
                              f"accumulation), so jumps happen between generations")

@@ -24,32 +24,15 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from relex.errors import RelexError
+from relex.options import LoopOptions
 
 log = logging.getLogger("relex.verl")
 
-#: the Accelerator options a verl config may set under `relex.`, with their types
-OPTIONS = {"cycle": int, "jump": int, "every": int, "method": str, "rank": int,
-           "guard_steps": int, "guard_margin": float, "snapshot_dtype": str,
-           "snapshot_dir": str, "timeout": float}
-
-
 def options(config) -> dict:
-    """The `relex.` section of a verl config as Accelerator keyword arguments (checked)."""
+    """The `relex.` section of a verl config as Accelerator keyword arguments (checked against
+    relex.options.LoopOptions, the one declaration of the loop's options)."""
     section = config.get("relex", None) if config is not None else None
-    got = dict(section or {})
-    unknown = sorted(set(got) - set(OPTIONS))
-    if unknown:
-        raise RelexError(f"relex.{unknown[0]}: not an option of relex's verl mode; use "
-                         f"{', '.join(OPTIONS)}")
-    out = {}
-    for key, value in got.items():
-        if value is None:
-            continue
-        try:
-            out[key] = OPTIONS[key](value)
-        except (TypeError, ValueError):
-            raise RelexError(f"relex.{key}={value!r}: expected {OPTIONS[key].__name__}") from None
-    return out
+    return LoopOptions.typed(dict(section or {}), "relex")
 
 
 def refusal(actor_config) -> str | None:

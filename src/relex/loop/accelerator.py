@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -51,15 +51,10 @@ from relex.loop import shards
 from relex.loop.group import LoopGroup
 from relex.loop.guard import Guard, Verdict
 from relex.loop.snapshots import BLOCK, CycleStore
+from relex.options import LoopOptions
 from relex.stream.torchrun import fingerprint
 
 log = logging.getLogger("relex.loop.accelerator")
-
-#: seconds relex's collectives wait for the slowest rank before relex gives up: well below the
-#: training's own collective timeouts (torch's NCCL default and verl's are 600 s), so that when a
-#: rank has left relex the others give up relex before the training's watchdog fires
-DEFAULT_TIMEOUT = float(os.environ.get("RELEX_LOOP_TIMEOUT", "180"))
-
 
 @dataclass
 class Jump:
@@ -91,45 +86,42 @@ class Accelerator:
     """Cycle / fit / jump in place; call `step` after every optimizer step.
 
     model: what the loop trains: a torch.nn.Module (one process, DDP), a `fully_shard`ed model
-    (FSDP2), or a DeepSpeed engine or its `.module`.
-    cycle: real steps per cycle; every: a snapshot every `every` steps (cycle / every >= 2).
-    jump: steps to jump past the cycle end (0 = observe only). method, rank: as in
-    `relex extrapolate` ("relex" rank-r, or the "linear-weights" baseline).
-    reset_optimizer: clear the optimizer state at each jump (an ablation; worse on the demo).
-    guard_steps, guard_margin: see the module docstring (reward units; 0.05 suits rewards in
-    [0, 1]); None guard_steps = cycle // 4. start_step: the step the model is at now.
-    snapshot_dtype: "float16" (scaled deltas, half the bytes) or "float32".
-    snapshot_dir: spill snapshots there (a local disk) so RAM holds about one copy of the
-    rank's weights. optimizer: the optimizer, if known now (DeepSpeed ZeRO-1/2 needs it at the
-    first jump; `step(optimizer=...)` gives it too). timeout: seconds relex's collectives wait.
+    (FSDP2), or a DeepSpeed engine or its `.module`. optimizer: the optimizer, if known now
+    (DeepSpeed ZeRO-1/2 needs it at the first jump; `step(optimizer=...)` gives it too).
+    start_step: the step the model is at now. options: the fields of relex.options.LoopOptions
+    (cycle, jump, every, method, rank, reset_optimizer, guard_steps, guard_margin,
+    snapshot_dtype, snapshot_dir, timeout), as keywords or as one LoopOptions.
+
+    Example:
+        >>> acc = relex.Accelerator(model, cycle=20, jump=40, snapshot_dir="/local/relex")
     """
 
-    def __init__(self, model, cycle: int = 20, jump: int = 40, every: int = 2,
-                 method: str = "relex", rank: int = 1, reset_optimizer: bool = False,
-                 guard_steps: int | None = None, guard_margin: float = 0.05,
-                 start_step: int = 0, block: int = BLOCK, snapshot_dtype: str = "float16",
-                 snapshot_dir: str | os.PathLike | None = None, optimizer=None,
-                 timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, model, options: LoopOptions | None = None, *, optimizer=None,
+                 start_step: int = 0, block: int = BLOCK, **kwargs):
+        o = replace(options or LoopOptions(), **kwargs)
+        cycle, every, jump = o.cycle, o.every, o.jump
         if every < 1 or cycle % every or cycle // every < 2:
             raise RelexError(f"cycle {cycle}, every {every}: a cycle needs at least 2 snapshots "
                              f"and a multiple of `every` steps; use e.g. cycle=20, every=2")
         if jump < 0:
             raise RelexError(f"jump {jump}: must be >= 0 (0 observes without jumping)")
-        if guard_steps is not None and not 1 <= guard_steps <= cycle:
-            raise RelexError(f"guard_steps {guard_steps}: must be between 1 and cycle ({cycle})")
-        self.config = FitConfig(method, rank)
+        if o.guard_steps is not None and not 1 <= o.guard_steps <= cycle:
+            raise RelexError(f"guard_steps {o.guard_steps}: must be between 1 and cycle "
+                             f"({cycle})")
+        self.options = o
+        self.config = FitConfig(o.method, o.rank)
         self.config.check(cycle // every)
         self.layout = shards.layout(model, optimizer)
-        if reset_optimizer and isinstance(self.layout, shards.DeepSpeed):
+        if o.reset_optimizer and isinstance(self.layout, shards.DeepSpeed):
             raise RelexError("reset_optimizer=True is not supported under DeepSpeed (its "
                              "optimizer state is partitioned with the masters)")
         self.model, self.cycle, self.every, self.jump = model, cycle, every, jump
-        self.reset_optimizer = reset_optimizer
+        self.reset_optimizer = o.reset_optimizer
         self.optimizer = optimizer
-        self.group = LoopGroup.of_run(timeout)
-        self.guard = Guard(max(1, cycle // 4) if guard_steps is None else guard_steps,
-                           guard_margin, self.group)
-        self.store = CycleStore(snapshot_dtype, snapshot_dir,
+        self.group = LoopGroup.of_run(o.timeout)
+        self.guard = Guard(max(1, cycle // 4) if o.guard_steps is None else o.guard_steps,
+                           o.guard_margin, self.group)
+        self.store = CycleStore(o.snapshot_dtype, o.snapshot_dir,
                                 self.group.rank if self.group else 0, block)
         self.jumps: list[Jump] = []
         self.skipped: list[tuple[int, str]] = []  # (real step, why no jump was written)
