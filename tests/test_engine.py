@@ -13,6 +13,7 @@ import relex
 from conftest import load_dir
 from relex import api
 from relex.stream import engine as engine_mod
+from relex.stream import prefetch
 from relex.stream.engine import Engine
 from relex.stream.plan import PassPlan
 from relex.errors import RelexError
@@ -48,14 +49,14 @@ def test_prefetch_asks_for_every_range_once_per_pass_from_disk_from_its_own_thre
     drains: never in a worker); a second pass over a tensor that fits the page cache beside
     the budget is not asked for again."""
     monkeypatch.setattr(engine_mod, "available_memory", lambda: 1 << 40 if cached else 0)
-    close = engine_mod.Prefetcher.close
+    close = prefetch.Prefetcher.close
 
     def drained_close(self):  # let the thread ask for what the last advance reached first
         deadline = time.monotonic() + 60
         while self._thread is not None and self._due() and time.monotonic() < deadline:
             time.sleep(0.01)
         close(self)
-    monkeypatch.setattr(engine_mod.Prefetcher, "close", drained_close)
+    monkeypatch.setattr(prefetch.Prefetcher, "close", drained_close)
     run, base = run_factory(base_dtype=torch.bfloat16)
     traj = _traj(run, base)
     calls = []
