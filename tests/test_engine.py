@@ -12,7 +12,7 @@ import torch
 import relex
 from conftest import load_dir
 from relex import api
-from relex.stream import engine as engine_mod
+from relex.stream import budget as budget_mod
 from relex.stream import prefetch
 from relex.stream.engine import Engine
 from relex.stream.plan import PassPlan
@@ -48,7 +48,7 @@ def test_prefetch_asks_for_every_range_once_per_pass_from_disk_from_its_own_thre
     the engine's order, from one thread of its own (asking can block until the disk's queue
     drains: never in a worker); a second pass over a tensor that fits the page cache beside
     the budget is not asked for again."""
-    monkeypatch.setattr(engine_mod, "available_memory", lambda: 1 << 40 if cached else 0)
+    monkeypatch.setattr(budget_mod, "available_memory", lambda: 1 << 40 if cached else 0)
     close = prefetch.Prefetcher.close
 
     def drained_close(self):  # let the thread ask for what the last advance reached first
@@ -66,7 +66,7 @@ def test_prefetch_asks_for_every_range_once_per_pass_from_disk_from_its_own_thre
     try:
         # a budget small enough that some tensors are read twice (two passes)
         engine = Engine(traj, _plan(traj, 200_000))
-        twice = [p for p in traj.plans if p.moves and not engine._single(p)]
+        twice = [p for p in traj.plans if p.moves and not engine.budget.single(p)]
         assert twice, "the budget must force a second pass somewhere"
         engine.run([_Sink()])
     finally:
@@ -201,13 +201,13 @@ def test_the_gpu_feeding_path_run_on_the_cpu(run_factory, tmp_path, monkeypatch,
     subtracted on the device) only runs with a GPU in the suite's other tests; here the same
     code runs with the CPU as its device: two threads, resident tensors in blocks of 512
     elements and (100KB) tensors shared across threads, against the float64 reference."""
-    monkeypatch.setattr(engine_mod, "BLOCK", 512)  # several blocks per tensor either way
-    init = Engine.__init__
+    monkeypatch.setattr(budget_mod, "BLOCK", 512)  # several blocks per tensor either way
+    init = budget_mod.Budget.__init__
 
     def as_if_a_gpu(self, *a, **k):
         init(self, *a, **k)
         self.cpu = False  # the non-CPU branches, on CPU tensors
-    monkeypatch.setattr(Engine, "__init__", as_if_a_gpu)
+    monkeypatch.setattr(budget_mod.Budget, "__init__", as_if_a_gpu)
     gathered = []
     fill = Engine._fill_gpu
     monkeypatch.setattr(Engine, "_fill_gpu", lambda self, *a: gathered.append(1) or fill(self, *a))

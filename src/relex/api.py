@@ -28,7 +28,8 @@ from relex.stream import torchrun
 from relex.output.adapter import AdapterWriter, delta_outputs
 from relex.checkpoints import hub
 from relex.formats import DTYPES, lora, open_reader
-from relex.stream.engine import Engine, available_memory
+from relex.stream.budget import available_memory
+from relex.stream.engine import Engine
 from relex.errors import RelexError
 from relex.fit import Extrapolation, FitConfig, Reconstruction
 from relex.output.fitfile import FIT_FILE, check_fingerprint, load_fit, save_fit

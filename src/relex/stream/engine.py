@@ -18,12 +18,8 @@ float32 deltas are never stored; fp16 inputs, float64 and GPUs go through torch,
 delta rows in buffers. To a GPU, several threads each gather a block's rows as stored into
 pinned host memory and send them in one copy; the GPU converts them (_fill_gpu).
 
-- A tensor whose inputs fit a worker's share of the memory budget is one task: that worker
-  reads it once, keeps it (mapped, as stored: bf16 is half the size of float32 deltas), fits
-  and writes it, while other workers do other tensors.
-- A larger tensor (a 150k x 4k embedding, or any 7B+ layer) is split across all workers block
-  by block and read twice, right after itself, so the second read hits the page cache.
-- With a saved fit there is no Gram step and every tensor is read once.
+A tensor that fits a worker's share of the memory budget is one worker's task, read once; a
+larger one is shared by all workers block by block and read twice (budget.py).
 
 LoRA runs never materialise a delta of an adapted weight: there delta_t = s_t B_t A_t, so the
 Gram matrix comes from (T r) x (T r) products of the factors in float64 (factor_gram,
@@ -41,7 +37,6 @@ torchrun.py).
 from __future__ import annotations
 
 import gc
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,36 +50,10 @@ from threadpoolctl import threadpool_limits
 from relex.errors import RelexError
 from relex.formats import DTYPES
 from relex.stream import kernels
+from relex.stream.budget import Budget
 from relex.stream.plan import FitRule, PassPlan
 from relex.stream.prefetch import PREFETCH_WINDOW, Prefetcher
 from relex.stream.trajectory import TensorPlan, Trajectory
-
-#: elements per block (T rows of it are processed at once): on the 100M-parameter benchmark
-#: 2^17 ran in 6.0 s, 2^16 in 6.5 s, 2^18 in 7.8 s and 2^15 in 7.5 s (noise about 0.3 s)
-BLOCK = 1 << 17
-#: on a GPU: fewer, larger copies and kernel launches. 1.54B x 10 on an H100, 2 rounds: 2^19
-#: took 1.20x the time of 2^21 and 2^23 1.01x.
-GPU_BLOCK = 1 << 21
-#: at most this many bytes of inputs per GPU block (its rows as stored, gathered in each
-#: thread's pinned host buffer, sent in one copy): bounds pinned memory at long windows
-GPU_BLOCK_BYTES = 128 << 20
-#: host threads feeding a GPU (each gathers its blocks into pinned memory and sends them): on
-#: the same run, 1 took 1.62x the time of 4, and 8 0.87x
-GPU_WORKERS = 8
-#: share of a GPU's free memory its buffers may take (the budget is capped at it)
-GPU_SHARE = 0.8
-#: smallest block a tensor is split into when it is divided among the workers
-MIN_BLOCK = 1 << 12
-#: most mapped input bytes a worker touches between two releases of the mapping (bounds the
-#: resident set; releasing after every block cost 2 s of TLB shootdowns on the 100M benchmark)
-RELEASE_BYTES = 32 << 20
-
-#: fewest elements per block: --max-memory must hold one block of this size per worker
-TINY_BLOCK = 64
-
-#: stored dtypes of checkpoint rows the compiled kernels take as they are (kernels.delta_gram,
-#: kernels.delta_combine)
-_KERNEL_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32}
 
 
 @dataclass
@@ -101,111 +70,24 @@ class Engine:
     """Runs the Gram step and the output step over a Trajectory within a memory budget.
 
     It receives the pass finished (plan.PassPlan: tensors, targets, fit rule, budget, device,
-    threads) and sizes its blocks and buffers from it; workers default to torch's thread count
-    on CPU and GPU_WORKERS feeding a GPU; local processes (torchrun's ranks on this machine)
-    share its RAM, the read-ahead's page-cache room.
+    threads) and sizes its blocks and buffers from it (budget.Budget).
     """
 
     def __init__(self, traj: Trajectory, plan: PassPlan, block: int | None = None):
         self.traj = traj
         self.pass_plan = plan
-        budget, workers = plan.budget, plan.workers
-        #: processes of this run on this machine (torchrun's local ranks), sharing its RAM
-        self.local_processes = max(1, plan.local_processes)
-        self.device = torch.device(plan.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RelexError("--device cuda: torch sees no CUDA device here")
-        self.cpu = self.device.type == "cpu"
-        gpu_free = None
-        if self.device.type == "cuda":
-            # The buffers live on the GPU; host memory holds only mapped input pages, which are
-            # released as the pass goes, and each thread's pinned buffer (counted below). So
-            # the budget is what the GPU has free, at most.
-            gpu_free = torch.cuda.mem_get_info(self.device)[0]
-            budget = min(budget, int(gpu_free * GPU_SHARE))
-        if workers is not None and workers < 0:
-            raise RelexError(f"--threads {workers}: give a positive number of threads")
-        self.workers = workers or (torch.get_num_threads() if self.cpu else
-                                   min(GPU_WORKERS, os.cpu_count() or 1))
+        #: blocks, workers, what a worker keeps: sized from the plan (budget.py)
+        self.budget = Budget(traj, plan, block)
         self.k = plan.targets
-        t = traj.T
-        self.item = 8 if any(p.compute_dtype == torch.float64 for p in traj.plans) else 4
-        #: widest stored element of any input (bytes)
-        self.stored = max(i.itemsize for p in traj.plans for i in p.sources)
-        if block is None:
-            block = (BLOCK if self.cpu
-                     else min(GPU_BLOCK, GPU_BLOCK_BYTES // ((t + 1) * self.stored)))
-        # Per worker and block element: delta rows, base, K outputs, K casts (<= 8 bytes each;
-        # where the compiled kernels run, the delta rows are not allocated: conservative); to a
-        # GPU also the rows as stored, in pinned host memory and on the GPU (_fill_gpu).
-        per_elem = (t + 1 + self.k) * self.item + self.k * 8
-        if not self.cpu:
-            per_elem += 2 * (t + 1) * self.stored
-        #: the smallest budget that holds one block per worker (buffers + its mapped inputs)
-        self.min_budget = self.workers * TINY_BLOCK * (2 * per_elem + (t + 1) * 8)
-        if budget < self.min_budget:
-            gpu = ("" if gpu_free is None else
-                   f" ({GPU_SHARE:.0%} of the GPU's {gpu_free >> 20} MiB free)")
-            raise RelexError(f"--max-memory {budget} bytes{gpu} is below what one block needs "
-                             f"here ({t} checkpoints, {self.workers} threads): give at least "
-                             f"{-(-self.min_budget // 1000)}KB" + (gpu and ", or free GPU memory"))
-        self.budget = budget
-        self.block = int(min(block, max(TINY_BLOCK, budget // (2 * self.workers * per_elem))))
-        # Mapped input pages count as resident memory until released: part of the budget.
-        self.release_bytes = max(self.block * (t + 1) * 8, min(RELEASE_BYTES, budget // 16))
-        left = budget - self.workers * (self.block * per_elem + self.release_bytes)
-        #: bytes one worker may keep resident for one tensor (its rows and base)
-        self.capacity = max(0, left // self.workers)
-        self._kernel_dtypes: dict[str, torch.dtype | None] = {}
         self._local = threading.local()
         self._lock = threading.Lock()
         self._progress: Callable[[int], None] | None = None
         self._prefetch: Prefetcher | None = None
 
-    # ------------------------------------------------------------------ planning
-    def _kernel_rows(self, plan: TensorPlan) -> torch.dtype | None:
-        """The dtype in which the compiled kernels take a tensor's checkpoint rows (the stored
-        one: bf16 or fp32), or None where torch does the arithmetic (a GPU, float64, fp16 or
-        mixed inputs, numba unavailable)."""
-        if plan.name not in self._kernel_dtypes:
-            stored = {r.dtype for r in plan.rows}
-            ok = (self.cpu and plan.moves and not plan.exact
-                  and plan.compute_dtype == torch.float32
-                  and len(stored) == 1 and next(iter(stored)) in _KERNEL_DTYPES
-                  and hasattr(torch, "_foreach_copy_") and kernels.available())
-            self._kernel_dtypes[plan.name] = _KERNEL_DTYPES[plan.rows[0].dtype] if ok else None
-        return self._kernel_dtypes[plan.name]
-
-    def _resident_sizes(self, plan: TensorPlan) -> tuple[int, int]:
-        """Bytes of (rows, base) a worker keeps for a tensor it reads once: where the kernels
-        take them, the inputs as read (bf16: half of float32 deltas), kept mapped; else the
-        float deltas. The base, in the compute dtype, besides."""
-        item = plan.compute_dtype.itemsize
-        if self._kernel_rows(plan):
-            return sum(i.itemsize for i in plan.sources) * plan.numel, plan.numel * item
-        return self.traj.T * plan.numel * item, plan.numel * item
-
-    def _single(self, plan: TensorPlan) -> bool:
-        """Whether one worker handles the whole tensor (else all workers share its blocks)."""
-        return (not plan.moves or plan.factored
-                or sum(self._resident_sizes(plan)) <= self.capacity)
-
-    def _blocks(self, plan: TensorPlan, parts: int = 1) -> list[tuple[int, int]]:
-        """Block ranges: at most `block` elements, and at least `parts` blocks when possible."""
-        n = plan.numel
-        size = min(self.block, max(MIN_BLOCK, -(-n // parts)))
-        return [(a, min(a + size, n)) for a in range(0, n, size)]
-
     def _factor_bytes(self, plan: TensorPlan) -> int:
         """Bytes of the LoRA factors of a factored tensor, over all checkpoints."""
         return sum(c.factor_nbytes(plan.name) for c, k in zip(self.traj.checkpoints, plan.kinds)
                    if k == "factors")
-
-    def _passes(self, plan: TensorPlan, grams, gram_only: bool = False) -> int:
-        """How many times run() reads a tensor's inputs (2: over the budget, without grams)."""
-        if gram_only:
-            return 1 if plan.moves else 0
-        return 2 if (grams is None and not self._single(plan)) else 1
 
     def bytes_to_read(self) -> int:
         """Bytes run() will read (tensors over the memory budget count twice without a saved
@@ -216,12 +98,8 @@ class Engine:
             if plan.factored:
                 total += self._factor_bytes(plan) + (0 if gram_only else plan.base.nbytes)
                 continue
-            if gram_only:
-                total += sum(i.nbytes for i in plan.sources) if plan.moves else 0
-                continue
             once = sum(i.nbytes for i in plan.sources) if plan.moves else plan.base.nbytes
-            twice = grams is None and not self._single(plan)
-            total += once * (2 if twice else 1)
+            total += once * self.budget.passes(plan, grams, gram_only)
         return total
 
     # ------------------------------------------------------------------ the pass
@@ -241,14 +119,14 @@ class Engine:
         try:
             gc.disable()
             init()
-            pool = ThreadPoolExecutor(self.workers, thread_name_prefix="relex",
+            pool = ThreadPoolExecutor(self.budget.workers, thread_name_prefix="relex",
                                       initializer=init)
             self._progress = progress
             plans = self.pass_plan.tensors
             self._twice = grams is None and weights is not None
-            room = available_memory() // self.local_processes - self.budget - PREFETCH_WINDOW
-            self._prefetch = Prefetcher(self.traj, [(p, self._passes(p, grams, weights is None))
-                                                    for p in plans], cache=max(0, room) // 2)
+            passes = [(p, self.budget.passes(p, grams, weights is None)) for p in plans]
+            self._prefetch = Prefetcher(self.traj, passes,
+                                        cache=self.budget.cache_room(PREFETCH_WINDOW))
             if plans:
                 self._prefetch.advance(plans[0], 0, 0)
             # numpy's BLAS threads (the fits) spin after each call; on the 100M benchmark they
@@ -257,7 +135,7 @@ class Engine:
                 i = 0
                 while i < len(plans):
                     j = i
-                    while j < len(plans) and self._single(plans[j]):
+                    while j < len(plans) and self.budget.single(plans[j]):
                         j += 1
                     if j > i:  # a run of tensors handled one per worker
                         fits = pool.map(lambda p: self._whole(p, weights, writers, grams, result),
@@ -274,7 +152,7 @@ class Engine:
                 self._prefetch.close()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)  # frees the workers' buffers
-            if self.device.type == "cuda":  # give the pinned host buffers back to the OS
+            if self.budget.device.type == "cuda":  # give the pinned host buffers back to the OS
                 empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
                 (empty or getattr(torch._C, "_host_emptyCache", lambda: None))()
             torch.set_num_threads(threads)
@@ -291,13 +169,13 @@ class Engine:
 
     def _fit(self, plan: TensorPlan, gram: np.ndarray, weights: FitRule):
         fit = weights(gram)
-        return fit, torch.from_numpy(fit.weights).to(self.device, plan.compute_dtype)
+        return fit, torch.from_numpy(fit.weights).to(self.budget.device, plan.compute_dtype)
 
     def _whole(self, plan, weights, writers, grams, result):
         """One worker: Gram step, fit and output step of one tensor (or a copy)."""
         if plan.factored:
             return self._factored(plan, weights, writers, grams, result)
-        blocks = self._blocks(plan)
+        blocks = self.budget.blocks(plan)
         if not plan.moves:
             if weights is not None:
                 self._grouped(plan, blocks, lambda ab: self._copy_block(plan, *ab,
@@ -359,7 +237,7 @@ class Engine:
         lws = [(left * w[k][owner]).to(cd) for k in range(len(writers))]
         right_cd = right.to(cd)
         n = right.shape[1]
-        rows = max(1, self.block // n)
+        rows = max(1, self.budget.block // n)
         for r0 in range(0, left.shape[0], rows):
             r1 = min(r0 + rows, left.shape[0])
             a, b = r0 * n, r1 * n
@@ -394,7 +272,7 @@ class Engine:
 
     def _shared(self, plan, pool, weights, writers, grams, result) -> None:
         """All workers share one large tensor's blocks; it is read twice without grams."""
-        blocks = self._blocks(plan, parts=self.workers)
+        blocks = self.budget.blocks(plan, parts=self.budget.workers)
         if grams is None:
             gram = None
             parts = self._grouped(plan, blocks, lambda ab: self._gram_block(
@@ -417,7 +295,7 @@ class Engine:
         unmapped each time the blocks done reach another release_bytes of them (if release)."""
         per_elem = sum(i.itemsize for i in plan.sources) if plan.moves else plan.base.itemsize
         size = blocks[0][1] - blocks[0][0] if blocks else 1
-        group = max(1, self.release_bytes // (per_elem * size))
+        group = max(1, self.budget.release_bytes // (per_elem * size))
         # Submitting everything at once keeps the workers busy while finished groups are
         # released; they take blocks in order, so only about one group is mapped at a time.
         futures = [pool.submit(fn, ab) for ab in blocks] if pool else None
@@ -437,15 +315,16 @@ class Engine:
         """This worker's (rows, base [n]) for a tensor it keeps resident. rows: for the kernels
         a dict, block start -> the T rows as read (views of the mapped files stay mapped until
         the tensor is written: nothing is copied); else the float delta rows [T n]."""
-        rows_bytes, base_bytes = self._resident_sizes(plan)
-        base = self._resident_buffer("base", base_bytes, lambda p: self._resident_sizes(p)[1])
+        sizes, kernel_rows = self.budget.resident_sizes, self.budget.kernel_rows
+        rows_bytes, base_bytes = sizes(plan)
+        base = self._resident_buffer("base", base_bytes, lambda p: sizes(p)[1])
         base = base.view(plan.compute_dtype)
-        if self._kernel_rows(plan):
+        if kernel_rows(plan):
             return {}, base
         # Block-major: block [a, b) holds its T rows contiguously at [T a, T b), so every
         # block is a contiguous (T, b - a) matrix (see _rows).
-        deltas = self._resident_buffer("deltas", rows_bytes, lambda p: 0 if self._kernel_rows(p)
-                                       else self._resident_sizes(p)[0])
+        deltas = self._resident_buffer("deltas", rows_bytes,
+                                       lambda p: 0 if kernel_rows(p) else sizes(p)[0])
         return deltas.view(plan.compute_dtype), base
 
     def _resident_buffer(self, what: str, nbytes: int, size_of) -> torch.Tensor:
@@ -455,9 +334,10 @@ class Engine:
         buf = bufs.get(what)
         if buf is None or buf.numel() < nbytes:
             bufs[what] = None  # free the old one first
-            biggest = max(size_of(p) for p in self.pass_plan.tensors if p.moves and self._single(p))
+            biggest = max(size_of(p) for p in self.pass_plan.tensors
+                          if p.moves and self.budget.single(p))
             bufs[what] = buf = torch.empty(max(biggest, nbytes), dtype=torch.uint8,
-                                           device=self.device)
+                                           device=self.budget.device)
         return buf[:nbytes]
 
     def _rows(self, full, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -474,7 +354,7 @@ class Engine:
         bufs = self._local.__dict__.setdefault("buffers", {})
         key = (what, dt)
         if key not in bufs:
-            bufs[key] = torch.empty(rows * self.block, dtype=dt, device=self.device)
+            bufs[key] = torch.empty(rows * self.budget.block, dtype=dt, device=self.budget.device)
         return bufs[key][: rows * m].view(rows, m)
 
     def _rows_buffer(self, what: str, dt: torch.dtype, m: int, rows: int,
@@ -484,10 +364,10 @@ class Engine:
         device is a GPU) or on the device."""
         bufs = self._local.__dict__.setdefault("buffers", {})
         if what not in bufs:
-            size = (self.traj.T + 1) * self.block * self.stored
+            size = (self.traj.T + 1) * self.budget.block * self.budget.stored
             bufs[what] = (torch.empty(size, dtype=torch.uint8,
-                                      pin_memory=self.device.type == "cuda") if host
-                          else torch.empty(size, dtype=torch.uint8, device=self.device))
+                                      pin_memory=self.budget.device.type == "cuda") if host
+                          else torch.empty(size, dtype=torch.uint8, device=self.budget.device))
         return bufs[what][: rows * m * dt.itemsize].view(dt).view(rows, m)
 
     # ------------------------------------------------------------------ per block (workers)
@@ -520,13 +400,13 @@ class Engine:
         [a, b); returns the Gram matrix of d (float64) if gram."""
         if plan.exact:
             self._fill_exact(plan, a, b, d, base, result, npass)
-        elif not self.cpu:
+        elif not self.budget.cpu:
             self._fill_gpu(plan, a, b, d, base, result, npass)
         else:
             self._subtract(d, self._read(plan, a, b, base, result, npass), base)
         if not gram:
             return None
-        if self.cpu:
+        if self.budget.cpu:
             return torch.from_numpy(kernels.gram(d.numpy()))
         return (d @ d.T).to(torch.float64)
 
@@ -569,7 +449,7 @@ class Engine:
 
     def _subtract(self, d, rows, base) -> None:
         """d = rows - base (the rows converted into d first)."""
-        if self.cpu and hasattr(torch, "_foreach_copy_"):
+        if self.budget.cpu and hasattr(torch, "_foreach_copy_"):
             torch._foreach_copy_(list(d.unbind(0)), rows)  # one call converts every row
         else:  # (to a GPU: a copy that also converts is done row by row)
             for t, row in enumerate(rows):
@@ -594,7 +474,7 @@ class Engine:
                 for r in rows]
 
     def _gram_block(self, plan, a, b, full, result) -> torch.Tensor:
-        kdt, m = self._kernel_rows(plan), b - a
+        kdt, m = self.budget.kernel_rows(plan), b - a
         if kdt is None:  # torch: float delta rows in a buffer
             d, base = self._torch_buffers(plan, a, b, full)
             return self._fill(plan, a, b, d, base, result, gram=True)
@@ -607,9 +487,9 @@ class Engine:
                                                    kdt == torch.bfloat16))
 
     def _emit_block(self, plan, a, b, full, w, writers, result) -> None:
-        kdt, m = self._kernel_rows(plan), b - a
+        kdt, m = self.budget.kernel_rows(plan), b - a
         out = self._local_buffer("out", plan.compute_dtype, m, self.k)
-        npass = 1 if self._twice and not self._single(plan) else 0
+        npass = 1 if self._twice and not self.budget.single(plan) else 0
         if kdt is None:
             d, base = self._torch_buffers(plan, a, b, full)
             if full is None:
@@ -690,19 +570,6 @@ def compress_factors(left: torch.Tensor, right: torch.Tensor,
     total = float((sigma ** 2).sum())
     share = 1.0 if total == 0 else float(((sigma[:k] ** 2).sum() / total).sqrt())
     return lo, hi, share
-
-
-def available_memory() -> int:
-    """Bytes of RAM available now (MemAvailable: free memory plus the page cache the kernel can
-    drop), for the default budget and the prefetcher."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _full_float32() -> Callable[[], None]:

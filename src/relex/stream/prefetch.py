@@ -40,8 +40,9 @@ class Prefetcher:
         # nothing to ask the disk for, so while it runs the disk reads the tensors that follow,
         # up to the tensor's size further ahead (on the 0.5B x 30 benchmark the disk sat idle
         # for the 4 s of the embedding's second pass). The cache must then hold the tensor and
-        # as much read ahead: a tensor over `cache` bytes (Engine: half of what the RAM
-        # available to this process leaves beside its budget and window) is asked for again.
+        # as much read ahead: a tensor over `cache` bytes (Budget.cache_room: half of what
+        # the RAM available to this process leaves beside its budget and window) is asked for
+        # again.
         #: (plan name, pass) -> (its first byte in the order of asking, bytes per element)
         self._start: dict[tuple[str, int], tuple[int, int]] = {}
         self._todo: list[tuple[int, TensorPlan, int, int]] = []  # (end byte, plan, a, b)
