@@ -21,13 +21,8 @@ pinned host memory and send them in one copy; the GPU converts them (_fill_gpu).
 A tensor that fits a worker's share of the memory budget is one worker's task, read once; a
 larger one is shared by all workers block by block and read twice (budget.py).
 
-LoRA runs never materialise a delta of an adapted weight: there delta_t = s_t B_t A_t, so the
-Gram matrix comes from (T r) x (T r) products of the factors in float64 (factor_gram,
-O((T r)^2 (m + n)) instead of O(T^2 m n)) and the output theta_0 + sum_t w_t s_t B_t A_t is
-formed row block by row block from them, or compressed to an adapter (compress_factors). The
-other tensors of a LoRA run (lora_B biases, modules_to_save) take their exact deltas from the
-reader (Reader.delta) on the torch path, so nothing is rounded to the base's dtype before the
-subtraction.
+LoRA runs never materialise a delta of an adapted weight: its Gram matrix and outputs come from
+the factors (factors.py).
 
 Reading overlaps computing: a Prefetcher asks for the inputs ahead of the workers (prefetch.py).
 Under torchrun each rank runs an Engine over its share of the tensors (PassPlan.tensors; see
@@ -51,6 +46,7 @@ from relex.errors import RelexError
 from relex.formats import DTYPES
 from relex.stream import kernels
 from relex.stream.budget import Budget
+from relex.stream.factors import FactorPath, factor_bytes, factor_gram
 from relex.stream.plan import FitRule, PassPlan
 from relex.stream.prefetch import PREFETCH_WINDOW, Prefetcher
 from relex.stream.trajectory import TensorPlan, Trajectory
@@ -84,11 +80,6 @@ class Engine:
         self._progress: Callable[[int], None] | None = None
         self._prefetch: Prefetcher | None = None
 
-    def _factor_bytes(self, plan: TensorPlan) -> int:
-        """Bytes of the LoRA factors of a factored tensor, over all checkpoints."""
-        return sum(c.factor_nbytes(plan.name) for c, k in zip(self.traj.checkpoints, plan.kinds)
-                   if k == "factors")
-
     def bytes_to_read(self) -> int:
         """Bytes run() will read (tensors over the memory budget count twice without a saved
         fit's Gram matrices; the Gram step alone reads every moving tensor once)."""
@@ -96,7 +87,7 @@ class Engine:
         total = 0
         for plan in self.pass_plan.tensors:
             if plan.factored:
-                total += self._factor_bytes(plan) + (0 if gram_only else plan.base.nbytes)
+                total += factor_bytes(self.traj, plan) + (0 if gram_only else plan.base.nbytes)
                 continue
             once = sum(i.nbytes for i in plan.sources) if plan.moves else plan.base.nbytes
             total += once * self.budget.passes(plan, grams, gram_only)
@@ -205,13 +196,11 @@ class Engine:
         return gram, fit
 
     def _factored(self, plan, weights, writers, grams, result):
-        """One LoRA'd tensor (or one no checkpoint changes) from its factors alone.
-
-        delta_t = L_t @ R_t (scaling folded into L_t, float64), so the Gram matrix is
-        factor_gram's r x r products, O((T r)^2 (m + n)) instead of O(T^2 m n), and the output
-        theta_0 + sum_t w_t L_t R_t is formed row block by row block (or, for an adapter
-        output, compressed: compress_factors). Runs on the CPU: the factors are small."""
-        left, right, owner = self._factors(plan, result)
+        """One LoRA'd tensor (or one no checkpoint changes) from its factors alone (factors.py):
+        the Gram matrix from r x r products, the outputs formed or compressed from them."""
+        path = FactorPath(self.traj, self.budget.block, self._prefetch,
+                          lambda nbytes: self._count(nbytes, result))
+        left, right, owner = path.factors(plan)
         if grams is None:
             gram = factor_gram(left, right, owner, self.traj.T)
             self._check_finite(plan, gram)
@@ -221,54 +210,14 @@ class Engine:
             return gram, None
         fit = weights(gram)
         w = torch.from_numpy(fit.weights)  # (K, T) float64
-        if self.pass_plan.lora_rank is not None:
-            if left.shape[1]:  # (an unadapted tensor has no adapter entry)
-                shares = []
-                for k, writer in enumerate(writers):
-                    lo, hi, share = compress_factors(left * w[k][owner], right,
-                                                     writer.rank_of(plan.name))
-                    writer.write_factors(plan.name, lo, hi)
-                    shares.append(share)
-                with self._lock:
-                    result.kept[plan.name] = shares
-            self.traj.release(plan, 0, plan.numel)
-            return gram, fit
-        cd, code = plan.compute_dtype, DTYPES[plan.out_dtype]
-        lws = [(left * w[k][owner]).to(cd) for k in range(len(writers))]
-        right_cd = right.to(cd)
-        n = right.shape[1]
-        rows = max(1, self.budget.block // n)
-        for r0 in range(0, left.shape[0], rows):
-            r1 = min(r0 + rows, left.shape[0])
-            a, b = r0 * n, r1 * n
-            self._prefetch.advance(plan, 0, a)
-            base = self.traj.read(plan, 0, a, b).to(cd).view(r1 - r0, n)
-            self._count(plan.base.itemsize * (b - a), result)
-            for lw, writer in zip(lws, writers):
-                out = base if lw.shape[1] == 0 else torch.addmm(base, lw[r0:r1], right_cd)
-                writer.write_at(plan.name, a, out.reshape(-1).to(code))
+        if self.pass_plan.lora_rank is None:
+            path.merge(plan, left, right, owner, w, writers)
+        elif left.shape[1]:  # (an unadapted tensor has no adapter entry)
+            shares = path.compress(plan, left, right, owner, w, writers)
+            with self._lock:
+                result.kept[plan.name] = shares
         self.traj.release(plan, 0, plan.numel)  # the base's range and the factors' mappings
         return gram, fit
-
-    def _factors(self, plan, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(left (m, T r), right (T r, n), owner (T r,)) in float64: every checkpoint's
-        scaling * L_t and R_t side by side, owner[j] = the checkpoint of column j."""
-        shape = plan.shape
-        n = shape[-1] if len(shape) >= 1 and shape[-1] else 1
-        m = plan.numel // n
-        lefts, rights, owner = [], [], []
-        for t, (ckpt, kind) in enumerate(zip(self.traj.checkpoints, plan.kinds)):
-            if kind != "factors":
-                continue
-            lo, hi, scaling = ckpt.factors(plan.name)
-            lefts.append(lo.to(torch.float64) * scaling)
-            rights.append(hi.to(torch.float64))
-            owner += [t] * lo.shape[1]
-            self._count(ckpt.factor_nbytes(plan.name), result)
-        if not lefts:
-            return (torch.zeros(m, 0, dtype=torch.float64),
-                    torch.zeros(0, n, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
-        return torch.cat(lefts, 1), torch.cat(rights, 0), torch.tensor(owner)
 
     def _shared(self, plan, pool, weights, writers, grams, result) -> None:
         """All workers share one large tensor's blocks; it is read twice without grams."""
@@ -527,49 +476,6 @@ class Engine:
             where = ", ".join(str(self.traj.checkpoints[i].path) for i in bad[:3])
         raise RelexError(f"tensor '{plan.name}': NaN or Inf values in {where}; the run diverged "
                          f"or the file is damaged: leave that checkpoint out (--steps)")
-
-
-def factor_gram(left: torch.Tensor, right: torch.Tensor, owner: torch.Tensor,
-                t: int) -> np.ndarray:
-    """The T x T Gram matrix of deltas D_t = L_t @ R_t from the factors alone (float64).
-
-    <L_i R_i, L_j R_j> = trace((L_i^T L_j)(R_j R_i^T)): the (i, j) block sum of the elementwise
-    product of L^T L and R R^T (both (T r) x (T r)), with L = [L_1 .. L_T] (m, T r) and R the
-    R_t stacked (T r, n)."""
-    if left.shape[1] == 0:
-        return np.zeros((t, t))
-    prod = (left.T @ left) * (right @ right.T)
-    ind = torch.zeros(t, len(owner), dtype=torch.float64)
-    ind[owner, torch.arange(len(owner))] = 1.0
-    return (ind @ prod @ ind.T).numpy()
-
-
-def compress_factors(left: torch.Tensor, right: torch.Tensor,
-                     rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The best rank-`rank` approximation of left @ right ((m, q) @ (q, n), q = T r), as
-    factors (lo (m, rank), hi (rank, n)) split sqrt(sigma) each, and the share of the
-    Frobenius norm it keeps, sqrt(sum_kept sigma^2 / sum sigma^2).
-
-    QR of both factors (Householder, Q never formed: ormqr applies it to the k kept vectors;
-    forming Q took twice the time on a 4864 x 480 factor), then the SVD of the small core
-    R_l R_r^T (at most q x q): never an m x n matrix. Columns past the product's rank are
-    zero."""
-    m, n = left.shape[0], right.shape[1]
-    a_l, tau_l = torch.geqrf(left)
-    a_r, tau_r = torch.geqrf(right.T.contiguous())
-    r_l, r_r = a_l[: len(tau_l)].triu(), a_r[: len(tau_r)].triu()
-    u, sigma, vh = torch.linalg.svd(r_l @ r_r.T)
-    k = min(rank, len(sigma))
-    root = sigma[:k].sqrt()
-    lo = torch.zeros(m, rank, dtype=left.dtype)
-    hi_t = torch.zeros(n, rank, dtype=left.dtype)
-    lo[: u.shape[0], :k] = u[:, :k] * root
-    hi_t[: vh.shape[1], :k] = vh[:k].T * root
-    lo = torch.ormqr(a_l, tau_l, lo)  # Q_l @ [U_k sqrt(S_k); 0]
-    hi = torch.ormqr(a_r, tau_r, hi_t).T
-    total = float((sigma ** 2).sum())
-    share = 1.0 if total == 0 else float(((sigma[:k] ** 2).sum() / total).sqrt())
-    return lo, hi, share
 
 
 def _full_float32() -> Callable[[], None]:
