@@ -12,8 +12,10 @@ import torch
 import relex
 from conftest import load_dir
 from relex import api
+from relex.fit import Extrapolation
 from relex.stream import budget as budget_mod
 from relex.stream import prefetch
+from relex.stream.blocks import BlockWork
 from relex.stream.engine import Engine
 from relex.stream.plan import PassPlan
 from relex.errors import RelexError
@@ -31,7 +33,7 @@ def _traj(run, base):
 
 def _plan(traj, budget, fit=True, workers=2):
     """The pass of one target (step 30) over every tensor."""
-    from relex.fit import Extrapolation, FitConfig
+    from relex.fit import FitConfig
     rule = Extrapolation(traj.steps.astype(float), np.array([30.0]), FitConfig())
     return PassPlan(list(traj.plans), 1, rule if fit is True else fit, budget, workers=workers)
 
@@ -170,12 +172,12 @@ def test_float32_products_are_full_precision_during_the_pass_and_the_setting_com
         pytest.skip("torch < 2.9 has only the legacy setting")
     run, base = run_factory(base_dtype=torch.float16)  # fp16: the torch path's products
     seen = []
-    fit = Engine._fit
+    fit = Extrapolation.__call__
 
     def spy(self, *args):
         seen.append((b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision))
         return fit(self, *args)
-    monkeypatch.setattr(Engine, "_fit", spy)
+    monkeypatch.setattr(Extrapolation, "__call__", spy)
     try:
         if setting == "legacy":
             torch.set_float32_matmul_precision("medium")
@@ -209,8 +211,9 @@ def test_the_gpu_feeding_path_run_on_the_cpu(run_factory, tmp_path, monkeypatch,
         self.cpu = False  # the non-CPU branches, on CPU tensors
     monkeypatch.setattr(budget_mod.Budget, "__init__", as_if_a_gpu)
     gathered = []
-    fill = Engine._fill_gpu
-    monkeypatch.setattr(Engine, "_fill_gpu", lambda self, *a: gathered.append(1) or fill(self, *a))
+    fill = BlockWork._fill_gpu
+    monkeypatch.setattr(BlockWork, "_fill_gpu",
+                        lambda self, *a: gathered.append(1) or fill(self, *a))
     run, base = run_factory(**kw)
     relex.extrapolate(run, base=base, targets=[30], output=tmp_path / "out", max_memory=budget,
                       threads=2, progress=False)

@@ -123,7 +123,7 @@ class Budget:
         """Bytes of a worker's buffers per block element, for K outputs: delta rows, base, K
         outputs, K casts (<= 8 bytes each; where the compiled kernels run, the delta rows are
         not allocated: conservative); to a GPU also the rows as stored, in pinned host memory
-        and on the GPU (_fill_gpu)."""
+        and on the GPU (blocks.BlockWork._fill_gpu)."""
         t = self.t
         per_elem = (t + 1 + k) * self.item + k * 8
         if not self.cpu:

@@ -4,8 +4,8 @@ There delta_t = s_t B_t A_t, so the Gram matrix comes from (T r) x (T r) product
 in float64 (factor_gram, O((T r)^2 (m + n)) instead of O(T^2 m n)) and the output
 theta_0 + sum_t w_t s_t B_t A_t is formed row block by row block from them (FactorPath.merge),
 or compressed to an adapter (compress_factors). The other tensors of a LoRA run (lora_B biases,
-modules_to_save) take their exact deltas from the reader (Reader.delta) on the torch
-path, so nothing is rounded to the base's dtype before the subtraction.
+modules_to_save) take their exact deltas from the reader (Reader.delta) on the torch path
+(blocks.py), so nothing is rounded to the base's dtype before the subtraction.
 """
 
 from __future__ import annotations
