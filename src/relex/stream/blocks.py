@@ -1,5 +1,4 @@
-"""One block of one tensor, in a worker: its rows read, made into deltas, reduced to a partial
-Gram matrix or combined into the outputs.
+"""One block of one tensor in a worker: rows read, made into deltas, a Gram matrix or outputs.
 
 For a block, the rows of the base and of every observed checkpoint (read through each
 checkpoint's Reader; zero-copy views of the memory-mapped files for HF safetensors) become delta

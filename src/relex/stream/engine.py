@@ -124,7 +124,7 @@ class _Pass:
         self.pool, self.writers, self.result, self.progress = pool, writers, result, progress
         self.lock = threading.Lock()
         self.work = BlockWork(self.traj, self.plan, self.budget, prefetch, self.count)
-        self.factors = FactorPath(self.traj, self.budget.block, prefetch, self.count)
+        self.lora = FactorPath(self.traj, self.budget.block, prefetch, self.count)
 
     def count(self, nbytes: int) -> None:
         """nbytes more were read (from any thread)."""
@@ -134,6 +134,8 @@ class _Pass:
                 self.progress(nbytes)
 
     def run(self) -> None:
+        """Every tensor in the plan's order: each run of tensors that fit a worker goes to the
+        pool one tensor per worker; a larger tensor has all workers to itself."""
         plans, i = self.plan.tensors, 0
         while i < len(plans):
             j = i
@@ -148,12 +150,14 @@ class _Pass:
                 i += 1
 
     def _record(self, plan, gram, fit) -> None:
+        """A tensor's Gram matrix (computed, not a saved fit's) and fit statistics."""
         if self.grams is None and gram is not None:
             self.result.grams[plan.name] = gram
         if fit is not None:
             self.result.stats[plan.name] = fit.stats
 
     def _fit(self, plan: TensorPlan, gram: np.ndarray):
+        """The plan's fit rule on a Gram matrix; its weights (K, T) where the outputs are made."""
         fit = self.weights(gram)
         return fit, torch.from_numpy(fit.weights).to(self.budget.device, plan.compute_dtype)
 
@@ -191,7 +195,7 @@ class _Pass:
     def _factored(self, plan):
         """One LoRA'd tensor (or one no checkpoint changes) from its factors alone (factors.py):
         the Gram matrix from r x r products, the outputs formed or compressed from them."""
-        left, right, owner = self.factors.factors(plan)
+        left, right, owner = self.lora.factors(plan)
         if self.grams is None:
             gram = factor_gram(left, right, owner, self.traj.T)
             self._check_finite(plan, gram)
@@ -202,9 +206,9 @@ class _Pass:
         fit = self.weights(gram)
         w = torch.from_numpy(fit.weights)  # (K, T) float64
         if self.plan.lora_rank is None:
-            self.factors.merge(plan, left, right, owner, w, self.writers)
+            self.lora.merge(plan, left, right, owner, w, self.writers)
         elif left.shape[1]:  # (an unadapted tensor has no adapter entry)
-            shares = self.factors.compress(plan, left, right, owner, w, self.writers)
+            shares = self.lora.compress(plan, left, right, owner, w, self.writers)
             with self.lock:
                 self.result.kept[plan.name] = shares
         self.traj.release(plan, 0, plan.numel)  # the base's range and the factors' mappings
@@ -251,6 +255,7 @@ class _Pass:
         return out
 
     def _check_finite(self, plan: TensorPlan, gram: np.ndarray) -> None:
+        """A NaN or Inf in the inputs shows on the Gram matrix's diagonal: stop, naming where."""
         if np.isfinite(gram).all():
             return
         bad = [i for i in range(len(gram)) if not np.isfinite(gram[i, i])]
