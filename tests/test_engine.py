@@ -11,9 +11,11 @@ import torch
 
 import relex
 from conftest import load_dir
-from relex.stream import engine as engine_mod
+from relex.fit import Extrapolation
+from relex.stream import budget as budget_mod
+from relex.stream import prefetch
+from relex.stream.blocks import BlockWork
 from relex.stream.engine import Engine
-from relex.stream import plan
 from relex.stream.plan import PassPlan
 from relex.errors import RelexError
 from relex.formats import base as fbase
@@ -30,7 +32,7 @@ def _traj(run, base):
 
 def _plan(traj, budget, fit=True, workers=2):
     """The pass of one target (step 30) over every tensor."""
-    from relex.fit import Extrapolation, FitConfig
+    from relex.fit import FitConfig
     rule = Extrapolation(traj.steps.astype(float), np.array([30.0]), FitConfig())
     return PassPlan(list(traj.plans), 1, rule if fit is True else fit, budget, workers=workers)
 
@@ -47,15 +49,15 @@ def test_prefetch_asks_for_every_range_once_per_pass_from_disk_from_its_own_thre
     the engine's order, from one thread of its own (asking can block until the disk's queue
     drains: never in a worker); a second pass over a tensor that fits the page cache beside
     the budget is not asked for again."""
-    monkeypatch.setattr(engine_mod, "available_memory", lambda: 1 << 40 if cached else 0)
-    close = engine_mod.Prefetcher.close
+    monkeypatch.setattr(budget_mod, "available_memory", lambda: 1 << 40 if cached else 0)
+    close = prefetch.Prefetcher.close
 
     def drained_close(self):  # let the thread ask for what the last advance reached first
         deadline = time.monotonic() + 60
         while self._thread is not None and self._due() and time.monotonic() < deadline:
             time.sleep(0.01)
         close(self)
-    monkeypatch.setattr(engine_mod.Prefetcher, "close", drained_close)
+    monkeypatch.setattr(prefetch.Prefetcher, "close", drained_close)
     run, base = run_factory(base_dtype=torch.bfloat16)
     traj = _traj(run, base)
     calls = []
@@ -65,7 +67,7 @@ def test_prefetch_asks_for_every_range_once_per_pass_from_disk_from_its_own_thre
     try:
         # a budget small enough that some tensors are read twice (two passes)
         engine = Engine(traj, _plan(traj, 200_000))
-        twice = [p for p in traj.plans if p.moves and not engine._single(p)]
+        twice = [p for p in traj.plans if p.moves and not engine.budget.single(p)]
         assert twice, "the budget must force a second pass somewhere"
         engine.run([_Sink()])
     finally:
@@ -104,11 +106,11 @@ def test_budget_below_one_block_says_the_minimum(run_factory, tmp_path):
 
 
 def test_default_budget_is_a_quarter_of_available_ram():
-    b = plan.default_budget()
-    assert b >= plan.MIN_DEFAULT_BUDGET
+    b = budget_mod.default_budget()
+    assert b >= budget_mod.MIN_DEFAULT_BUDGET
     avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert b <= max(plan.MIN_DEFAULT_BUDGET, avail // 4)
-    assert plan.default_budget(4) <= max(plan.MIN_DEFAULT_BUDGET, b // 4 + 1)
+    assert b <= max(budget_mod.MIN_DEFAULT_BUDGET, avail // 4)
+    assert budget_mod.default_budget(4) <= max(budget_mod.MIN_DEFAULT_BUDGET, b // 4 + 1)
 
 
 def test_reader_prefetch_defaults_to_nothing(tmp_path):
@@ -169,12 +171,12 @@ def test_float32_products_are_full_precision_during_the_pass_and_the_setting_com
         pytest.skip("torch < 2.9 has only the legacy setting")
     run, base = run_factory(base_dtype=torch.float16)  # fp16: the torch path's products
     seen = []
-    fit = Engine._fit
+    fit = Extrapolation.__call__
 
     def spy(self, *args):
         seen.append((b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision))
         return fit(self, *args)
-    monkeypatch.setattr(Engine, "_fit", spy)
+    monkeypatch.setattr(Extrapolation, "__call__", spy)
     try:
         if setting == "legacy":
             torch.set_float32_matmul_precision("medium")
@@ -200,16 +202,17 @@ def test_the_gpu_feeding_path_run_on_the_cpu(run_factory, tmp_path, monkeypatch,
     subtracted on the device) only runs with a GPU in the suite's other tests; here the same
     code runs with the CPU as its device: two threads, resident tensors in blocks of 512
     elements and (100KB) tensors shared across threads, against the float64 reference."""
-    monkeypatch.setattr(engine_mod, "BLOCK", 512)  # several blocks per tensor either way
-    init = Engine.__init__
+    monkeypatch.setattr(budget_mod, "BLOCK", 512)  # several blocks per tensor either way
+    init = budget_mod.Budget.__init__
 
     def as_if_a_gpu(self, *a, **k):
         init(self, *a, **k)
         self.cpu = False  # the non-CPU branches, on CPU tensors
-    monkeypatch.setattr(Engine, "__init__", as_if_a_gpu)
+    monkeypatch.setattr(budget_mod.Budget, "__init__", as_if_a_gpu)
     gathered = []
-    fill = Engine._fill_gpu
-    monkeypatch.setattr(Engine, "_fill_gpu", lambda self, *a: gathered.append(1) or fill(self, *a))
+    fill = BlockWork._fill_gpu
+    monkeypatch.setattr(BlockWork, "_fill_gpu",
+                        lambda self, *a: gathered.append(1) or fill(self, *a))
     run, base = run_factory(**kw)
     relex.extrapolate(run, base=base, targets=[30], output=tmp_path / "out", max_memory=budget,
                       threads=2, progress=False)

@@ -381,7 +381,7 @@ def test_factor_gram_equals_materialized_gram(small_run):
     """The Gram matrix relex computes from r x r factor products equals the one of the
     materialised float64 deltas (in the test: B @ A of each checkpoint) within float64
     rounding; the fit file relex saves holds it."""
-    from relex.stream.engine import factor_gram
+    from relex.stream.factors import factor_gram
     run, base = small_run
     readers = [open_reader(run / f"checkpoint-{s}", base=base) for s in STEPS]
     try:

@@ -25,7 +25,8 @@ from relex.output.model import atomic_directory, check_output
 from relex.results import Analysis, Report
 from relex.stream import torchrun
 from relex.stream.engine import Engine
-from relex.stream.plan import PassPlan, budget
+from relex.stream.budget import budget
+from relex.stream.plan import PassPlan
 from relex.stream.trajectory import Trajectory
 
 

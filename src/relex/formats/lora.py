@@ -5,9 +5,9 @@ base + scaling * B @ A for anyone who reads the checkpoint as a model. What the 
 
 What relex fits is the delta, so the engine never sees a merged weight: for a LoRA'd weight
 `delta_kind` is "factors" and `factors` hands out (scaling * L, R) with delta = L @ R (the Gram
-matrix comes from r x r products of them, stream/engine.py), for a lora_B bias or a full tensor
-saved in the adapter file it is "delta" (`delta`: exact, in float32/float64), and for every
-other tensor "zero". Merging first and rounding each checkpoint to a bf16 base's dtype, as peft's
+matrix comes from r x r products of them, stream/factors.py), for a lora_B bias or a full
+tensor saved in the adapter file it is "delta" (`delta`: exact, in float32/float64), and for
+every other tensor "zero". Merging first and rounding each checkpoint to a bf16 base's dtype, as peft's
 `merge_and_unload` does, loses most of an RL-sized delta (docs/lora.md has the measurements).
 
 A LoRA run saves only the adapters, and merging each checkpoint first (peft's

@@ -1,11 +1,11 @@
 """Write an extrapolated step of a LoRA run as a PEFT adapter directory, not as a model.
 
 The extrapolated delta of a LoRA'd weight, sum_t w_t s_t B_t A_t, has rank <= T r; the engine
-compresses it to the adapter's rank k (engine.compress_factors: QR of the stacked factors and
-an SVD of a (T r) x (T r) core, never of an m x n matrix) and hands the factors here. The
-directory holds adapter_config.json (the run's, with r = lora_alpha = k so that scaling is 1)
-and adapter_model.safetensors, which `peft.PeftModel.from_pretrained(base, dir)` and vLLM's
-LoRA serving load: a few MB per candidate step instead of a whole model. lora_B biases are the
+compresses it to the adapter's rank k (stream.factors.compress_factors: QR of the stacked
+factors and an SVD of a (T r) x (T r) core, never of an m x n matrix) and hands the factors
+here. The directory holds adapter_config.json (the run's, with r = lora_alpha = k so that
+scaling is 1) and adapter_model.safetensors, which `peft.PeftModel.from_pretrained(base, dir)`
+and vLLM's LoRA serving load: a few MB per candidate step instead of a whole model. lora_B biases are the
 extrapolated bias deltas (float32); full tensors the run saved (modules_to_save, saved
 embeddings) are written whole, as the adapter file had them.
 """

@@ -27,7 +27,8 @@ from relex.output.model import ModelWriter, atomic_directory, check_output, pars
 from relex.results import Report
 from relex.stream import torchrun
 from relex.stream.engine import Engine
-from relex.stream.plan import FitRule, PassPlan, budget
+from relex.stream.budget import budget
+from relex.stream.plan import FitRule, PassPlan
 from relex.stream.trajectory import Trajectory
 
 

@@ -1,53 +1,29 @@
 """The streaming pass: Gram matrices in, weighted sums out, one block of every tensor at a time.
 
-Each tensor is cut into blocks of consecutive elements. For a block, the rows of the base and of
-every observed checkpoint (read through each checkpoint's Reader; zero-copy views of the
-memory-mapped files for HF safetensors) become delta rows
-D[:, block] = rows - base in float32 (float64 if an input is), reduced to a partial Gram matrix
-D D^T; the partials are summed in block order in float64, so results do not depend on thread
-timing. The fit then gives W (targets x T), and each output block is base + W @ D[:, block],
+Each tensor is cut into blocks of consecutive elements; for each block the base's and every
+checkpoint's rows become delta rows D[:, block], reduced to a partial Gram matrix D D^T
+(blocks.py). The partials are summed in block order in float64, so results do not depend on
+thread timing. The fit then gives W (targets x T), and each output block is base + W @ D[:, block],
 cast to the output dtype and written at its place in every output file.
 
 Work runs on a pool of worker threads, each calling single-threaded kernels on buffers small
-enough to stay in cache (torch and numba release the GIL inside them). On 2 cores this beat one
-thread with 2-way intra-op parallelism, whose spinning OpenMP workers fought the I/O. On CPU,
-bf16 and fp32 inputs go through compiled kernels that read the rows where the readers give them
-(views of the mapped files: no copy) and make the float32 deltas chunk by chunk in cache, for
-the Gram matrix (kernels.delta_gram) and again for the outputs (kernels.delta_combine), so
-float32 deltas are never stored; fp16 inputs, float64 and GPUs go through torch, with float
-delta rows in buffers. To a GPU, several threads each gather a block's rows as stored into
-pinned host memory and send them in one copy; the GPU converts them (_fill_gpu).
-
-- A tensor whose inputs fit a worker's share of the memory budget is one task: that worker
-  reads it once, keeps it (mapped, as stored: bf16 is half the size of float32 deltas), fits
-  and writes it, while other workers do other tensors.
-- A larger tensor (a 150k x 4k embedding, or any 7B+ layer) is split across all workers block
-  by block and read twice, right after itself, so the second read hits the page cache.
-- With a saved fit there is no Gram step and every tensor is read once.
-
-LoRA runs never materialise a delta of an adapted weight: there delta_t = s_t B_t A_t, so the
-Gram matrix comes from (T r) x (T r) products of the factors in float64 (factor_gram,
-O((T r)^2 (m + n)) instead of O(T^2 m n)) and the output theta_0 + sum_t w_t s_t B_t A_t is
-formed row block by row block from them, or compressed to an adapter (compress_factors). The
-other tensors of a LoRA run (lora_B biases, modules_to_save) take their exact deltas from the
-reader (Reader.delta) on the torch path, so nothing is rounded to the base's dtype before the
-subtraction.
-
-Reading overlaps computing: a Prefetcher's thread asks the readers (Reader.prefetch) for each
-file's next ranges, 8 MiB per file and request, up to 512 MiB ahead of the furthest worker, so the
-kernel reads in large sequential requests while the workers compute; a second pass that the page
-cache can hold is not asked for, so meanwhile the disk reads the tensors that follow (up to that
-tensor's size further ahead). Under torchrun each rank runs an
-Engine over its share of the tensors (PassPlan.tensors; see torchrun.py).
+enough to stay in cache (torch and numba release the GIL inside them; buffers.py). On 2 cores this
+beat one thread with 2-way intra-op parallelism, whose spinning OpenMP workers fought the I/O.
+A tensor that fits a worker's share of the memory budget is one worker's task, read once; a
+larger one is shared by all workers block by block and read twice (budget.py). LoRA runs never
+materialise a delta of an adapted weight: its Gram matrix and outputs come from the factors
+(factors.py). Reading overlaps computing: a Prefetcher asks for the inputs ahead of the workers
+(prefetch.py). Under torchrun each rank runs an Engine over its share of the tensors
+(PassPlan.tensors; see torchrun.py).
 """
 
 from __future__ import annotations
 
 import gc
-import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -55,133 +31,13 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from relex.stream import kernels
-from relex.formats import DTYPES
 from relex.errors import RelexError
-from relex.stream.plan import FitRule, PassPlan
+from relex.stream.blocks import BlockWork
+from relex.stream.budget import Budget
+from relex.stream.factors import FactorPath, factor_bytes, factor_gram
+from relex.stream.plan import PassPlan
+from relex.stream.prefetch import PREFETCH_WINDOW, Prefetcher
 from relex.stream.trajectory import TensorPlan, Trajectory
-
-#: elements per block (T rows of it are processed at once): on the 100M-parameter benchmark
-#: 2^17 ran in 6.0 s, 2^16 in 6.5 s, 2^18 in 7.8 s and 2^15 in 7.5 s (noise about 0.3 s)
-BLOCK = 1 << 17
-#: on a GPU: fewer, larger copies and kernel launches. 1.54B x 10 on an H100, 2 rounds: 2^19
-#: took 1.20x the time of 2^21 and 2^23 1.01x.
-GPU_BLOCK = 1 << 21
-#: at most this many bytes of inputs per GPU block (its rows as stored, gathered in each
-#: thread's pinned host buffer, sent in one copy): bounds pinned memory at long windows
-GPU_BLOCK_BYTES = 128 << 20
-#: host threads feeding a GPU (each gathers its blocks into pinned memory and sends them): on
-#: the same run, 1 took 1.62x the time of 4, and 8 0.87x
-GPU_WORKERS = 8
-#: share of a GPU's free memory its buffers may take (the budget is capped at it)
-GPU_SHARE = 0.8
-#: smallest block a tensor is split into when it is divided among the workers
-MIN_BLOCK = 1 << 12
-#: most mapped input bytes a worker touches between two releases of the mapping (bounds the
-#: resident set; releasing after every block cost 2 s of TLB shootdowns on the 100M benchmark)
-RELEASE_BYTES = 32 << 20
-
-#: fewest elements per block: --max-memory must hold one block of this size per worker
-TINY_BLOCK = 64
-#: bytes of each source file asked ahead of use in one request (PREFETCH_WINDOW: how far ahead,
-#: in bytes of all sources together); see Prefetcher. Measured on the 0.5B x 30 run (30.6 GB,
-#: beyond RAM, page cache dropped; CPU-bound on this shared 2-core machine): RELEX_PREFETCH=off
-#: took 0.96x and 1.40x the time with prefetch in two rounds; free (no RSS), so kept.
-PREFETCH_CHUNK = 8 << 20
-PREFETCH_WINDOW = 512 << 20
-
-#: stored dtypes of checkpoint rows the compiled kernels take as they are (kernels.delta_gram,
-#: kernels.delta_combine)
-_KERNEL_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32}
-
-
-
-class Prefetcher:
-    """Asks the readers for the input ranges the pass will need next, ahead of use.
-
-    The engine reads tensors in a known order (each one once, or twice when it does not fit
-    the budget); the readers' prefetch() starts reading each file's next range in large requests
-    while the current blocks are computed, so reading overlaps computing. Workers report how far
-    they got (advance); a thread of its own asks for the ranges up to PREFETCH_WINDOW bytes
-    ahead of the furthest worker (see `cache` for second passes). Asking blocks while the disk's
-    queue is full: when the workers asked, the 0.5B x 30 embedding's second pass (page cache)
-    took 10 s instead of 4 as soon as the disk had the following tensors to read meanwhile.
-    """
-
-    def __init__(self, traj: Trajectory, passes: list[tuple[TensorPlan, int]], cache: int,
-                 chunk: int = PREFETCH_CHUNK, window: int = PREFETCH_WINDOW):
-        self.traj, self.window = traj, window
-        # A second pass right after the first reads the page cache when the tensor fits it:
-        # nothing to ask the disk for, so while it runs the disk reads the tensors that follow,
-        # up to the tensor's size further ahead (on the 0.5B x 30 benchmark the disk sat idle
-        # for the 4 s of the embedding's second pass). The cache must then hold the tensor and
-        # as much read ahead: a tensor over `cache` bytes (Engine: half of what the RAM
-        # available to this process leaves beside its budget and window) is asked for again.
-        #: (plan name, pass) -> (its first byte in the order of asking, bytes per element)
-        self._start: dict[tuple[str, int], tuple[int, int]] = {}
-        self._todo: list[tuple[int, TensorPlan, int, int]] = []  # (end byte, plan, a, b)
-        pos = 0
-        for plan, npass in passes:
-            srcs = plan.sources if plan.moves and not plan.factored else (plan.base,)
-            per_elem = sum(i.itemsize for i in srcs)
-            step = max(1, chunk // max(i.itemsize for i in srcs))
-            for k in range(npass):
-                self._start[(plan.name, k)] = (pos, per_elem)
-                if k and plan.numel * per_elem <= cache:
-                    continue
-                for a in range(0, plan.numel, step):
-                    b = min(a + step, plan.numel)
-                    self._todo.append((pos + b * per_elem, plan, a, b))
-                pos += plan.numel * per_elem
-        self._next = 0
-        self._horizon = -1
-        self._closed = False
-        self._wake = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def advance(self, plan: TensorPlan, npass: int, element: int) -> None:
-        """A worker reached `element` of `plan` in pass `npass`: ask for what lies ahead."""
-        start = self._start.get((plan.name, npass))
-        if start is None:
-            return
-        horizon = start[0] + element * start[1] + self.window
-        with self._wake:
-            if horizon > self._horizon:
-                self._horizon = horizon
-                self._wake.notify()
-            if self._thread is None and not self._closed:
-                self._thread = threading.Thread(target=self._loop, name="relex-prefetch",
-                                                daemon=True)
-                self._thread.start()
-
-    def _loop(self) -> None:
-        readers = (self.traj.base, *self.traj.checkpoints)
-        while True:
-            with self._wake:
-                while not self._closed and not self._due():
-                    self._wake.wait()
-                if self._closed:
-                    return
-                _, p, a, b = self._todo[self._next]
-                self._next += 1
-            for reader in readers[: len(p.sources) if p.moves and not p.factored else 1]:
-                if self._closed:  # each ask can wait on the disk's queue: stop promptly
-                    return
-                try:
-                    reader.prefetch(p.name, a, b)
-                except Exception:  # noqa: BLE001 - a hint: the workers' reads report errors
-                    pass
-
-    def _due(self) -> bool:
-        return self._next < len(self._todo) and self._todo[self._next][0] <= self._horizon
-
-    def close(self) -> None:
-        """Stop asking (the pass is over, or failed); returns once the thread has stopped."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
 
 
 @dataclass
@@ -190,7 +46,7 @@ class EngineResult:
     stats: dict[str, dict] = field(default_factory=dict)
     bytes_read: int = 0
     #: adapter outputs: tensor -> share of the extrapolated delta's Frobenius norm kept, per
-    #: target (compress_factors)
+    #: target (factors.compress_factors)
     kept: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -198,111 +54,15 @@ class Engine:
     """Runs the Gram step and the output step over a Trajectory within a memory budget.
 
     It receives the pass finished (plan.PassPlan: tensors, targets, fit rule, budget, device,
-    threads) and sizes its blocks and buffers from it; workers default to torch's thread count
-    on CPU and GPU_WORKERS feeding a GPU; local processes (torchrun's ranks on this machine)
-    share its RAM, the read-ahead's page-cache room.
+    threads) and sizes its blocks and buffers from it (budget.Budget); each run() streams the
+    whole plan to the writers it is given.
     """
 
     def __init__(self, traj: Trajectory, plan: PassPlan, block: int | None = None):
         self.traj = traj
         self.pass_plan = plan
-        budget, workers = plan.budget, plan.workers
-        #: processes of this run on this machine (torchrun's local ranks), sharing its RAM
-        self.local_processes = max(1, plan.local_processes)
-        self.device = torch.device(plan.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RelexError("--device cuda: torch sees no CUDA device here")
-        self.cpu = self.device.type == "cpu"
-        gpu_free = None
-        if self.device.type == "cuda":
-            # The buffers live on the GPU; host memory holds only mapped input pages, which are
-            # released as the pass goes, and each thread's pinned buffer (counted below). So
-            # the budget is what the GPU has free, at most.
-            gpu_free = torch.cuda.mem_get_info(self.device)[0]
-            budget = min(budget, int(gpu_free * GPU_SHARE))
-        if workers is not None and workers < 0:
-            raise RelexError(f"--threads {workers}: give a positive number of threads")
-        self.workers = workers or (torch.get_num_threads() if self.cpu else
-                                   min(GPU_WORKERS, os.cpu_count() or 1))
-        self.k = plan.targets
-        t = traj.T
-        self.item = 8 if any(p.compute_dtype == torch.float64 for p in traj.plans) else 4
-        #: widest stored element of any input (bytes)
-        self.stored = max(i.itemsize for p in traj.plans for i in p.sources)
-        if block is None:
-            block = (BLOCK if self.cpu
-                     else min(GPU_BLOCK, GPU_BLOCK_BYTES // ((t + 1) * self.stored)))
-        # Per worker and block element: delta rows, base, K outputs, K casts (<= 8 bytes each;
-        # where the compiled kernels run, the delta rows are not allocated: conservative); to a
-        # GPU also the rows as stored, in pinned host memory and on the GPU (_fill_gpu).
-        per_elem = (t + 1 + self.k) * self.item + self.k * 8
-        if not self.cpu:
-            per_elem += 2 * (t + 1) * self.stored
-        #: the smallest budget that holds one block per worker (buffers + its mapped inputs)
-        self.min_budget = self.workers * TINY_BLOCK * (2 * per_elem + (t + 1) * 8)
-        if budget < self.min_budget:
-            gpu = ("" if gpu_free is None else
-                   f" ({GPU_SHARE:.0%} of the GPU's {gpu_free >> 20} MiB free)")
-            raise RelexError(f"--max-memory {budget} bytes{gpu} is below what one block needs "
-                             f"here ({t} checkpoints, {self.workers} threads): give at least "
-                             f"{-(-self.min_budget // 1000)}KB" + (gpu and ", or free GPU memory"))
-        self.budget = budget
-        self.block = int(min(block, max(TINY_BLOCK, budget // (2 * self.workers * per_elem))))
-        # Mapped input pages count as resident memory until released: part of the budget.
-        self.release_bytes = max(self.block * (t + 1) * 8, min(RELEASE_BYTES, budget // 16))
-        left = budget - self.workers * (self.block * per_elem + self.release_bytes)
-        #: bytes one worker may keep resident for one tensor (its rows and base)
-        self.capacity = max(0, left // self.workers)
-        self._kernel_dtypes: dict[str, torch.dtype | None] = {}
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._progress: Callable[[int], None] | None = None
-        self._prefetch: Prefetcher | None = None
-
-    # ------------------------------------------------------------------ planning
-    def _kernel_rows(self, plan: TensorPlan) -> torch.dtype | None:
-        """The dtype in which the compiled kernels take a tensor's checkpoint rows (the stored
-        one: bf16 or fp32), or None where torch does the arithmetic (a GPU, float64, fp16 or
-        mixed inputs, numba unavailable)."""
-        if plan.name not in self._kernel_dtypes:
-            stored = {r.dtype for r in plan.rows}
-            ok = (self.cpu and plan.moves and not plan.exact
-                  and plan.compute_dtype == torch.float32
-                  and len(stored) == 1 and next(iter(stored)) in _KERNEL_DTYPES
-                  and hasattr(torch, "_foreach_copy_") and kernels.available())
-            self._kernel_dtypes[plan.name] = _KERNEL_DTYPES[plan.rows[0].dtype] if ok else None
-        return self._kernel_dtypes[plan.name]
-
-    def _resident_sizes(self, plan: TensorPlan) -> tuple[int, int]:
-        """Bytes of (rows, base) a worker keeps for a tensor it reads once: where the kernels
-        take them, the inputs as read (bf16: half of float32 deltas), kept mapped; else the
-        float deltas. The base, in the compute dtype, besides."""
-        item = plan.compute_dtype.itemsize
-        if self._kernel_rows(plan):
-            return sum(i.itemsize for i in plan.sources) * plan.numel, plan.numel * item
-        return self.traj.T * plan.numel * item, plan.numel * item
-
-    def _single(self, plan: TensorPlan) -> bool:
-        """Whether one worker handles the whole tensor (else all workers share its blocks)."""
-        return (not plan.moves or plan.factored
-                or sum(self._resident_sizes(plan)) <= self.capacity)
-
-    def _blocks(self, plan: TensorPlan, parts: int = 1) -> list[tuple[int, int]]:
-        """Block ranges: at most `block` elements, and at least `parts` blocks when possible."""
-        n = plan.numel
-        size = min(self.block, max(MIN_BLOCK, -(-n // parts)))
-        return [(a, min(a + size, n)) for a in range(0, n, size)]
-
-    def _factor_bytes(self, plan: TensorPlan) -> int:
-        """Bytes of the LoRA factors of a factored tensor, over all checkpoints."""
-        return sum(c.factor_nbytes(plan.name) for c, k in zip(self.traj.checkpoints, plan.kinds)
-                   if k == "factors")
-
-    def _passes(self, plan: TensorPlan, grams, gram_only: bool = False) -> int:
-        """How many times run() reads a tensor's inputs (2: over the budget, without grams)."""
-        if gram_only:
-            return 1 if plan.moves else 0
-        return 2 if (grams is None and not self._single(plan)) else 1
+        #: blocks, workers, what a worker keeps: sized from the plan (budget.py)
+        self.budget = Budget(traj, plan, block)
 
     def bytes_to_read(self) -> int:
         """Bytes run() will read (tensors over the memory budget count twice without a saved
@@ -311,210 +71,175 @@ class Engine:
         total = 0
         for plan in self.pass_plan.tensors:
             if plan.factored:
-                total += self._factor_bytes(plan) + (0 if gram_only else plan.base.nbytes)
-                continue
-            if gram_only:
-                total += sum(i.nbytes for i in plan.sources) if plan.moves else 0
+                total += factor_bytes(self.traj, plan) + (0 if gram_only else plan.base.nbytes)
                 continue
             once = sum(i.nbytes for i in plan.sources) if plan.moves else plan.base.nbytes
-            twice = grams is None and not self._single(plan)
-            total += once * (2 if twice else 1)
+            total += once * self.budget.passes(plan, grams, gram_only)
         return total
 
-    # ------------------------------------------------------------------ the pass
     def run(self, writers: list, progress: Callable[[int], None] | None = None) -> EngineResult:
         """Stream every tensor of the plan; each writer gets one target's tensors via
         write_at(). progress: called with the number of bytes read, from worker threads."""
-        weights, grams = self.pass_plan.fit, self.pass_plan.grams
         result = EngineResult()
-        threads = torch.get_num_threads()
-        # The pass makes many short-lived tensor views; Python's cyclic collector then kept
-        # walking every object torch created at import (6% of the CPU time of the 100M
-        # benchmark). Nothing here creates cycles worth collecting before the pass ends.
-        collecting = gc.isenabled()
-        init = partial(torch.set_num_threads, 1)
-        pool = None
-        restore_precision = _full_float32()
+        with _pass_settings():
+            pool = ThreadPoolExecutor(self.budget.workers, thread_name_prefix="relex",
+                                      initializer=partial(torch.set_num_threads, 1))
+            try:
+                self._stream(pool, writers, result, progress)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)  # frees the workers' buffers
+                if self.budget.device.type == "cuda":  # give the pinned host buffers back
+                    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache",
+                                    None)
+                    (empty or getattr(torch._C, "_host_emptyCache", lambda: None))()
+        return result
+
+    def _stream(self, pool: ThreadPoolExecutor, writers: list, result: EngineResult,
+                progress: Callable[[int], None] | None) -> None:
+        """run() on its pool, with the read-ahead going; the inputs are verified before any
+        output is committed."""
+        plans, gram_only = self.pass_plan.tensors, self.pass_plan.fit is None
+        passes = [(p, self.budget.passes(p, self.pass_plan.grams, gram_only)) for p in plans]
+        prefetch = Prefetcher(self.traj, passes, cache=self.budget.cache_room(PREFETCH_WINDOW))
         try:
-            gc.disable()
-            init()
-            pool = ThreadPoolExecutor(self.workers, thread_name_prefix="relex",
-                                      initializer=init)
-            self._progress = progress
-            plans = self.pass_plan.tensors
-            self._twice = grams is None and weights is not None
-            room = available_memory() // self.local_processes - self.budget - PREFETCH_WINDOW
-            self._prefetch = Prefetcher(self.traj, [(p, self._passes(p, grams, weights is None))
-                                                    for p in plans], cache=max(0, room) // 2)
             if plans:
-                self._prefetch.advance(plans[0], 0, 0)
+                prefetch.advance(plans[0], 0, 0)
             # numpy's BLAS threads (the fits) spin after each call; on the 100M benchmark they
             # stole 2 s from the workers: keep them to one thread.
             with threadpool_limits(limits=1, user_api="blas"):
-                i = 0
-                while i < len(plans):
-                    j = i
-                    while j < len(plans) and self._single(plans[j]):
-                        j += 1
-                    if j > i:  # a run of tensors handled one per worker
-                        fits = pool.map(lambda p: self._whole(p, weights, writers, grams, result),
-                                        plans[i:j])
-                        for plan, (gram, fit) in zip(plans[i:j], fits):
-                            self._record(plan, gram, fit, grams, result)
-                        i = j
-                    else:
-                        self._shared(plans[i], pool, weights, writers, grams, result)
-                        i += 1
+                _Pass(self, pool, prefetch, writers, result, progress).run()
             self.traj.verify()  # before any output is committed
         finally:
-            if self._prefetch is not None:  # first: its asks must stop before the files close
-                self._prefetch.close()
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)  # frees the workers' buffers
-            if self.device.type == "cuda":  # give the pinned host buffers back to the OS
-                empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
-                (empty or getattr(torch._C, "_host_emptyCache", lambda: None))()
-            torch.set_num_threads(threads)
-            restore_precision()
-            if collecting:
-                gc.enable()
-        return result
+            prefetch.close()  # before the pool stops: its asks must end before the files close
 
-    def _record(self, plan, gram, fit, grams, result) -> None:
-        if grams is None and gram is not None:
-            result.grams[plan.name] = gram
+
+class _Pass:
+    """One run() of an Engine: which tensors one worker does whole and which all workers share,
+    in the plan's order, and what each tensor's Gram matrix, fit and outputs are."""
+
+    def __init__(self, engine: Engine, pool: ThreadPoolExecutor, prefetch: Prefetcher,
+                 writers: list, result: EngineResult, progress: Callable[[int], None] | None):
+        self.traj, self.plan, self.budget = engine.traj, engine.pass_plan, engine.budget
+        self.weights, self.grams = self.plan.fit, self.plan.grams
+        self.pool, self.writers, self.result, self.progress = pool, writers, result, progress
+        self.lock = threading.Lock()
+        self.work = BlockWork(self.traj, self.plan, self.budget, prefetch, self.count)
+        self.lora = FactorPath(self.traj, self.budget.block, prefetch, self.count)
+
+    def count(self, nbytes: int) -> None:
+        """nbytes more were read (from any thread)."""
+        with self.lock:
+            self.result.bytes_read += nbytes
+            if self.progress:
+                self.progress(nbytes)
+
+    def run(self) -> None:
+        """Every tensor in the plan's order: each run of tensors that fit a worker goes to the
+        pool one tensor per worker; a larger tensor has all workers to itself."""
+        plans, i = self.plan.tensors, 0
+        while i < len(plans):
+            j = i
+            while j < len(plans) and self.budget.single(plans[j]):
+                j += 1
+            if j > i:  # a run of tensors handled one per worker
+                for plan, (gram, fit) in zip(plans[i:j], self.pool.map(self._whole, plans[i:j])):
+                    self._record(plan, gram, fit)
+                i = j
+            else:
+                self._shared(plans[i])
+                i += 1
+
+    def _record(self, plan, gram, fit) -> None:
+        """A tensor's Gram matrix (computed, not a saved fit's) and fit statistics."""
+        if self.grams is None and gram is not None:
+            self.result.grams[plan.name] = gram
         if fit is not None:
-            result.stats[plan.name] = fit.stats
+            self.result.stats[plan.name] = fit.stats
 
-    def _fit(self, plan: TensorPlan, gram: np.ndarray, weights: FitRule):
-        fit = weights(gram)
-        return fit, torch.from_numpy(fit.weights).to(self.device, plan.compute_dtype)
+    def _fit(self, plan: TensorPlan, gram: np.ndarray):
+        """The plan's fit rule on a Gram matrix; its weights (K, T) where the outputs are made."""
+        fit = self.weights(gram)
+        return fit, torch.from_numpy(fit.weights).to(self.budget.device, plan.compute_dtype)
 
-    def _whole(self, plan, weights, writers, grams, result):
+    def _whole(self, plan):
         """One worker: Gram step, fit and output step of one tensor (or a copy)."""
         if plan.factored:
-            return self._factored(plan, weights, writers, grams, result)
-        blocks = self._blocks(plan)
+            return self._factored(plan)
+        work, writers, weights = self.work, self.writers, self.weights
+        blocks = self.budget.blocks(plan)
         if not plan.moves:
             if weights is not None:
-                self._grouped(plan, blocks, lambda ab: self._copy_block(plan, *ab,
-                                                                        writers, result))
+                self._grouped(plan, blocks, lambda ab: work.copy_block(plan, *ab, writers))
             return None, None
-        if grams is not None:
-            fit, w = self._fit(plan, grams[plan.name], weights)
-            self._grouped(plan, blocks, lambda ab: self._emit_block(plan, *ab, None, w,
-                                                                    writers, result))
+        if self.grams is not None:
+            fit, w = self._fit(plan, self.grams[plan.name])
+            self._grouped(plan, blocks, lambda ab: work.emit_block(plan, *ab, None, w, writers))
             return None, fit
-        full = self._resident_buffers(plan) if weights is not None else None
+        full = work.buffers.resident(plan) if weights is not None else None
         mapped = full is not None and isinstance(full[0], dict)  # rows kept as read
         gram = None
-        for part in self._grouped(plan, blocks, lambda ab: self._gram_block(plan, *ab,
-                                                                           full, result),
+        for part in self._grouped(plan, blocks, lambda ab: work.gram_block(plan, *ab, full),
                                   release=not mapped):
             gram = part if gram is None else gram.add_(part)
         gram = gram.cpu().numpy()
         self._check_finite(plan, gram)
         if weights is None:
             return gram, None
-        fit, w = self._fit(plan, gram, weights)
+        fit, w = self._fit(plan, gram)
         for a, b in blocks:
-            self._emit_block(plan, a, b, full, w, writers, result)
+            work.emit_block(plan, a, b, full, w, writers)
         if mapped:
             self.traj.release(plan, 0, plan.numel)
         return gram, fit
 
-    def _factored(self, plan, weights, writers, grams, result):
-        """One LoRA'd tensor (or one no checkpoint changes) from its factors alone.
-
-        delta_t = L_t @ R_t (scaling folded into L_t, float64), so the Gram matrix is
-        factor_gram's r x r products, O((T r)^2 (m + n)) instead of O(T^2 m n), and the output
-        theta_0 + sum_t w_t L_t R_t is formed row block by row block (or, for an adapter
-        output, compressed: compress_factors). Runs on the CPU: the factors are small."""
-        left, right, owner = self._factors(plan, result)
-        if grams is None:
+    def _factored(self, plan):
+        """One LoRA'd tensor (or one no checkpoint changes) from its factors alone (factors.py):
+        the Gram matrix from r x r products, the outputs formed or compressed from them."""
+        left, right, owner = self.lora.factors(plan)
+        if self.grams is None:
             gram = factor_gram(left, right, owner, self.traj.T)
             self._check_finite(plan, gram)
         else:
-            gram = grams[plan.name]
-        if weights is None:
+            gram = self.grams[plan.name]
+        if self.weights is None:
             return gram, None
-        fit = weights(gram)
+        fit = self.weights(gram)
         w = torch.from_numpy(fit.weights)  # (K, T) float64
-        if self.pass_plan.lora_rank is not None:
-            if left.shape[1]:  # (an unadapted tensor has no adapter entry)
-                shares = []
-                for k, writer in enumerate(writers):
-                    lo, hi, share = compress_factors(left * w[k][owner], right,
-                                                     writer.rank_of(plan.name))
-                    writer.write_factors(plan.name, lo, hi)
-                    shares.append(share)
-                with self._lock:
-                    result.kept[plan.name] = shares
-            self.traj.release(plan, 0, plan.numel)
-            return gram, fit
-        cd, code = plan.compute_dtype, DTYPES[plan.out_dtype]
-        lws = [(left * w[k][owner]).to(cd) for k in range(len(writers))]
-        right_cd = right.to(cd)
-        n = right.shape[1]
-        rows = max(1, self.block // n)
-        for r0 in range(0, left.shape[0], rows):
-            r1 = min(r0 + rows, left.shape[0])
-            a, b = r0 * n, r1 * n
-            self._prefetch.advance(plan, 0, a)
-            base = self.traj.read(plan, 0, a, b).to(cd).view(r1 - r0, n)
-            self._count(plan.base.itemsize * (b - a), result)
-            for lw, writer in zip(lws, writers):
-                out = base if lw.shape[1] == 0 else torch.addmm(base, lw[r0:r1], right_cd)
-                writer.write_at(plan.name, a, out.reshape(-1).to(code))
+        if self.plan.lora_rank is None:
+            self.lora.merge(plan, left, right, owner, w, self.writers)
+        elif left.shape[1]:  # (an unadapted tensor has no adapter entry)
+            shares = self.lora.compress(plan, left, right, owner, w, self.writers)
+            with self.lock:
+                self.result.kept[plan.name] = shares
         self.traj.release(plan, 0, plan.numel)  # the base's range and the factors' mappings
         return gram, fit
 
-    def _factors(self, plan, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(left (m, T r), right (T r, n), owner (T r,)) in float64: every checkpoint's
-        scaling * L_t and R_t side by side, owner[j] = the checkpoint of column j."""
-        shape = plan.shape
-        n = shape[-1] if len(shape) >= 1 and shape[-1] else 1
-        m = plan.numel // n
-        lefts, rights, owner = [], [], []
-        for t, (ckpt, kind) in enumerate(zip(self.traj.checkpoints, plan.kinds)):
-            if kind != "factors":
-                continue
-            lo, hi, scaling = ckpt.factors(plan.name)
-            lefts.append(lo.to(torch.float64) * scaling)
-            rights.append(hi.to(torch.float64))
-            owner += [t] * lo.shape[1]
-            self._count(ckpt.factor_nbytes(plan.name), result)
-        if not lefts:
-            return (torch.zeros(m, 0, dtype=torch.float64),
-                    torch.zeros(0, n, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
-        return torch.cat(lefts, 1), torch.cat(rights, 0), torch.tensor(owner)
-
-    def _shared(self, plan, pool, weights, writers, grams, result) -> None:
+    def _shared(self, plan) -> None:
         """All workers share one large tensor's blocks; it is read twice without grams."""
-        blocks = self._blocks(plan, parts=self.workers)
-        if grams is None:
+        work, pool = self.work, self.pool
+        blocks = self.budget.blocks(plan, parts=self.budget.workers)
+        if self.grams is None:
             gram = None
-            parts = self._grouped(plan, blocks, lambda ab: self._gram_block(
-                plan, *ab, None, result), pool)
+            parts = self._grouped(plan, blocks, lambda ab: work.gram_block(plan, *ab, None), pool)
             for part in parts:
                 gram = part.clone() if gram is None else gram.add_(part)
             gram = gram.cpu().numpy()
             self._check_finite(plan, gram)
-            if weights is None:
-                return self._record(plan, gram, None, grams, result)
+            if self.weights is None:
+                return self._record(plan, gram, None)
         else:
-            gram = grams[plan.name]
-        fit, w = self._fit(plan, gram, weights)
-        self._grouped(plan, blocks, lambda ab: self._emit_block(plan, *ab, None, w,
-                                                                writers, result), pool)
-        self._record(plan, gram, fit, grams, result)
+            gram = self.grams[plan.name]
+        fit, w = self._fit(plan, gram)
+        self._grouped(plan, blocks, lambda ab: work.emit_block(plan, *ab, None, w, self.writers),
+                      pool)
+        self._record(plan, gram, fit)
 
     def _grouped(self, plan: TensorPlan, blocks, fn, pool=None, release: bool = True) -> list:
         """fn over the blocks (on the pool if given), results in block order; the inputs are
         unmapped each time the blocks done reach another release_bytes of them (if release)."""
         per_elem = sum(i.itemsize for i in plan.sources) if plan.moves else plan.base.itemsize
         size = blocks[0][1] - blocks[0][0] if blocks else 1
-        group = max(1, self.release_bytes // (per_elem * size))
+        group = max(1, self.budget.release_bytes // (per_elem * size))
         # Submitting everything at once keeps the workers busy while finished groups are
         # released; they take blocks in order, so only about one group is mapped at a time.
         futures = [pool.submit(fn, ab) for ab in blocks] if pool else None
@@ -529,212 +254,8 @@ class Engine:
                 self.traj.release(plan, part[0][0], part[-1][1], None if plan.moves else 1)
         return out
 
-    # ------------------------------------------------------------------ buffers
-    def _resident_buffers(self, plan: TensorPlan):
-        """This worker's (rows, base [n]) for a tensor it keeps resident. rows: for the kernels
-        a dict, block start -> the T rows as read (views of the mapped files stay mapped until
-        the tensor is written: nothing is copied); else the float delta rows [T n]."""
-        rows_bytes, base_bytes = self._resident_sizes(plan)
-        base = self._resident_buffer("base", base_bytes, lambda p: self._resident_sizes(p)[1])
-        base = base.view(plan.compute_dtype)
-        if self._kernel_rows(plan):
-            return {}, base
-        # Block-major: block [a, b) holds its T rows contiguously at [T a, T b), so every
-        # block is a contiguous (T, b - a) matrix (see _rows).
-        deltas = self._resident_buffer("deltas", rows_bytes, lambda p: 0 if self._kernel_rows(p)
-                                       else self._resident_sizes(p)[0])
-        return deltas.view(plan.compute_dtype), base
-
-    def _resident_buffer(self, what: str, nbytes: int, size_of) -> torch.Tensor:
-        """nbytes of this worker's buffer `what`, allocated once for the largest resident
-        tensor (size_of(plan): its bytes)."""
-        bufs = self._local.__dict__.setdefault("resident", {})
-        buf = bufs.get(what)
-        if buf is None or buf.numel() < nbytes:
-            bufs[what] = None  # free the old one first
-            biggest = max(size_of(p) for p in self.pass_plan.tensors if p.moves and self._single(p))
-            bufs[what] = buf = torch.empty(max(biggest, nbytes), dtype=torch.uint8,
-                                           device=self.device)
-        return buf[:nbytes]
-
-    def _rows(self, full, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (rows, base) of block [a, b) of a resident tensor, both contiguous.
-
-        Contiguous matters: the compiled kernel and numpy take C-contiguous rows without a
-        copy."""
-        t = self.traj.T
-        return full[0][t * a: t * b].view(t, b - a), full[1][a:b]
-
-    def _local_buffer(self, what: str, dt: torch.dtype, m: int, rows: int = 1) -> torch.Tensor:
-        """This worker's (rows, m) buffer `what` of dtype dt (allocated once, for a whole
-        block): 'delta' rows, 'base', 'out'puts. Contiguous: see _rows."""
-        bufs = self._local.__dict__.setdefault("buffers", {})
-        key = (what, dt)
-        if key not in bufs:
-            bufs[key] = torch.empty(rows * self.block, dtype=dt, device=self.device)
-        return bufs[key][: rows * m].view(rows, m)
-
-    def _rows_buffer(self, what: str, dt: torch.dtype, m: int, rows: int,
-                     host: bool) -> torch.Tensor:
-        """This worker's (rows, m) buffer of inputs as stored (dtype dt), for _fill_gpu: one
-        allocation for every dtype (the widest), in pinned host memory (host, where the
-        device is a GPU) or on the device."""
-        bufs = self._local.__dict__.setdefault("buffers", {})
-        if what not in bufs:
-            size = (self.traj.T + 1) * self.block * self.stored
-            bufs[what] = (torch.empty(size, dtype=torch.uint8,
-                                      pin_memory=self.device.type == "cuda") if host
-                          else torch.empty(size, dtype=torch.uint8, device=self.device))
-        return bufs[what][: rows * m * dt.itemsize].view(dt).view(rows, m)
-
-    # ------------------------------------------------------------------ per block (workers)
-    def _sources(self, plan, a, b, result, npass: int = 0) -> list[torch.Tensor]:
-        """Elements [a, b) of the base and every checkpoint as the readers give them (views of
-        the mapped files for safetensors), read ahead by the prefetcher and counted."""
-        self._prefetch.advance(plan, npass, a)
-        src = [self.traj.read(plan, s, a, b) for s in range(len(plan.sources))]
-        self._count(sum(i.itemsize for i in plan.sources) * (b - a), result)
-        return src
-
-    def _read(self, plan, a, b, base, result, npass: int = 0) -> list[torch.Tensor]:
-        """_sources with the base copied into `base`: the checkpoints' rows."""
-        src = self._sources(plan, a, b, result, npass)
-        base.copy_(src[0])
-        return src[1:]
-
-    def _torch_buffers(self, plan, a, b, full) -> tuple[torch.Tensor, torch.Tensor]:
-        """(delta rows, base) of block [a, b) on the torch path: the resident tensor's, else
-        this worker's buffers."""
-        if full is not None:
-            return self._rows(full, a, b)
-        dt, m = plan.compute_dtype, b - a
-        return (self._local_buffer("delta", dt, m, self.traj.T),
-                self._local_buffer("base", dt, m)[0])
-
-    def _fill(self, plan, a, b, d, base, result, npass: int = 0,
-              gram: bool = False) -> torch.Tensor | None:
-        """The torch path (where the kernels do not apply): d = rows - base for elements
-        [a, b); returns the Gram matrix of d (float64) if gram."""
-        if plan.exact:
-            self._fill_exact(plan, a, b, d, base, result, npass)
-        elif not self.cpu:
-            self._fill_gpu(plan, a, b, d, base, result, npass)
-        else:
-            self._subtract(d, self._read(plan, a, b, base, result, npass), base)
-        if not gram:
-            return None
-        if self.cpu:
-            return torch.from_numpy(kernels.gram(d.numpy()))
-        return (d @ d.T).to(torch.float64)
-
-    def _fill_exact(self, plan, a, b, d, base, result, npass: int) -> None:
-        """_fill where some reader gives its delta itself (LoRA: scaling * B @ A in d's dtype,
-        never rounded to the base's dtype): d[t] = that delta, or rows - base for checkpoints
-        read whole (a run mixing merged exports with adapters)."""
-        self._prefetch.advance(plan, npass, a)
-        base.copy_(self.traj.read(plan, 0, a, b))
-        nbytes = plan.base.itemsize * (b - a)
-        for t, (ckpt, kind) in enumerate(zip(self.traj.checkpoints, plan.kinds)):
-            if kind == "zero":
-                d[t].zero_()
-                continue
-            if kind == "full":
-                d[t].copy_(ckpt.read(plan.name, a, b))
-                d[t].sub_(base)
-            else:
-                d[t].copy_(ckpt.delta(plan.name, a, b, d.dtype))
-            nbytes += plan.rows[t].itemsize * (b - a)
-        self._count(nbytes, result)
-
-    def _fill_gpu(self, plan, a, b, d, base, result, npass: int) -> None:
-        """_fill to a GPU: the block's base and checkpoint rows, as stored, are gathered into
-        this worker's pinned host buffer and sent in one copy; the GPU converts them and makes
-        the deltas. (A copy_ from pageable memory to the GPU that also converts does the
-        conversion on the CPU, and each such copy is staged by the driver.)"""
-        src = self._sources(plan, a, b, result, npass)
-        m, dts = b - a, {r.dtype for r in src}
-        if len(dts) == 1 and hasattr(torch, "_foreach_copy_"):
-            host = self._rows_buffer("host", src[0].dtype, m, len(src), host=True)
-            torch._foreach_copy_(list(host.unbind(0)), src)
-            stage = self._rows_buffer("stage", src[0].dtype, m, len(src), host=False)
-            stage.copy_(host)  # synchronous: the host buffer is refilled for the next block
-            base.copy_(stage[0])
-            torch.sub(stage[1:], base, out=d)
-        else:  # mixed dtypes (a bf16 base with fp32 checkpoints): row by row
-            base.copy_(src[0])
-            self._subtract(d, src[1:], base)
-
-    def _subtract(self, d, rows, base) -> None:
-        """d = rows - base (the rows converted into d first)."""
-        if self.cpu and hasattr(torch, "_foreach_copy_"):
-            torch._foreach_copy_(list(d.unbind(0)), rows)  # one call converts every row
-        else:  # (to a GPU: a copy that also converts is done row by row)
-            for t, row in enumerate(rows):
-                d[t].copy_(row)
-        d.sub_(base)
-
-    def _count(self, nbytes: int, result: EngineResult) -> None:
-        with self._lock:
-            result.bytes_read += nbytes
-            if self._progress:
-                self._progress(nbytes)
-
-    def _read_as_is(self, plan, a, b, base, kdt, result, npass: int = 0) -> list[torch.Tensor]:
-        """_read for the kernels: the rows where they lie (no copy); a row in another dtype or
-        layout than they take is converted."""
-        rows = self._read(plan, a, b, base, result, npass)
-        for s, r in enumerate(rows):  # the kernels do not check bounds: never hand them less
-            if r.numel() != b - a:
-                raise RelexError(f"tensor '{plan.name}': {self.traj.checkpoints[s].path} gave "
-                                 f"{r.numel()} elements for [{a}, {b}); the file is damaged")
-        return [r if r.dtype == kdt and r.is_contiguous() else r.to(kdt).contiguous()
-                for r in rows]
-
-    def _gram_block(self, plan, a, b, full, result) -> torch.Tensor:
-        kdt, m = self._kernel_rows(plan), b - a
-        if kdt is None:  # torch: float delta rows in a buffer
-            d, base = self._torch_buffers(plan, a, b, full)
-            return self._fill(plan, a, b, d, base, result, gram=True)
-        base = full[1][a:b] if full is not None else self._local_buffer("base", torch.float32,
-                                                                        m)[0]
-        rows = self._read_as_is(plan, a, b, base, kdt, result)
-        if full is not None:
-            full[0][a] = rows  # until the output step
-        return torch.from_numpy(kernels.delta_gram(_addresses(rows), base.numpy(),
-                                                   kdt == torch.bfloat16))
-
-    def _emit_block(self, plan, a, b, full, w, writers, result) -> None:
-        kdt, m = self._kernel_rows(plan), b - a
-        out = self._local_buffer("out", plan.compute_dtype, m, self.k)
-        npass = 1 if self._twice and not self._single(plan) else 0
-        if kdt is None:
-            d, base = self._torch_buffers(plan, a, b, full)
-            if full is None:
-                self._fill(plan, a, b, d, base, result, npass)
-            if plan.name in self.pass_plan.delta_out:
-                torch.mm(w, d, out=out)
-            else:
-                torch.addmm(base, w, d, out=out)
-        else:
-            if full is not None:
-                rows, base = full[0].pop(a), full[1][a:b]
-            else:
-                base = self._local_buffer("base", torch.float32, m)[0]
-                rows = self._read_as_is(plan, a, b, base, kdt, result, npass)
-            kernels.delta_combine(_addresses(rows), base.numpy(), w.numpy(), out.numpy(),
-                                  kdt == torch.bfloat16)
-        code = DTYPES[self.pass_plan.delta_out.get(plan.name, plan.out_dtype)]
-        for k, writer in enumerate(writers):
-            writer.write_at(plan.name, a, out[k].to(code))
-
-    def _copy_block(self, plan, a, b, writers, result) -> None:
-        self._prefetch.advance(plan, 0, a)
-        row = self.traj.read(plan, 0, a, b)
-        for writer in writers:
-            writer.write_at(plan.name, a, row)
-        self._count(plan.base.itemsize * (b - a), result)
-
     def _check_finite(self, plan: TensorPlan, gram: np.ndarray) -> None:
+        """A NaN or Inf in the inputs shows on the Gram matrix's diagonal: stop, naming where."""
         if np.isfinite(gram).all():
             return
         bad = [i for i in range(len(gram)) if not np.isfinite(gram[i, i])]
@@ -746,60 +267,26 @@ class Engine:
                          f"or the file is damaged: leave that checkpoint out (--steps)")
 
 
-def factor_gram(left: torch.Tensor, right: torch.Tensor, owner: torch.Tensor,
-                t: int) -> np.ndarray:
-    """The T x T Gram matrix of deltas D_t = L_t @ R_t from the factors alone (float64).
-
-    <L_i R_i, L_j R_j> = trace((L_i^T L_j)(R_j R_i^T)): the (i, j) block sum of the elementwise
-    product of L^T L and R R^T (both (T r) x (T r)), with L = [L_1 .. L_T] (m, T r) and R the
-    R_t stacked (T r, n)."""
-    if left.shape[1] == 0:
-        return np.zeros((t, t))
-    prod = (left.T @ left) * (right @ right.T)
-    ind = torch.zeros(t, len(owner), dtype=torch.float64)
-    ind[owner, torch.arange(len(owner))] = 1.0
-    return (ind @ prod @ ind.T).numpy()
-
-
-def compress_factors(left: torch.Tensor, right: torch.Tensor,
-                     rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The best rank-`rank` approximation of left @ right ((m, q) @ (q, n), q = T r), as
-    factors (lo (m, rank), hi (rank, n)) split sqrt(sigma) each, and the share of the
-    Frobenius norm it keeps, sqrt(sum_kept sigma^2 / sum sigma^2).
-
-    QR of both factors (Householder, Q never formed: ormqr applies it to the k kept vectors;
-    forming Q took twice the time on a 4864 x 480 factor), then the SVD of the small core
-    R_l R_r^T (at most q x q): never an m x n matrix. Columns past the product's rank are
-    zero."""
-    m, n = left.shape[0], right.shape[1]
-    a_l, tau_l = torch.geqrf(left)
-    a_r, tau_r = torch.geqrf(right.T.contiguous())
-    r_l, r_r = a_l[: len(tau_l)].triu(), a_r[: len(tau_r)].triu()
-    u, sigma, vh = torch.linalg.svd(r_l @ r_r.T)
-    k = min(rank, len(sigma))
-    root = sigma[:k].sqrt()
-    lo = torch.zeros(m, rank, dtype=left.dtype)
-    hi_t = torch.zeros(n, rank, dtype=left.dtype)
-    lo[: u.shape[0], :k] = u[:, :k] * root
-    hi_t[: vh.shape[1], :k] = vh[:k].T * root
-    lo = torch.ormqr(a_l, tau_l, lo)  # Q_l @ [U_k sqrt(S_k); 0]
-    hi = torch.ormqr(a_r, tau_r, hi_t).T
-    total = float((sigma ** 2).sum())
-    share = 1.0 if total == 0 else float(((sigma[:k] ** 2).sum() / total).sqrt())
-    return lo, hi, share
-
-
-def available_memory() -> int:
-    """Bytes of RAM available now (MemAvailable: free memory plus the page cache the kernel can
-    drop), for the default budget and the prefetcher."""
+@contextmanager
+def _pass_settings() -> Iterator[None]:
+    """The process as the pass wants it, and as it was afterwards (also when the pass fails):
+    torch at one thread (each worker runs single-threaded kernels), Python's cyclic collector
+    paused, float32 products in full float32."""
+    threads = torch.get_num_threads()
+    # The pass makes many short-lived tensor views; Python's cyclic collector then kept
+    # walking every object torch created at import (6% of the CPU time of the 100M
+    # benchmark). Nothing here creates cycles worth collecting before the pass ends.
+    collecting = gc.isenabled()
+    restore_precision = _full_float32()
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        gc.disable()
+        torch.set_num_threads(1)
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        restore_precision()
+        if collecting:
+            gc.enable()
 
 
 def _full_float32() -> Callable[[], None]:
@@ -822,8 +309,3 @@ def _full_float32() -> Callable[[], None]:
         for k, value in zip(knobs, before):
             k.fp32_precision = value
     return restore
-
-
-def _addresses(rows: list[torch.Tensor]) -> np.ndarray:
-    """Where each row's data starts, for the kernels (the tensors must outlive the call)."""
-    return np.fromiter((r.data_ptr() for r in rows), np.int64, len(rows))

@@ -13,11 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from relex.fit import TensorFit
-from relex.output.model import parse_size
 from relex.stream.trajectory import TensorPlan
-
-#: the smallest default --max-memory (bytes)
-MIN_DEFAULT_BUDGET = 512 * 10**6
 
 #: a tensor's Gram matrix (T x T) -> its weights (K x T) and statistics
 FitRule = Callable[[np.ndarray], TensorFit]
@@ -47,14 +43,3 @@ class PassPlan:
     workers: int | None = None
     local_processes: int = 1
 
-
-def default_budget(local_processes: int = 1) -> int:
-    """--max-memory when none is given: a quarter of the RAM available now (shared by the
-    processes of this node under torchrun), at least 512 MB."""
-    from relex.stream.engine import available_memory
-    return max(MIN_DEFAULT_BUDGET, available_memory() // 4 // max(1, local_processes))
-
-
-def budget(max_memory: str | int | None, local_processes: int = 1) -> int:
-    """The pass's buffer budget in bytes: --max-memory, or the default."""
-    return default_budget(local_processes) if max_memory is None else parse_size(max_memory)

@@ -37,7 +37,7 @@ class TensorPlan:
     @property
     def factored(self) -> bool:
         """Every checkpoint's delta is a LoRA product or zero: the Gram matrix comes from the
-        factors and no delta is ever materialised (engine._factored)."""
+        factors and no delta is ever materialised (stream/factors.py)."""
         return self.moves and all(k in ("factors", "zero") for k in self.kinds) and \
             bool(self.kinds)
 
