@@ -182,3 +182,37 @@ def test_cli_analyze(tmp_path, capsys):
     assert main(["analyze", "--from-fit", str(tmp_path / "rep"), str(run), "-o",
                  str(tmp_path / "x")]) == 2
     assert "do not also give" in capsys.readouterr().err
+
+
+def test_extrapolate_warns_past_the_verified_horizon(tmp_path, capsys):
+    """extrapolate backtests the window it fits (from the pass's own Gram matrices): the
+    horizon equals `relex analyze`'s on the same window; each target past it gets one warning
+    line (CLI, Python warning, relex.json); --strict-horizon refuses and writes nothing."""
+    steps = list(range(2, 26, 2))
+    run, base = planted_run(tmp_path, steps, rotate=1.5, noise=0.05)
+    an = relex.analyze(run, base=base, output=tmp_path / "an", progress=False).summary
+    limit = an["backtest"]["verified_up_to_step"]
+    ratio = an["backtest"]["verified_horizon_ratio"]
+    assert steps[-1] < limit < 40 * steps[-1]
+    inside, outside = steps[-1] + 1, 2 * limit
+    with pytest.warns(UserWarning, match=f"target step {outside} .* beyond the verified"):
+        rep = relex.extrapolate(run, base=base, targets=[inside, outside],
+                                output=tmp_path / "out", progress=False)
+    assert rep.horizon["verified_up_to_step"] == limit
+    assert rep.horizon["verified_horizon_ratio"] == pytest.approx(ratio, abs=1e-3)
+    assert len(rep.warnings) == 1 and str(outside) in rep.warnings[0]
+    prov = json.loads((tmp_path / "out" / f"step-{inside}" / "relex.json").read_text())
+    assert prov["horizon"]["verified_up_to_step"] == limit and prov["horizon"]["beyond"]
+    from relex import cli
+    strict = ["extrapolate", str(run), "--base", str(base), "--target", str(outside), "-o",
+              str(tmp_path / "strict"), "--strict-horizon"]
+    assert cli.main(strict) == 2
+    err = capsys.readouterr().err
+    assert "--strict-horizon" in err and err.count("\n") == 1
+    assert not (tmp_path / "strict").exists()
+    reuse = ["extrapolate", "--from-fit", str(tmp_path / "out"), "--target", str(outside),
+             "-o", str(tmp_path / "f")]
+    assert cli.main(reuse) == 0
+    cap = capsys.readouterr()
+    assert cap.err.count("relex: warning: target step") == 1
+    assert f"(up to step {limit}); 1 target(s) beyond it" in cap.out

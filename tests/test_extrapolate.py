@@ -2,6 +2,7 @@
 reference computed independently (SVD of the stacked deltas + np.polyfit) in conftest.py."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -244,6 +245,31 @@ def test_cli_from_fit_and_reconstruct(run_factory, tmp_path, capsys):
     for name in got:
         assert_within_ulp(got[name], real[name].double().numpy(), name,
                           load_dir(base)[name].double().numpy())
+    # RUN_DIR beside --from-fit: the fit's checkpoints are found there (here: where they were)
     assert main(["extrapolate", "--from-fit", str(tmp_path / "a"), str(run), "--target", "50",
-                 "-o", str(tmp_path / "d"), "-q"]) == 2
+                 "-o", str(tmp_path / "d"), "-q"]) == 0
+    assert (tmp_path / "d/step-50/model.safetensors").read_bytes() == \
+        (tmp_path / "b/step-50/model.safetensors").read_bytes()
+    assert main(["analyze", "--from-fit", str(tmp_path / "a"), str(run), "-o",
+                 str(tmp_path / "e"), "-q"]) == 2
     assert "do not also give" in capsys.readouterr().err
+
+
+def test_from_fit_follows_a_moved_run(run_factory, tmp_path):
+    """A fit stays usable when its run moves: the old paths are gone (one line saying to give
+    RUN_DIR), the run's new directory finds the same checkpoints (compared by their files
+    inside each checkpoint and sizes, not by absolute paths), and the output is the same bytes
+    as before the move."""
+    run, base = run_factory()
+    relex.extrapolate(run, base=base, targets=[30], output=tmp_path / "out", progress=False)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.move(run, moved / "run")
+    shutil.move(base, moved / "base")
+    with pytest.raises(relex.RelexError, match=r"no longer exists \(moved\?\); give the run's "
+                                         r"directory too"):
+        relex.extrapolate(from_fit=tmp_path / "out", targets=[30], output=tmp_path / "x")
+    relex.extrapolate(moved / "run", base=moved / "base", from_fit=tmp_path / "out",
+                      targets=[30], output=tmp_path / "again", progress=False)
+    assert (tmp_path / "out/step-30/model.safetensors").read_bytes() == \
+        (tmp_path / "again/step-30/model.safetensors").read_bytes()

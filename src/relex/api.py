@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from relex.checkpoints.inputs import resolve_inputs, select_steps
+from relex.checkpoints.inputs import format_steps, resolve_inputs, select_steps
 from relex.errors import RelexError
 from relex.fit import Extrapolation, FitConfig, Reconstruction, parse_fit
 from relex.formats import open_reader
@@ -76,10 +76,8 @@ def extrapolate(*, inputs: Inputs, fit: FitOptions, resources: Resources, out: O
                          "lora")
     saved = None
     if inputs.from_fit is not None:
-        saved = _load_fit_alone(inputs)
-        resolved = resolve_inputs(base=inputs.base if inputs.base is not None else saved.base,
-                                  checkpoints=saved.checkpoints,
-                                  observe_until=inputs.observe_until, steps=inputs.steps)
+        saved = load_fit(inputs.from_fit)
+        resolved = _resolve_for_fit(saved, inputs)
     else:
         resolved = _resolve(inputs)
     observed = list(resolved.observed)
@@ -99,10 +97,14 @@ def extrapolate(*, inputs: Inputs, fit: FitOptions, resources: Resources, out: O
         rank = (adapter_rank(traj, out.lora_rank, notes) if out.output_format == "lora"
                 else None)
         for note in notes:
-            warnings.warn(note, stacklevel=2)
+            warnings.warn(note, stacklevel=3)
         job = WriteJob("extrapolate", traj, resolved, targets, rule, config, out, resources, group,
-                   grams=grams, from_fit=inputs.from_fit, adapter_rank=rank, notes=notes)
-        return write(job)
+                   grams=grams, from_fit=inputs.from_fit, adapter_rank=rank, notes=notes,
+                   strict_horizon=fit.strict_horizon)
+        report = write(job)
+        for line in report.warnings:
+            warnings.warn(line, stacklevel=3)  # the caller of the @takes wrapper
+        return report
     finally:
         traj.close()
 
@@ -159,6 +161,36 @@ def _open(base: Path, checkpoints: dict[int, Path], dtype: str | None = None,
         if reader.checksums is not None:
             reader.checksums.enabled = verify_checksums
     return traj
+
+
+def _resolve_for_fit(saved, inputs: Inputs):
+    """The checkpoints a saved fit was computed from: where they were, or found again in the
+    run directory given beside --from-fit (a run that was moved or copied)."""
+    if inputs.run_dir is None and not inputs.checkpoints:
+        gone = [p for p in (saved.base, *saved.checkpoints.values()) if not p.exists()]
+        if gone:
+            raise RelexError(f"--from-fit {saved.path}: the fit's checkpoint {gone[0]} no longer "
+                             f"exists (moved?); give the run's directory too: relex extrapolate "
+                             f"RUN_DIR --from-fit {inputs.from_fit} [--base DIR]")
+        return resolve_inputs(base=inputs.base if inputs.base is not None else saved.base,
+                              checkpoints=saved.checkpoints,
+                              observe_until=inputs.observe_until, steps=inputs.steps)
+    base = inputs.base
+    if base is None and saved.base.exists():
+        base = saved.base
+    window = inputs.steps
+    if window is None and inputs.observe_until is None:
+        window = saved.steps  # the fit's own steps, not later ones the run also has
+    found = resolve_inputs(inputs.run_dir, base=base, checkpoints=inputs.checkpoints,
+                           observe_until=inputs.observe_until, steps=window,
+                           revision_pattern=inputs.revision_pattern,
+                           skip_unreadable=inputs.skip_unreadable)
+    extra = [s for s in found.observed if s not in saved.steps]
+    if extra:
+        raise RelexError(f"--from-fit {saved.path}: step {extra[0]} is not in the fit (its steps: "
+                         f"{format_steps(saved.steps)}); pick among them with --steps or "
+                         f"--observe-until, or refit without --from-fit")
+    return found
 
 
 def _load_fit_alone(inputs: Inputs):

@@ -107,6 +107,13 @@ def _table(report) -> str:
                            if s["dropped_tensors"] else "") + ")"),
             ("read", f"{s['bytes_read'] / 1e9:.2f} GB in {report.seconds:.1f} s "
                      f"({s['bytes_read'] / 1e9 / max(report.seconds, 1e-9):.2f} GB/s)")]
+    h = report.horizon
+    if h is not None:
+        rows.append(("verified horizon", "unknown (too few checkpoints to backtest)"
+                     if h["verified_horizon_ratio"] is None else
+                     f"{h['verified_horizon_ratio']:.2f}x the last observed step (up to step "
+                     f"{h['verified_up_to_step']})" + (f"; {len(report.warnings)} target(s) "
+                                                       f"beyond it" if report.warnings else "")))
     if "norm_share_mean" in s:
         rows.append((f"adapter rank {s['lora_rank']}",
                      f"keeps {s['norm_share_mean']:.4f} of the delta's Frobenius norm on "
@@ -151,6 +158,8 @@ def _write_models(args) -> int:
     if group.leader:
         for note in report.notes:
             print(f"relex: note: {note}", file=sys.stderr)
+        for line in report.warnings:
+            print(f"relex: warning: {line}", file=sys.stderr)
     if args.progress and group.leader:  # torchrun: rank 0 reports
         print(f"relex {args.command}: wrote {report.output}")
         print(_table(report))
@@ -211,7 +220,8 @@ def _sweep(args) -> int:
     print(f"  {'step':>6} {'extrapolated':>13} {'real':>7}")
     for t, v in res.scores.items():
         real = f"{res.real[t]:.3f}" if t in res.real else "-"
-        mark = "  <- best" if t == res.best_step else ""
+        mark = ("  <- best" if t == res.best_step else "") + (
+            "  (beyond the verified horizon)" if t in res.beyond else "")
         print(f"  {t:>6} {v:>13.3f} {real:>7}{mark}")
     print(f"best: step {res.best_step} -> {res.output / 'best'} ({res.best_dir}); plot: "
           f"{res.output / 'sweep.png'}")

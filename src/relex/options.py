@@ -150,7 +150,7 @@ class Inputs(OptionGroup):
         None, "--from-fit", metavar="PATH", section="inputs",
         help="reuse a saved fit (an extrapolate/analyze output dir or its "
              "relex-fit.safetensors): no Gram pass; --steps / --observe-until pick among its "
-             "steps")
+             "steps; with RUN_DIR its checkpoints are found there (a run that moved)")
     skip_unreadable: bool = option(
         False, "--skip-unreadable", action="store_true",
         section="damaged inputs (see docs/robustness.md)",
@@ -180,6 +180,10 @@ class FitOptions(OptionGroup):
     allow_interpolation: bool = option(
         False, "--allow-interpolation", action="store_true", section="fit",
         help="allow targets at or before the last observed step")
+    strict_horizon: bool = option(
+        False, "--strict-horizon", action="store_true", section="fit",
+        help="refuse targets beyond the verified horizon (the window's own backtest, as in "
+             "relex analyze); by default each such target gets a warning")
 
 
 @dataclass

@@ -31,6 +31,10 @@ class Report:
     norm_share: dict[int, dict[str, float]] = field(default_factory=dict)
     #: things the run changed or noticed on the way (a clamped --lora-rank)
     notes: list[str] = field(default_factory=list)
+    #: extrapolate: how far the window's own backtest supports it (analysis.backtest.Horizon
+    #: as a dict), and one line per target beyond that
+    horizon: dict | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         """Mean / min explained variance (at the fit's rank) and R^2 over moving tensors."""

@@ -92,6 +92,50 @@ def prefix_sizes(n_obs: int, config: FitConfig) -> list[int]:
 
 
 @dataclass
+class Horizon:
+    """How far the observed window's own backtests support extrapolating it (whole model).
+
+    ratio: the verified horizon, target step / last observed step (recommend_horizon); None
+    when the window is too short to backtest. up_to_step: ratio x the last observed step."""
+
+    ratio: float | None
+    up_to_step: int | None
+    rule: str
+
+    def beyond(self, targets: list[int], last: int) -> list[int]:
+        """The targets past the verified horizon (every target after `last` when unknown)."""
+        limit = self.up_to_step if self.up_to_step is not None else last
+        return [t for t in targets if t > limit]
+
+    def as_dict(self) -> dict:
+        return {"verified_horizon_ratio": None if self.ratio is None else round(self.ratio, 3),
+                "verified_up_to_step": self.up_to_step, "rule": self.rule}
+
+
+def verified_horizon(grams: dict[str, np.ndarray], steps, config: FitConfig) -> Horizon:
+    """The backtest of `relex analyze` on the observed window alone, from the Gram matrices a
+    pass already has (cross products only: no weight is read again). Fit on each prefix of the
+    window, predict the rest of it, sum the errors over tensors, and keep the largest ratio at
+    which every prediction held."""
+    steps = np.asarray(steps, dtype=np.float64)
+    n = len(steps)
+    sizes = prefix_sizes(n, config)
+    if not sizes:
+        need = max(3, config.degree + 2, config.rank + 1) + 1
+        return Horizon(None, None, f"a backtest needs at least {need} observed checkpoints, "
+                                   f"this window has {n}")
+    total: dict[tuple[int, int], Sums] = {}
+    for gram in grams.values():
+        for size in sizes:
+            later = list(range(size, n))
+            for j, sums in zip(later, predicted_sums(gram, list(range(size)), steps, later,
+                                                     config)):
+                total.setdefault((size, j), Sums()).add(sums)
+    ratio, rule = recommend_horizon(total, steps)
+    return Horizon(ratio, int(ratio * steps[-1]), rule)
+
+
+@dataclass
 class TensorAnalysis:
     """Everything measured on one tensor (window = its first n_obs checkpoints)."""
 

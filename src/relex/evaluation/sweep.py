@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from relex.api import extrapolate
@@ -31,6 +32,9 @@ class SweepResult:
     best_step: int
     best_dir: Path
     metric: str
+    #: the window's verified horizon (Report.horizon) and the targets beyond it
+    horizon: dict | None = None
+    beyond: list[int] = field(default_factory=list)
 
 
 @takes((Inputs, ["run_dir", "base", "revision_pattern", "checkpoints", "observe_until",
@@ -81,9 +85,13 @@ def sweep(*, inputs: Inputs, fit: FitOptions, evaluation: EvalOptions, resources
     else:
         found = discover(run_dir)
     with atomic_directory(output, out.overwrite) as tmp:
-        extrapolate(targets=targets, output=tmp / "candidates", progress=out.progress,
-                    **vars(inputs), **vars(resources),
-                    **{k: v for k, v in vars(fit).items() if k != "targets"})
+        with warnings.catch_warnings():  # targets past the horizon: in the summary instead
+            warnings.simplefilter("ignore", UserWarning)
+            report = extrapolate(targets=targets, output=tmp / "candidates",
+                                 progress=out.progress, **vars(inputs), **vars(resources),
+                                 **{k: v for k, v in vars(fit).items() if k != "targets"})
+        limit = (report.horizon or {}).get("verified_up_to_step")
+        beyond = [t for t in targets if limit is None or t > limit]
         models = [tmp / "candidates" / f"step-{t}" for t in targets]
         reals = [found[t] for t in targets if t in found]
         common = dict(vars(ev), progress=out.progress)
@@ -104,11 +112,12 @@ def sweep(*, inputs: Inputs, fit: FitOptions, evaluation: EvalOptions, resources
         summary = {"dataset": data.name, "problems": len(data.problems), "metric": metric,
                    "method": fit.method, "targets": targets, "scores": by_step,
                    "real_scores": real_by_step, "best_step": best, "best_score": by_step[best],
-                   "kept": "all" if keep_all else [best]}
+                   "kept": "all" if keep_all else [best], "horizon": report.horizon,
+                   "beyond_verified_horizon": beyond}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         plot(by_step, real_by_step, best, metric, data.name, tmp / "sweep.png")
     return SweepResult(output, by_step, real_by_step, best,
-                       output / "candidates" / f"step-{best}", metric)
+                       output / "candidates" / f"step-{best}", metric, report.horizon, beyond)
 
 
 def plot(scores: dict[int, float], real: dict[int, float], best: int, metric: str,

@@ -72,6 +72,8 @@ def write_provenance(path: Path, report, traj: Trajectory, config, step: int, mo
         "summary": report.summary(),
         "tensors": report.stats,
     }
+    if report.horizon is not None:
+        prov["horizon"] = dict(report.horizon, beyond=report.warnings)
     if report.output_format == "lora":
         prov["output_format"] = "lora"
         prov["lora"] = {"rank": report.lora_rank, "norm_share": report.norm_share.get(step, {}),

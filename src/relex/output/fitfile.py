@@ -82,11 +82,19 @@ def load_fit(path: str | Path) -> SavedFit:
 
 
 def check_fingerprint(saved: SavedFit, current: dict) -> None:
-    """Refuse to apply a fit to inputs that changed since it was computed."""
+    """Refuse to apply a fit to inputs that changed since it was computed (the same files, by
+    their place inside each checkpoint, with the same sizes; the run may have moved)."""
     old = {c["step"]: c for c in saved.fingerprint["checkpoints"]}
     pairs = [("base", saved.fingerprint["base"], current["base"])] + [
         (f"step {c['step']}", old[c["step"]], c) for c in current["checkpoints"]]
     for what, before, now in pairs:
-        if before["files"] != now["files"]:
+        if _relative(before) != _relative(now):
             raise RelexError(f"--from-fit {saved.path}: the {what} checkpoint ({now['path']}) "
                              f"changed since the fit was saved; refit without --from-fit")
+
+
+def _relative(fingerprint: dict) -> dict[str, int]:
+    """A checkpoint's data files by their path inside it, with sizes: the same wherever the run
+    directory was moved or copied to."""
+    return {os.path.relpath(f, fingerprint["path"]): size
+            for f, size in fingerprint["files"].items()}

@@ -17,6 +17,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from relex.analysis.backtest import verified_horizon
+from relex.errors import RelexError
 from relex.fit import FitConfig
 from relex.formats import DTYPES
 from relex.options import OutputOptions, Resources
@@ -50,6 +52,8 @@ class WriteJob:
     #: write PEFT adapter directories of this r (AdapterWriter) instead of models
     adapter_rank: int | None = None
     notes: list[str] = field(default_factory=list)
+    #: refuse targets beyond the verified horizon (--strict-horizon)
+    strict_horizon: bool = False
 
 
 def write(job: WriteJob) -> Report:
@@ -62,6 +66,8 @@ def write(job: WriteJob) -> Report:
         output, job.out.overwrite, [job.inputs.base, *job.inputs.observed.values()],
         _output_bytes(job)) if group.leader else None)
     started = time.perf_counter()
+    if job.grams is not None:  # a saved fit: the horizon is known before the pass
+        _horizon(job, job.grams)
     owner = torchrun.split([sum(i.nbytes for i in (p.sources if p.moves else (p.base,)))
                             for p in traj.plans], group.size)
     plan = PassPlan([p for p, r in zip(traj.plans, owner) if r == group.rank], len(job.targets),
@@ -90,13 +96,15 @@ def write(job: WriteJob) -> Report:
             for w in writers:
                 w.abort()
         _gather(group, result, traj)
+        horizon, beyond = _horizon(job, job.grams if job.grams is not None else result.grams)
         report = Report(output, {s: output / f"step-{s}" for s in job.targets},
                         list(map(int, traj.steps)), len(traj.plans),
                         sum(p.moves for p in traj.plans), sum(not p.moves for p in traj.plans),
                         traj.dropped, result.bytes_read, time.perf_counter() - started,
                         result.stats, job.config.rank,
                         output_format="hf" if job.adapter_rank is None else "lora",
-                        lora_rank=job.adapter_rank, notes=list(job.notes))
+                        lora_rank=job.adapter_rank, notes=list(job.notes),
+                        horizon=horizon, warnings=beyond)
         if job.adapter_rank is not None:
             report.norm_share = {s: {name: shares[k] for name, shares in result.kept.items()
                                      if name in writers[0].ranks}
@@ -105,6 +113,28 @@ def write(job: WriteJob) -> Report:
                       lambda: _finalize(job, tmp, dirs, report, result) if group.leader else None)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _horizon(job: WriteJob, grams: dict) -> tuple[dict | None, list[str]]:
+    """The verified horizon of the fitted window and one line per target beyond it; with
+    strict_horizon such a target is an error (raised inside the temporary output, so nothing
+    is written)."""
+    if job.mode != "extrapolate":
+        return None, []
+    steps = [int(s) for s in job.traj.steps]
+    h = verified_horizon(grams, steps, job.config)
+    beyond = h.beyond(job.targets, steps[-1])
+    if h.ratio is None:
+        lines = [f"the verified horizon is unknown ({h.rule}): no backtest supports step "
+                 f"{', '.join(map(str, beyond))}"] if beyond else []
+    else:
+        lines = [f"target step {t} is {t / steps[-1]:.1f}x the last observed step {steps[-1]}, "
+                 f"beyond the verified horizon of {h.ratio:.2f}x (step {h.up_to_step}): this "
+                 f"window's backtest does not support it; score it (relex sweep / relex eval) "
+                 f"or observe longer" for t in beyond]
+    if lines and job.strict_horizon:
+        raise RelexError(f"--strict-horizon: {lines[0]}; nothing was written")
+    return h.as_dict(), lines
 
 
 def _check_arguments(job: WriteJob, device: str) -> None:
