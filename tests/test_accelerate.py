@@ -341,3 +341,30 @@ def test_a_full_snapshot_dir_skips_the_jump_and_cleans_up(tmp_path, monkeypatch,
     assert len(acc.jumps) == 1
     acc.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_steps_that_do_not_increase_are_ignored_with_one_warning(caplog):
+    """A loop that passes the same (or an earlier) step again is told once; the calls are
+    ignored, so the snapshots stay where the real steps are."""
+    model = Toy()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    acc = Accelerator(model, cycle=4, jump=8, every=2, verbose=False)
+    with caplog.at_level("WARNING", logger="relex.loop.accelerator"):
+        for s in (1, 1, 2, 2, 1):
+            acc.step(s, optimizer=opt)
+    warned = [r for r in caplog.records if "pass the optimizer step count" in r.getMessage()]
+    assert len(warned) == 1 and "step(1) after step(1)" in warned[0].getMessage()
+    assert acc.snap_steps == [2] and acc.last_step == 2 and acc.disabled is None
+
+
+@pytest.mark.parametrize("verbose", [True, False])
+def test_each_jump_is_one_visible_line_unless_quiet(verbose, capsys, caplog):
+    model = Toy()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    acc = Accelerator(model, cycle=4, jump=8, every=2, verbose=verbose)
+    with caplog.at_level("INFO", logger="relex.loop.accelerator"):
+        _, events = train(model, opt, acc, 8)
+    assert len(events) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "relex: jumped" in line]
+    logged = [r for r in caplog.records if "relex: jumped" in r.getMessage()]
+    assert (len(lines), len(logged)) == ((2, 0) if verbose else (0, 2))

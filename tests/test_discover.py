@@ -125,3 +125,15 @@ def test_step_with_weights_relex_cannot_read_is_an_error(run_factory, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"relex: warning: skipping step 6: {run}/checkpoint-6: holds")
     assert list(discover(run, strict=False)) == [3, 9]
+
+
+def test_step_without_weights_is_left_out_with_one_line(run_factory, capsys):
+    """A step directory with a config but no weights (a save still running, or one that kept
+    only the config) is left out, and says so in one line."""
+    run, _ = run_factory(layout="trl", steps=(3, 6, 9))
+    d = run / "checkpoint-6"
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    assert list(discover(run)) == [3, 9]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "leaving out step 6" in err and "config.json" in err

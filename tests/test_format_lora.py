@@ -161,6 +161,12 @@ def test_rslora_with_lora_bias_and_base_from_adapter_config(tmp_path):
     check_exact(tmp_path, run, merged, base)
     rep = relex.extrapolate(run, targets=[30], output=tmp_path / "nobase", progress=False)
     assert rep.tensors == len(load_dir(base))
+    # fitted: the adapted q/v weights and their lora_B biases; every other tensor is the base's
+    with open_reader(run / "checkpoint-2") as r:
+        adapted = {n for n, ad in r.adapters.items() if ad.rank} | {
+            n.replace(".weight", ".bias") for n, ad in r.adapters.items() if ad.bias}
+    assert rep.moving == len(adapted) and rep.copied == rep.tensors - len(adapted)
+    assert f"({len(adapted)} fitted, {rep.tensors - len(adapted)} copied" in str(rep)
     with open_reader(run / "checkpoint-2") as r:
         assert r.adapters["model.layers.0.self_attn.q_proj.weight"].scaling == 4 / 8 ** 0.5
 

@@ -76,3 +76,14 @@ def test_loop_options_from_a_config_section():
     with pytest.raises(RelexError, match=r"relex\.jump='far': expected int"):
         LoopOptions.typed({"jump": "far"}, "relex")
     assert LoopOptions.typed({"guard_steps": "5"}, "relex") == {"guard_steps": 5}
+
+
+def test_help_texts_read_as_written(capsys):
+    for command in ("demo", "extrapolate"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "%%" not in out
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    assert "15% of the run" in capsys.readouterr().out

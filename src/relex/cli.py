@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from relex import api
-from relex.checkpoints.inputs import format_steps, parse_steps
+from relex.checkpoints.inputs import parse_steps
 from relex.errors import RelexError, one_line
 from relex.options import (EvalOptions, FitOptions, Inputs, LoopOptions, OutputOptions,
                            Resources)
@@ -24,7 +24,7 @@ from relex.stream import torchrun
 from relex.version import __version__
 
 EPILOG = """examples:
-  relex demo                                    # a real GRPO run on this CPU, ~4 minutes
+  relex demo                                    # a real GRPO run on this CPU, ~2 minutes
   relex extrapolate runs/grpo --base Qwen2.5-Math-1.5B --observe-until 75 \\
         --target 500 --target 750 --output out
   relex analyze runs/grpo --base Qwen2.5-Math-1.5B --observe-until 75 --output report
@@ -97,37 +97,6 @@ def call(fn, args: argparse.Namespace, **extra):
     return fn(**{k: v for k, v in vars(args).items() if k in names}, **extra)
 
 
-def _table(report) -> str:
-    s = report.summary()
-    rows = [("targets", ", ".join(f"step {k}: {v}" for k, v in report.targets.items())),
-            ("observed steps", format_steps(report.observed_steps)),
-            ("tensors", f"{s['tensors']} ({s['trajectory_tensors']} fitted, "
-                        f"{s['copied_tensors']} copied"
-                        + (f", dropped tied {', '.join(s['dropped_tensors'])}"
-                           if s["dropped_tensors"] else "") + ")"),
-            ("read", f"{s['bytes_read'] / 1e9:.2f} GB in {report.seconds:.1f} s "
-                     f"({s['bytes_read'] / 1e9 / max(report.seconds, 1e-9):.2f} GB/s)")]
-    h = report.horizon
-    if h is not None:
-        rows.append(("verified horizon", "unknown (too few checkpoints to backtest)"
-                     if h["verified_horizon_ratio"] is None else
-                     f"{h['verified_horizon_ratio']:.2f}x the last observed step (up to step "
-                     f"{h['verified_up_to_step']})" + (f"; {len(report.warnings)} target(s) "
-                                                       f"beyond it" if report.warnings else "")))
-    if "norm_share_mean" in s:
-        rows.append((f"adapter rank {s['lora_rank']}",
-                     f"keeps {s['norm_share_mean']:.4f} of the delta's Frobenius norm on "
-                     f"average, {s['norm_share_min']:.4f} at least"))
-    if "explained_variance_mean" in s:
-        rows.append((f"explained var. (rank {report.rank})",
-                     f"mean {s['explained_variance_mean']:.4f}, min "
-                     f"{s['explained_variance_min']:.4f}"))
-        rows.append(("R^2 of coefficient fit",
-                     f"mean {s['r2_mean']:.4f}, min {s['r2_min']:.4f}"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -162,7 +131,7 @@ def _write_models(args) -> int:
             print(f"relex: warning: {line}", file=sys.stderr)
     if args.progress and group.leader:  # torchrun: rank 0 reports
         print(f"relex {args.command}: wrote {report.output}")
-        print(_table(report))
+        print(report)
     return 0
 
 
@@ -170,25 +139,8 @@ def _analyze(args) -> int:
     res = call(api.analyze, args)
     if not args.progress:
         return 0
-    s = res.summary
-    f1, bt = s["finding1_explained_variance"], s["backtest"]
-    last = s["observed_steps"][-1]
-    rows = [("observed steps", format_steps(s["observed_steps"])),
-            ("later steps (oracle)", format_steps(s["later_steps"]) if s["later_steps"]
-             else "none"),
-            ("explained var. rank 1", f"mean {f1['by_rank_mean'][0]:.4f}, min "
-                                      f"{f1['rank1_min']:.4f}" if f1["by_rank_mean"] else "-"),
-            ("R^2 of coefficient line", f"mean {s['finding2_linearity']['r2_mean']}, min "
-                                        f"{s['finding2_linearity']['r2_min']}"),
-            ("backtest: verified horizon", f"{bt['verified_horizon_ratio']:.2f}x the window "
-                                           f"(up to step {bt['verified_up_to_step']})"),
-            ("backtest: estimated limit", "no limit in sight" if bt["estimated_limit_ratio"]
-             is None else f"{bt['estimated_limit_ratio']:.1f}x (step "
-                          f"{int(bt['estimated_limit_ratio'] * last)})"),
-            ("read", f"{res.bytes_read / 1e9:.2f} GB in {res.seconds:.1f} s")]
-    width = max(len(k) for k, _ in rows)
     print(f"relex analyze: wrote {res.output / 'report.html'}")
-    print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+    print(res)
     return 0
 
 
@@ -360,8 +312,8 @@ COMMANDS = {
                arg("--timeout", type=float, metavar="SEC", help="stop after SEC seconds")]),
     "demo": Command(
         "a real GRPO run on this CPU, extrapolated and checked",
-        "Train a 0.4M-parameter Llama with GRPO on 3-digit addition (a few minutes on 2 "
-        "cores), observe the first 15%% of the run, extrapolate it with relex and the "
+        "Train a 0.4M-parameter Llama with GRPO on 3-digit addition (about 2 minutes on 2 "
+        "cores), observe the first 15% of the run, extrapolate it with relex and the "
         "linear-weights baseline, and score real vs extrapolated checkpoints.", _demo,
         groups=[(OutputOptions, {"output": {"default": "relex-demo",
                                             "help": "working directory for checkpoints and the "

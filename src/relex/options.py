@@ -302,6 +302,10 @@ class LoopOptions(OptionGroup):
              "weights")
     timeout: float = option(DEFAULT_TIMEOUT, "--timeout", type=float,
                             help="seconds relex's collectives wait for the other ranks")
+    verbose: bool = option(True, "--quiet-jumps", action="store_false",
+                           help="one line on stderr per jump (rank 0); off: the jumps go to the "
+                                "relex.loop.accelerator logger at INFO only (rollbacks and "
+                                "errors are always logged as warnings)")
 
     @classmethod
     def typed(cls, values: dict, where: str) -> dict:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from relex.checkpoints.inputs import format_steps
+
 
 @dataclass
 class Report:
@@ -55,6 +57,37 @@ class Report:
         return out
 
 
+    def __str__(self) -> str:
+        """The summary table the CLI prints."""
+        s = self.summary()
+        rows = [("targets", ", ".join(f"step {k}: {v}" for k, v in self.targets.items())),
+                ("observed steps", format_steps(self.observed_steps)),
+                ("tensors", f"{s['tensors']} ({s['trajectory_tensors']} fitted, "
+                            f"{s['copied_tensors']} copied"
+                            + (f", dropped tied {', '.join(s['dropped_tensors'])}"
+                               if s["dropped_tensors"] else "") + ")"),
+                ("read", f"{s['bytes_read'] / 1e9:.2f} GB in {self.seconds:.1f} s "
+                         f"({s['bytes_read'] / 1e9 / max(self.seconds, 1e-9):.2f} GB/s)")]
+        h = self.horizon
+        if h is not None:
+            rows.append(("verified horizon", "unknown (too few checkpoints to backtest)"
+                         if h["verified_horizon_ratio"] is None else
+                         f"{h['verified_horizon_ratio']:.2f}x the last observed step (up to step "
+                         f"{h['verified_up_to_step']})" + (f"; {len(self.warnings)} target(s) "
+                                                           f"beyond it" if self.warnings else "")))
+        if "norm_share_mean" in s:
+            rows.append((f"adapter rank {s['lora_rank']}",
+                         f"keeps {s['norm_share_mean']:.4f} of the delta's Frobenius norm on "
+                         f"average, {s['norm_share_min']:.4f} at least"))
+        if "explained_variance_mean" in s:
+            rows.append((f"explained var. (rank {self.rank})",
+                         f"mean {s['explained_variance_mean']:.4f}, min "
+                         f"{s['explained_variance_min']:.4f}"))
+            rows.append(("R^2 of coefficient fit",
+                         f"mean {s['r2_mean']:.4f}, min {s['r2_min']:.4f}"))
+        return _rows(rows)
+
+
 @dataclass
 class Analysis:
     """What `analyze` wrote: the report directory, its summary numbers, cost."""
@@ -63,3 +96,28 @@ class Analysis:
     summary: dict
     bytes_read: int
     seconds: float
+
+    def __str__(self) -> str:
+        """The summary table the CLI prints."""
+        s = self.summary
+        f1, bt = s["finding1_explained_variance"], s["backtest"]
+        last = s["observed_steps"][-1]
+        rows = [("observed steps", format_steps(s["observed_steps"])),
+                ("later steps (oracle)", format_steps(s["later_steps"]) if s["later_steps"]
+                 else "none"),
+                ("explained var. rank 1", f"mean {f1['by_rank_mean'][0]:.4f}, min "
+                                          f"{f1['rank1_min']:.4f}" if f1["by_rank_mean"] else "-"),
+                ("R^2 of coefficient line", f"mean {s['finding2_linearity']['r2_mean']}, min "
+                                            f"{s['finding2_linearity']['r2_min']}"),
+                ("backtest: verified horizon", f"{bt['verified_horizon_ratio']:.2f}x the window "
+                                               f"(up to step {bt['verified_up_to_step']})"),
+                ("backtest: estimated limit", "no limit in sight" if bt["estimated_limit_ratio"]
+                 is None else f"{bt['estimated_limit_ratio']:.1f}x (step "
+                              f"{int(bt['estimated_limit_ratio'] * last)})"),
+                ("read", f"{self.bytes_read / 1e9:.2f} GB in {self.seconds:.1f} s")]
+        return _rows(rows)
+
+
+def _rows(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -165,6 +165,11 @@ def discover(run_dir: str | Path, skip_unreadable: bool = False,
     for f in found if strict else ():
         evidence = weight_file(f.dir) if f.weights is None else None
         if evidence is None:
+            if f.weights is None and any(f.dir.iterdir()):  # e.g. config.json alone
+                print(f"relex: warning: leaving out step {f.step}: {f.dir} holds no weights "
+                      f"(only {', '.join(sorted(p.name for p in f.dir.iterdir())[:3])}); a "
+                      f"checkpoint still being written, or saved without its weights?",
+                      file=sys.stderr)
             continue
         msg = (f"{f.dir}: holds {evidence.relative_to(f.dir)} but no {f.layout.trainer} "
                f"checkpoint relex reads; convert it first: {f.converter_hint()}")

@@ -16,8 +16,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,8 @@ class DemoResult:
     verdict: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     accelerated: dict = field(default_factory=dict)  # cycle, jump, curve, jumps
+    #: relex's own backtest of the observed window (Report.horizon of its extrapolation)
+    horizon: dict | None = None
 
     def steps_to_reach(self) -> dict[str, dict[str, int | None]]:
         """Real steps each run needed to reach each threshold (None: not reached)."""
@@ -65,6 +69,10 @@ class DemoResult:
 
 
 def _imports():
+    if not torch.cuda.is_available():  # DeepSpeed, when installed, announces its CPU fallback
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # third-party deprecation notices a demo user cannot act on
+    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
     try:
         import matplotlib  # noqa: F401
         from transformers import LlamaForCausalLM
@@ -138,8 +146,12 @@ def run_demo(output: str | Path = "relex-demo", steps: int = 400,
         for method in METHODS:
             started = time.perf_counter()
             out = output / "extrapolated" / method
-            extrapolate(run, base=BASE, observe_until=k, targets=targets, output=out,
-                              method=method, progress=False)
+            with warnings.catch_warnings():  # far targets are the point: the verdict says so
+                warnings.simplefilter("ignore", UserWarning)
+                report = extrapolate(run, base=BASE, observe_until=k, targets=targets,
+                                     output=out, method=method, progress=False)
+            if method == "relex":
+                horizon = report.horizon
             timings[f"extrapolate ({method})"] = time.perf_counter() - started
             started = time.perf_counter()
             predicted[method] = {t: A.accuracy(LlamaForCausalLM.from_pretrained(
@@ -156,7 +168,7 @@ def run_demo(output: str | Path = "relex-demo", steps: int = 400,
     finally:
         torch.set_num_threads(threads)
     result = DemoResult(output, base_acc, real, predicted, k, steps, timings=timings,
-                        accelerated=accelerated)
+                        accelerated=accelerated, horizon=horizon)
     result.verdict = verdict(result)
     write_report(result, targets)
     return result
@@ -213,6 +225,25 @@ def verdict(r: DemoResult) -> list[str]:
         lines.append(f"at the last step ({r.steps}) relex reaches {end:.3f} vs {final:.3f} for "
                      f"the real run: {100 * (end - r.base_accuracy) / gain:.0f}% of the RL gain "
                      f"from {r.observe_until / r.steps:.0%} of the steps.")
+    if r.horizon and r.horizon.get("verified_up_to_step") is not None:
+        h = r.horizon["verified_up_to_step"]
+        lines.append(f"relex's own backtest of the {r.observe_until} observed steps verified "
+                     f"targets up to step {h} ({r.horizon['verified_horizon_ratio']:.2f}x); "
+                     f"`relex extrapolate` warns for every target past it.")
+    lin = r.predicted.get("linear-weights", {})
+    both = [t for t in r.predicted["relex"] if t in lin and t <= r.steps]
+    if both:
+        ahead = sum(lin[t] >= r.predicted["relex"][t] for t in both)
+        at = (f"at step {both[-1]}: lin-w {lin[both[-1]]:.3f}, relex "
+              f"{r.predicted['relex'][both[-1]]:.3f}")
+        if 2 * ahead >= len(both):
+            lines.append(f"the per-parameter line (lin-w) matches or beats relex at {ahead} of "
+                         f"{len(both)} steps here ({at}): this run's updates lie so close to one "
+                         f"direction that projecting on it removes little noise.")
+        else:
+            lines.append(f"relex beats the per-parameter line (lin-w) at {len(both) - ahead} of "
+                         f"{len(both)} steps here ({at}): projecting on the rank-1 direction "
+                         f"removes noise that the per-parameter line extrapolates.")
     worse = [t for t in compared if gaps[t] > TOLERANCE]
     if worse:
         lines.append(f"from step {worse[0]} relex falls more than {TOLERANCE:.2f} behind the "
@@ -256,7 +287,7 @@ def write_report(r: DemoResult, targets: list[int]) -> None:
                "real_curve": {str(s): a for s, a in sorted(r.real.items())},
                "targets": rows, "verdict": r.verdict,
                "timings_seconds": {k: round(v, 2) for k, v in r.timings.items()},
-               "grpo": GRPOConfig(steps=r.steps).as_dict()}
+               "grpo": GRPOConfig(steps=r.steps).as_dict(), "horizon": r.horizon}
     if r.accelerated:
         summary["accelerated"] = r.accelerated
         summary["real_steps_to_reach"] = r.steps_to_reach()

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -128,6 +129,7 @@ class Accelerator:
         self.disabled: str | None = None
         self.jumped = 0  # sum of accepted jumps
         self.last_step = start_step
+        self._order_warned = False
         self._restart(start_step, first=True)
 
     # ------------------------------------------------------------------ state
@@ -192,6 +194,14 @@ class Accelerator:
             self.optimizer = optimizer
             if isinstance(self.layout, shards.DeepSpeed):
                 self.layout.use(optimizer)
+        if step <= self.last_step:
+            if not self._order_warned:
+                self._order_warned = True
+                log.warning("relex: step(%d) after step(%d): pass the optimizer step count, "
+                            "increasing with each call (e.g. trainer.state.global_step); "
+                            "relex ignores such calls, so it does not jump", step,
+                            self.last_step)
+            return None
         self.last_step = step
         self._guard(step, reward)
         k = step - self.start
@@ -294,9 +304,13 @@ class Accelerator:
         self.jumps.append(j)
         if not self.guard.watch(j):  # no reward before it: nothing to judge, the jump stays
             self.store.drop_pre()
-        log.info("relex: jumped %d steps at real step %d (virtual %d; explained variance %.4f, "
-                 "R^2 %.4f; %.2f s)", j.size, step, j.virtual_step, j.explained_variance, j.r2,
-                 j.seconds)
+        line = (f"relex: jumped {j.size} steps at real step {step} (virtual {j.virtual_step}; "
+                f"explained variance {j.explained_variance:.4f}, R^2 {j.r2:.4f}; "
+                f"{j.seconds:.2f} s)")
+        if self.options.verbose and (self.group is None or self.group.rank == 0):
+            print(line, file=sys.stderr, flush=True)  # a plain script sees its jumps
+        else:
+            log.info(line)
         return j
 
     def layout_ready(self) -> str | None:

@@ -99,7 +99,8 @@ def write(job: WriteJob) -> Report:
         horizon, beyond = _horizon(job, job.grams if job.grams is not None else result.grams)
         report = Report(output, {s: output / f"step-{s}" for s in job.targets},
                         list(map(int, traj.steps)), len(traj.plans),
-                        sum(p.moves for p in traj.plans), sum(not p.moves for p in traj.plans),
+                        sum(p.moves and not p.unchanged for p in traj.plans),
+                        sum(not p.moves or p.unchanged for p in traj.plans),
                         traj.dropped, result.bytes_read, time.perf_counter() - started,
                         result.stats, job.config.rank,
                         output_format="hf" if job.adapter_rank is None else "lora",

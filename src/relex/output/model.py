@@ -153,8 +153,9 @@ def permissions(mode: int = 0o666) -> int:
 def refuse_existing(final: str | Path, overwrite: bool, can_overwrite: bool = True) -> None:
     """The one check that an output directory does not exist yet (or may be replaced)."""
     if Path(final).exists() and not overwrite:
-        hint = " or pass --overwrite" if can_overwrite else ""
-        raise RelexError(f"{final}: output directory exists; choose another --output{hint}")
+        hint = " or pass --overwrite (overwrite=True from Python)" if can_overwrite else ""
+        raise RelexError(f"{final}: output directory exists; choose another output directory"
+                         f"{hint}")
 
 
 def check_output(final: Path, overwrite: bool, inputs: list[Path], needed_bytes: int) -> None:

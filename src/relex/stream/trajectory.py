@@ -42,6 +42,12 @@ class TensorPlan:
             bool(self.kinds)
 
     @property
+    def unchanged(self) -> bool:
+        """Every checkpoint says its delta is zero (a LoRA run's weight no adapter touches):
+        the output is the base, which reports count as copied, not fitted."""
+        return bool(self.kinds) and all(k == "zero" for k in self.kinds)
+
+    @property
     def exact(self) -> bool:
         """Some checkpoint gives its delta directly (Reader.delta): the engine asks for it
         instead of subtracting the base from a merged, rounded tensor."""
