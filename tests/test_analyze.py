@@ -216,3 +216,17 @@ def test_extrapolate_warns_past_the_verified_horizon(tmp_path, capsys):
     cap = capsys.readouterr()
     assert cap.err.count("relex: warning: target step") == 1
     assert f"(up to step {limit}); 1 target(s) beyond it" in cap.out
+
+
+def test_a_straight_run_verifies_far_and_warns_for_nothing(tmp_path, recwarn):
+    """A fixed direction with a linear coefficient (the RELEX assumption, little noise): every
+    backtest holds, the verified horizon is the largest ratio tried, and a target inside it
+    gets no warning."""
+    steps = list(range(2, 26, 2))
+    run, base = planted_run(tmp_path, steps, rotate=0.0, noise=0.01)
+    rep = relex.extrapolate(run, base=base, targets=[30], output=tmp_path / "out",
+                            progress=False)
+    # prefixes of 3..9 of the 12 checkpoints: the furthest backtest predicts step 24 from 6
+    assert rep.horizon["verified_horizon_ratio"] == pytest.approx(24 / 6)
+    assert rep.horizon["verified_up_to_step"] == 96 and rep.warnings == []
+    assert not [w for w in recwarn if "verified horizon" in str(w.message)]
