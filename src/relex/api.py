@@ -17,7 +17,8 @@ from relex.checkpoints.inputs import format_steps, resolve_inputs, select_steps
 from relex.errors import RelexError
 from relex.fit import Extrapolation, FitConfig, Reconstruction, parse_fit
 from relex.formats import open_reader
-from relex.options import FitOptions, Inputs, OutputOptions, Resources, takes
+from relex.keywords import takes
+from relex.options import FitOptions, Inputs, OutputOptions, Resources
 from relex.output.adapter import adapter_rank
 from relex.output.fitfile import FIT_FILE, check_fingerprint, load_fit, save_fit
 from relex.output.job import WriteJob, write

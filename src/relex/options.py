@@ -17,8 +17,6 @@ through `add_to(parser, changes)`; the option itself stays declared here.
 from __future__ import annotations
 
 import argparse
-import functools
-import inspect
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -38,6 +36,14 @@ def option(default: Any, *flags: str, help: str, section: str | None = None,
     meta = {"flags": flags, "help": help, "section": section, "exclusive": exclusive,
             "argparse": argparse_kw}
     return field(default=default, metadata=meta)
+
+
+def jump_size(text: str) -> int | str:
+    """argparse type of --jump: a number of steps or "auto"."""
+    return "auto" if str(text) == "auto" else int(text)
+
+
+jump_size.expects = "int (steps) or 'auto'"
 
 
 def positive(text: str) -> int:
@@ -277,8 +283,18 @@ class LoopOptions(OptionGroup):
     key: ClassVar[str] = "loop"
     cycle: int = option(20, "--cycle", type=int,
                         help="real steps per cycle (default 20)")
-    jump: int = option(40, "--jump", type=int,
-                       help="steps jumped after each cycle (default 40; 0 observes only)")
+    jump: int | str = option(40, "--jump", type=jump_size,
+                             help="steps jumped after each cycle (default 40; 0 observes "
+                                  "only), or auto: sized from the run's own evidence "
+                                  "(loop/sizing.py)")
+    max_jump: int | None = option(None, "--max-jump", type=int,
+                                  help="jump=auto: the largest jump (default 4 cycles)")
+    growth: float = option(1.5, "--growth", type=float,
+                           help="jump=auto: factor per confirmed jump (default 1.5)")
+    flat: float = option(0.01, "--flat", type=float,
+                         help="jump=auto: gain of the mean reward per cycle below which (twice "
+                              "in a row) the reward is flat and jumps shrink (reward units; "
+                              "default 0.01)")
     every: int = option(2, "--every", type=int,
                         help="a snapshot every N steps (cycle / every >= 2; default 2)")
     method: str = _method()
@@ -325,7 +341,8 @@ class LoopOptions(OptionGroup):
             try:
                 out[name] = _boolean(value) if kind is bool else kind(value)
             except (TypeError, ValueError):
-                raise RelexError(f"{where}.{name}={value!r}: expected {kind.__name__}") from None
+                expected = getattr(kind, "expects", kind.__name__)
+                raise RelexError(f"{where}.{name}={value!r}: expected {expected}") from None
         return out
 
 
@@ -337,62 +354,3 @@ def _boolean(value) -> bool:
     if str(value).lower() not in words:
         raise ValueError(value)
     return words[str(value).lower()]
-
-
-def takes(*groups, required: tuple[str, ...] = ()):
-    """Let a public function take its option groups' fields as keyword arguments.
-
-    groups: option group classes, or (class, [field names]) for the part of a group that the
-    function uses. The decorated function is written as fn(*, inputs, fit, ..., own keywords)
-    and receives the filled groups; callers pass plain keywords (run_dir may come first, by
-    position), as documented in the signature and docstring this sets. Unknown keywords are a
-    TypeError, as for any function; `required` names fields without a default."""
-    spec = [(g, g.names()) if isinstance(g, type) else (g[0], list(g[1])) for g in groups]
-    names = {n: g for g, used in spec for n in used}
-
-    def wrap(fn):
-        sig = inspect.signature(fn)
-        keys = {g.key for g, _ in spec}
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-               for p in sig.parameters.values() if p.name not in keys]
-
-        @functools.wraps(fn)
-        def call(*args, **kwargs):
-            if args:
-                if len(args) > 1 or "run_dir" in kwargs or "run_dir" not in names:
-                    raise TypeError(f"{fn.__name__}() takes at most run_dir by position")
-                kwargs["run_dir"] = args[0]
-            missing = [n for n in required if kwargs.get(n) is None]
-            if missing:
-                raise TypeError(f"{fn.__name__}() missing required keyword argument "
-                                f"'{missing[0]}'")
-            filled: dict[str, dict] = {g.key: {} for g, _ in spec}
-            rest = {}
-            for k, v in kwargs.items():
-                if k in names:
-                    filled[names[k].key][k] = v
-                elif k in sig.parameters and k not in keys:
-                    rest[k] = v
-                else:
-                    raise TypeError(f"{fn.__name__}() got an unexpected keyword argument '{k}'")
-            return fn(**{g.key: g(**filled[g.key]) for g, _ in spec}, **rest)
-
-        params = []
-        if "run_dir" in names:
-            params.append(inspect.Parameter("run_dir", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                            default=None))
-        docs = []
-        for g, used in spec:
-            for f in fields(g):
-                if f.name not in used:
-                    continue
-                docs.append(g.doc_line(f))
-                if f.name != "run_dir":
-                    params.append(inspect.Parameter(
-                        f.name, inspect.Parameter.KEYWORD_ONLY,
-                        default=inspect.Parameter.empty if f.name in required else f.default))
-        call.__signature__ = sig.replace(parameters=params + own)
-        call.__doc__ = (inspect.cleandoc(fn.__doc__ or "") + "\n\nOptions (declared in "
-                        "relex.options):\n" + "\n".join(docs) + "\n")
-        return call
-    return wrap

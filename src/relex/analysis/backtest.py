@@ -101,6 +101,10 @@ class Horizon:
     ratio: float | None
     up_to_step: int | None
     rule: str
+    #: where the error's trend over all backtests crosses the limit (estimate_limit; None: no
+    #: limit in sight); trend: whether there were enough backtests (3) for a trend at all
+    limit: float | None = None
+    trend: bool = False
 
     def beyond(self, targets: list[int], last: int) -> list[int]:
         """The targets past the verified horizon (every target after `last` when unknown)."""
@@ -132,7 +136,8 @@ def verified_horizon(grams: dict[str, np.ndarray], steps, config: FitConfig) -> 
                                                      config)):
                 total.setdefault((size, j), Sums()).add(sums)
     ratio, rule = recommend_horizon(total, steps)
-    return Horizon(ratio, int(ratio * steps[-1]), rule)
+    return Horizon(ratio, int(ratio * steps[-1]), rule, estimate_limit(total, steps),
+                   len(total) >= 3)
 
 
 @dataclass

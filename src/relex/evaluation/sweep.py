@@ -20,7 +20,8 @@ from relex.evaluation.datasets import load_dataset
 from relex.evaluation.evaluate import evaluate
 from relex.checkpoints import hub
 from relex.evaluation.generation import require
-from relex.options import EvalOptions, FitOptions, Inputs, OutputOptions, Resources, takes
+from relex.keywords import takes
+from relex.options import EvalOptions, FitOptions, Inputs, OutputOptions, Resources
 from relex.output.model import atomic_directory, check_output
 
 

@@ -41,7 +41,12 @@ from transformers import TrainerCallback
 
 from relex.loop.accelerator import Accelerator
 from relex.errors import RelexError
+from relex.loop.group import LoopGroup
 from relex.options import LoopOptions
+
+#: seconds the other ranks wait for rank 0 to write stop mode's targets (an extrapolation of a
+#: large model takes minutes; relex's own gloo group, so no training collective is pending)
+STOP_TIMEOUT = 3600.0
 
 log = logging.getLogger("relex.integrations.trl")
 
@@ -76,14 +81,16 @@ class RelexCallback(TrainerCallback):
     mode: "accelerate" (options: relex.options.LoopOptions' fields, as in relex.Accelerator:
     cycle, jump, every, method, rank, reset_optimizer, guard_steps, guard_margin,
     snapshot_dtype, snapshot_dir, timeout), "forecast" (base) or "stop" (observe_until,
-    targets, base, output). base: the model before RL; default: the model as training starts,
+    targets, base, output). stop_when_converged: with jump="auto", stop training when relex
+    says the run has converged (no jump left, the reward flat). base: the model before RL; default: the model as training starts,
     saved to output_dir/relex-base. output: where "stop" writes (default
     output_dir/relex-extrapolated); "forecast" writes its report to output_dir/relex-forecast.
     """
 
     def __init__(self, mode: str = "accelerate", *, observe_until: int | None = None,
                  targets: list[int] | None = None, base: str | Path | None = None,
-                 output: str | Path | None = None, **options):
+                 output: str | Path | None = None, stop_when_converged: bool = False,
+                 **options):
         if mode not in MODES:
             raise RelexError(f"RelexCallback mode {mode!r}: expected one of {', '.join(MODES)}")
         if mode == "stop" and (observe_until is None or not targets):
@@ -97,6 +104,8 @@ class RelexCallback(TrainerCallback):
         self.forecasts: list[dict] = []
         self.written: Path | None = None
         self._disabled = False
+        self.stop_when_converged = stop_when_converged
+        self._group: LoopGroup | None = None  # stop mode: relex's own group for the decision
 
     def add_to(self, trainer) -> RelexCallback:
         """Register with `trainer` ahead of its reporting callbacks.
@@ -119,6 +128,8 @@ class RelexCallback(TrainerCallback):
                      self.accelerator.layout.kind, self.accelerator.cycle,
                      self.accelerator.jump, self.accelerator.memory_bytes() / 1e6)
             return
+        if self.mode == "stop":  # every rank, now: the group of the stop decision
+            self._group = LoopGroup.of_run(max(self.loop.timeout, STOP_TIMEOUT))
         if self.mode == "stop" and state.max_steps and self.observe_until > state.max_steps:
             raise RelexError(f"RelexCallback observe_until={self.observe_until} is beyond "
                              f"max_steps={state.max_steps}; lower it or train longer")
@@ -185,6 +196,13 @@ class RelexCallback(TrainerCallback):
                           "relex/explained_variance": j.explained_variance, "relex/r2": j.r2})
         if sum(j.rolled_back for j in self.accelerator.jumps) != rolled:
             entry.update({"relex/rollback": 1, "relex/next_jump": self.accelerator.jump})
+        if acc.auto is not None and acc.decisions and acc.decisions[-1][0] == step:
+            d = acc.decisions[-1][1]
+            entry.update({"relex/next_jump": d.size, "relex/converged": int(acc.converged)})
+            if d.horizon is not None:
+                entry["relex/backtest_limit"] = d.horizon
+        if acc.converged and self.stop_when_converged:
+            control.should_training_stop = True  # the real steps not trained are the saving
         if entry:
             entry["relex/real_step"] = step
             _log_into_history(state, entry)
@@ -204,7 +222,7 @@ class RelexCallback(TrainerCallback):
             if step < self.observe_until or self.written is not None:
                 return
             ok = self._guarded(self._stop, args, state) if state.is_world_process_zero else False
-            if _agree(ok):  # stop only once the targets are written; else train on
+            if self._agree(ok):  # stop only once the targets are written; else train on
                 control.should_training_stop = True
             else:
                 self._disabled = True
@@ -213,6 +231,18 @@ class RelexCallback(TrainerCallback):
             return
         if state.is_world_process_zero:
             self._guarded(self._forecast, args, state)
+
+    def _agree(self, ok: bool) -> bool:
+        """Rank 0's `ok` on every rank (file work happens on rank 0 only; every rank must take
+        the same decision), over relex's own gloo group with its timeout, never the training's
+        group: a rank that does not hear rank 0 in time trains on, and so does rank 0."""
+        if self._group is None:
+            return ok
+        try:
+            return bool(self._group.gather(ok)[0])
+        except RelexError as e:
+            log.error("relex: stop mode: %s; training continues", e)
+            return False
 
     def _guarded(self, fn, args, state) -> bool:
         """fn(args, state); True when it ran, False (logged) when it raised."""
@@ -260,17 +290,6 @@ class RelexCallback(TrainerCallback):
                                   "relex/targets_written": len(report.targets)})
         log.info("relex: wrote %s and stopped training at step %d", ", ".join(
             str(p) for p in report.targets.values()), state.global_step)
-
-
-def _agree(ok: bool) -> bool:
-    """Rank 0's `ok` on every rank (file work happens on rank 0 only; every rank must then
-    take the same decision, or the ranks would wait on each other forever)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [ok]
-        dist.broadcast_object_list(box, src=0)
-        return bool(box[0])
-    return ok
 
 
 def _log_into_history(state, entry: dict) -> None:

@@ -41,7 +41,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -51,37 +51,13 @@ from relex.fit import FitConfig, extrapolation_weights
 from relex.loop import shards
 from relex.loop.group import LoopGroup
 from relex.loop.guard import Guard, Verdict
+from relex.loop.records import Jump
+from relex.loop.sizing import AutoMode, Decision
 from relex.loop.snapshots import BLOCK, CycleStore
 from relex.options import LoopOptions
 from relex.stream.torchrun import fingerprint
 
 log = logging.getLogger("relex.loop.accelerator")
-
-@dataclass
-class Jump:
-    """One jump: where it happened and how well the cycle fitted.
-
-    real_step: optimizer steps taken when the jump was written; virtual_step: real steps plus
-    all accepted jumps (this one included while it is not rolled back); size: steps jumped;
-    explained_variance / r2: mean over moving parameters of the rank-`rank` explained variance
-    and the R^2 of the coefficient line; reward_before / reward_after: mean rewards of the
-    guard windows (None until known); rolled_back: the guard restored the pre-jump weights;
-    seconds: wall time of the jump on this rank.
-    """
-
-    real_step: int
-    virtual_step: int
-    size: int
-    explained_variance: float
-    r2: float
-    reward_before: float | None = None
-    reward_after: float | None = None
-    rolled_back: bool = False
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 class Accelerator:
     """Cycle / fit / jump in place; call `step` after every optimizer step.
@@ -104,8 +80,9 @@ class Accelerator:
         if every < 1 or cycle % every or cycle // every < 2:
             raise RelexError(f"cycle {cycle}, every {every}: a cycle needs at least 2 snapshots "
                              f"and a multiple of `every` steps; use e.g. cycle=20, every=2")
-        if jump < 0:
-            raise RelexError(f"jump {jump}: must be >= 0 (0 observes without jumping)")
+        if jump != "auto" and (not isinstance(jump, int) or jump < 0):
+            raise RelexError(f"jump {jump!r}: a number of steps >= 0 (0 observes without "
+                             f"jumping), or 'auto'")
         if o.guard_steps is not None and not 1 <= o.guard_steps <= cycle:
             raise RelexError(f"guard_steps {o.guard_steps}: must be between 1 and cycle "
                              f"({cycle})")
@@ -116,6 +93,10 @@ class Accelerator:
         if o.reset_optimizer and isinstance(self.layout, shards.DeepSpeed):
             raise RelexError("reset_optimizer=True is not supported under DeepSpeed (its "
                              "optimizer state is partitioned with the masters)")
+        #: jump="auto": the sizing rule, the slow-decline guard, the decisions (sizing.py)
+        self.auto = AutoMode(cycle, every, o) if jump == "auto" else None
+        if self.auto:
+            jump = self.auto.sizer.size
         self.model, self.cycle, self.every, self.jump = model, cycle, every, jump
         self.reset_optimizer = o.reset_optimizer
         self.optimizer = optimizer
@@ -141,6 +122,7 @@ class Accelerator:
     def _restart(self, step: int, first: bool = False) -> None:
         self.start = step
         self.snap_steps: list[int] = []
+        self._rewards: list[tuple[int, float]] = []  # this cycle's (step, reward) on this rank
         self._cycle_error: str | None = None
         self._shapes: list = []
         try:
@@ -157,6 +139,17 @@ class Accelerator:
         hear of it at the cycle's shared decision instead of waiting on this rank."""
         self._cycle_error = _failure(e)
         self.store.clear_rows()
+
+    @property
+    def converged(self) -> bool:
+        """jump="auto": no jump left and the reward flat (the real steps not trained are the
+        saving)."""
+        return self.auto is not None and self.auto.converged
+
+    @property
+    def decisions(self) -> list[tuple[int, Decision]]:
+        """jump="auto": (real step, Decision) at every cycle end."""
+        return self.auto.decisions if self.auto is not None else []
 
     @property
     def virtual_step(self) -> int:
@@ -203,6 +196,8 @@ class Accelerator:
                             self.last_step)
             return None
         self.last_step = step
+        if reward is not None:
+            self._rewards.append((step, float(reward)))
         self._guard(step, reward)
         k = step - self.start
         if k <= 0 or k % self.every:
@@ -212,7 +207,7 @@ class Accelerator:
         if k < self.cycle:
             return None
         try:
-            return self._jump(step) if self.jump > 0 else None
+            return self._jump(step) if self.jump > 0 or self.auto else None
         finally:  # the cycle is used up, jumped or not
             self._restart(step)
 
@@ -255,7 +250,7 @@ class Accelerator:
         names = [n for n, *_ in self._shapes]
         shape_print = fingerprint([(n, list(s)) for n, s, _ in self._shapes] + [self.snap_steps])
         error = self._cycle_error or self.layout_ready()
-        error, extras = self._agree(error, (shape_print, self.guard.window()))
+        error, extras = self._agree(error, (shape_print, self.guard.window(), self._rewards))
         if error is None and len({x[0] for x in extras}) > 1:
             odd = next(r for r, x in enumerate(extras) if x[0] != extras[0][0])
             error = (f"rank {odd}'s trainable parameters differ from rank 0's in names or "
@@ -273,6 +268,11 @@ class Accelerator:
             return self._skip(step, f"NaN/Inf in parameter {bad[0]} during the cycle; no "
                                     f"jump written (lower the learning rate or check the "
                                     f"loss for overflow)")
+        decision = None
+        if self.auto is not None:
+            decision = self.auto.decide(self, step, names, grams, parts, [x[2] for x in extras])
+            if decision is None:
+                return None
         steps = np.asarray(self.snap_steps, dtype=np.float64)
         target = np.asarray([self.cycle + self.jump], dtype=np.float64)
         fits = [extrapolation_weights(g, steps, target, self.config) for g in grams]
@@ -293,24 +293,22 @@ class Accelerator:
             raise
         if self.reset_optimizer:
             self.layout.clear_optimizer_state(self.optimizer)
-        mean_before = Guard.mean([window for _, window in extras])
+        mean_before = Guard.mean([x[1] for x in extras])
         self.jumped += self.jump
         evs = [f.stats["explained_variance"][self.config.rank - 1] for f in fits
                if f.stats["r2"] is not None]
         r2s = [f.stats["r2"] for f in fits if f.stats["r2"] is not None]
         j = Jump(step, step + self.jumped, self.jump, float(np.mean(evs)) if evs else 1.0,
                  float(np.mean(r2s)) if r2s else 1.0, mean_before,
-                 seconds=time.perf_counter() - started)
+                 seconds=time.perf_counter() - started,
+                 reason=decision.reason if decision else "",
+                 horizon=decision.horizon if decision else None)
         self.jumps.append(j)
         if not self.guard.watch(j):  # no reward before it: nothing to judge, the jump stays
             self.store.drop_pre()
-        line = (f"relex: jumped {j.size} steps at real step {step} (virtual {j.virtual_step}; "
-                f"explained variance {j.explained_variance:.4f}, R^2 {j.r2:.4f}; "
-                f"{j.seconds:.2f} s)")
-        if self.options.verbose and (self.group is None or self.group.rank == 0):
-            print(line, file=sys.stderr, flush=True)  # a plain script sees its jumps
-        else:
-            log.info(line)
+        self._say(f"relex: jumped {j.size} steps at real step {step} (virtual {j.virtual_step}; "
+                  f"explained variance {j.explained_variance:.4f}, R^2 {j.r2:.4f}; "
+                  f"{j.seconds:.2f} s" + (f"; {j.reason}" if j.reason else "") + ")")
         return j
 
     def layout_ready(self) -> str | None:
@@ -379,11 +377,19 @@ class Accelerator:
         self.store.drop_pre()
         j.rolled_back = True
         self.jumped -= j.size
-        self.jump //= 2
+        if self.auto is None:  # jump="auto" reads the rollback at the next cycle end
+            self.jump //= 2
         self._restart(step)
         log.warning("relex: rolled back the jump at real step %d (reward %.3f before, %.3f "
                     "after); next jumps: %d steps", j.real_step, j.reward_before, j.reward_after,
                     self.jump)
+
+    def _say(self, line: str) -> None:
+        """One visible line on rank 0 (verbose), else the logger at INFO."""
+        if self.options.verbose and (self.group is None or self.group.rank == 0):
+            print(line, file=sys.stderr, flush=True)
+        else:
+            log.info(line)
 
     def close(self) -> None:
         """Remove the snapshot files (the Accelerator stops jumping)."""

@@ -160,6 +160,14 @@ class CycleStore:
     def drop_pre(self) -> None:
         self.rows.drop_pre()
 
+    def keep_best(self, parts) -> None:
+        """Keep `parts` as the best state so far (jump="auto"): one more copy of the rank's
+        trainable weights, in RAM or in the spill directory."""
+        self.rows.keep_best(parts)
+
+    def best_of(self, name: str) -> torch.Tensor | None:
+        return self.rows.best_of(name)
+
     def combine_into(self, part, w: np.ndarray) -> None:
         """part.tensor = theta_0 + sum_t w_t D_t (float64 work, written in its dtype)."""
         base = self.base[part.name]

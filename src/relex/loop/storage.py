@@ -31,6 +31,7 @@ class RamRows:
         self._pending: dict[str, torch.Tensor] = {}
         self._specs: dict[str, tuple[torch.dtype, int]] = {}
         self._pre: dict[str, torch.Tensor] = {}
+        self._best: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ rows
     def open_row(self, specs: list[tuple[str, torch.dtype, int]]) -> None:
@@ -83,15 +84,27 @@ class RamRows:
     def drop_pre(self) -> None:
         self._pre = {}
 
+    # ------------------------------------------------------------------ best state
+    def keep_best(self, parts) -> None:
+        """Copy `parts` as the best state so far (jump="auto"'s slow-decline guard)."""
+        self._best = {}
+        for part in parts:
+            self._best[part.name] = part.tensor.detach().to("cpu", copy=True)
+
+    def best_of(self, name: str) -> torch.Tensor | None:
+        return self._best.get(name)
+
     # ------------------------------------------------------------------ the whole
     def memory_bytes(self) -> int:
-        """Bytes of the rows and of the pre-jump copy."""
-        held = [r for rows in self._rows.values() for r in rows] + list(self._pre.values())
+        """Bytes of the rows, the pre-jump copy and the best state."""
+        held = [r for rows in self._rows.values() for r in rows] + list(self._pre.values()) + \
+            list(self._best.values())
         return sum(t.numel() * t.element_size() for t in held)
 
     def close(self) -> None:
         self.clear()
         self.drop_pre()
+        self._best = {}
 
 
 class DiskRows:
@@ -108,6 +121,7 @@ class DiskRows:
         self._writer = None
         self._pre = None  # the pre-jump file's reader, once written
         self._pre_file = None  # its writer while being written
+        self._best = None  # the best state's reader (jump="auto")
 
     # ------------------------------------------------------------------ rows
     def open_row(self, specs: list[tuple[str, torch.dtype, int]]) -> None:
@@ -153,15 +167,29 @@ class DiskRows:
         self._pre_file = None
         self._pre = _open(self._path("pre"))
 
+    def keep_best(self, parts) -> None:
+        """Write `parts` as the best state so far (replacing the last one)."""
+        if self._best is not None:
+            self._best.close()
+            self._best = None
+        best = self._create("best", [(p.name, p.tensor.dtype, p.tensor.numel()) for p in parts])
+        try:
+            for part in parts:
+                best.write_at(part.name, 0, part.tensor.detach().to("cpu"))
+            best.close()
+        except BaseException:
+            best.abort()
+            raise
+        self._best = _open(self._path("best"))
+
+    def best_of(self, name: str) -> torch.Tensor | None:
+        return _whole(self._best, name)
+
     def keep_pre(self, part) -> None:
         """Already on disk (begin_pre)."""
 
     def pre_of(self, name: str) -> torch.Tensor | None:
-        if self._pre is None or name not in self._pre.tensors:
-            return None
-        got = self._pre.read(name, 0, self._pre.tensors[name].numel).clone()
-        self._pre.release(name, 0, got.numel())
-        return got
+        return _whole(self._pre, name)
 
     def drop_pre(self) -> None:
         if self._pre_file is not None:
@@ -180,6 +208,9 @@ class DiskRows:
     def close(self) -> None:
         self.clear()
         self.drop_pre()
+        if self._best is not None:
+            self._best.close()
+            self._best = None
         self._finalizer()  # removes the directory, once
 
     def _path(self, what: str) -> Path:
@@ -195,6 +226,15 @@ class DiskRows:
         d.mkdir(parents=True)
         return ModelWriter(d, [(name, CODES[dtype], (n,)) for name, dtype, n in specs],
                            max_shard_size=1 << 62)
+
+
+def _whole(reader, name: str) -> torch.Tensor | None:
+    """Tensor `name` of a spilled file, read whole into RAM (None: not there)."""
+    if reader is None or name not in reader.tensors:
+        return None
+    got = reader.read(name, 0, reader.tensors[name].numel).clone()
+    reader.release(name, 0, got.numel())
+    return got
 
 
 def _open(path: Path):

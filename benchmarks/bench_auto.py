@@ -1,0 +1,126 @@
+"""jump="auto" against fixed jumps, on the demo's task: real steps to reach the plain run's level.
+
+For each seed: the plain GRPO run of --steps steps, and accelerated runs of --steps / 2 real
+steps with relex.Accelerator (cycle 20) at each --schedule (a fixed jump, or auto). The share
+is the real steps an accelerated run needed to first reach (plain's final accuracy - 0.01),
+divided by the real steps plain needed to first reach that same level; also the accelerated
+run's accuracy at the end of its budget (a collapse shows there). Held-out accuracy every 10
+steps on the demo's 500 problems. Seeds run in --jobs processes (one core each).
+
+    python benchmarks/bench_auto.py                          # seeds 0-4, jumps 40, 60, auto
+    python benchmarks/bench_auto.py --seeds 0 1 --schedule 40 auto --plot auto.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def one(seed: int, schedule: str, steps: int) -> dict:
+    """One run in this process: 'plain' or a jump schedule; its held-out curve."""
+    import warnings
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from relex.demo.grpo import GRPOConfig, train
+    from relex.demo.run import BASE, accelerate
+    from relex.evaluation.generation import quiet_transformers
+    warnings.filterwarnings("ignore")
+    quiet_transformers()
+    torch.set_num_threads(1)
+    model = LlamaForCausalLM.from_pretrained(BASE)
+    if schedule == "plain":
+        curve = {}
+        train(model, Path("unused"), GRPOConfig(steps=steps, seed=seed, eval_every=10),
+              on_step=lambda row: curve.update({row["step"]: row["accuracy"]}
+                                               if "accuracy" in row else {}), keep=set())
+        return {"curve": curve}
+    jump = schedule if schedule == "auto" else int(schedule)
+    r = accelerate(model, steps // 2, seed, 20, jump, False)
+    return {"curve": {p["real_step"]: p["accuracy"] for p in r["curve"]},
+            "jumps": [(j["real_step"], j["size"], j["rolled_back"]) for j in r["jumps"]]}
+
+
+def first(curve: dict, level: float) -> int | None:
+    return next((s for s in sorted(curve) if curve[s] >= level - 5e-4), None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--schedule", nargs="+", default=["40", "60", "auto"])
+    p.add_argument("--steps", type=int, default=400, help="the plain run's steps")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--plot", type=Path, help="accuracy vs real steps per seed (PNG)")
+    p.add_argument("--one", nargs=2, metavar=("SEED", "SCHEDULE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:  # a worker process
+        print(json.dumps(one(int(args.one[0]), args.one[1], args.steps)))
+        return
+    runs = [(s, k) for s in args.seeds for k in ["plain", *args.schedule]]
+
+    def launch(run):
+        out = subprocess.run([sys.executable, __file__, "--one", str(run[0]), run[1],
+                              "--steps", str(args.steps)], capture_output=True, text=True,
+                             check=True)
+        return run, json.loads(out.stdout.strip().splitlines()[-1])
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = dict(pool.map(launch, runs))
+    print("| seed | schedule | plain final | level | plain reaches it | run reaches it | share | "
+          "run's final | jumps |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    shares: dict[str, list] = {k: [] for k in args.schedule}
+    ends: dict[str, list] = {k: [] for k in args.schedule}
+    for seed in args.seeds:
+        plain = results[seed, "plain"]["curve"]
+        plain = {int(s): a for s, a in plain.items()}
+        final = plain[max(plain)]
+        level = round(final - 0.01, 3)
+        at = first(plain, level)
+        for k in args.schedule:
+            r = results[seed, k]
+            curve = {int(s): a for s, a in r["curve"].items()}
+            got = first(curve, level)
+            share = got / at if got is not None and at else None
+            shares[k].append(share)
+            ends[k].append(curve[max(curve)] - final)
+            sizes = ",".join(f"{n}{'x' if back else ''}" for _, n, back in r["jumps"])
+            print(f"| {seed} | {k} | {final:.3f} | {level:.3f} | {at} | {got} | "
+                  f"{'-' if share is None else f'{share:.0%}'} | {curve[max(curve)]:.3f} | "
+                  f"{sizes} |")
+    print()
+    for k in args.schedule:
+        known = sorted(x for x in shares[k] if x is not None)
+        median = known[len(known) // 2] if len(known) == len(shares[k]) else None
+        print(f"{k}: median share {'(some seeds never reach the level)' if median is None else f'{median:.0%}'}"
+              f"; reached in {len(known)} of {len(shares[k])} seeds; worst final vs plain's "
+              f"{min(ends[k]):+.3f}")
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, len(args.seeds), figsize=(4 * len(args.seeds), 3.2),
+                                 sharey=True, squeeze=False)
+        for ax, seed in zip(axes[0], args.seeds):
+            for k in ["plain", *args.schedule]:
+                c = {int(s): a for s, a in results[seed, k]["curve"].items()}
+                ax.plot(sorted(c), [c[s] for s in sorted(c)],
+                        label=k if k in ("plain", "auto") else f"jump {k}")
+            ax.set_title(f"seed {seed}")
+            ax.set_xlabel("real steps")
+        axes[0][0].set_ylabel("held-out accuracy")
+        axes[0][0].legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=100)
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""jump="auto": each jump sized from the run's own evidence, and a guard against slow decline.
+
+At every cycle end the Accelerator hands `AutoJump.decide` three things that are the same on
+every rank (computed from all-reduced sums):
+
+- the cycle's backtest: fit the cycle's first snapshots, predict its last ones, from the Gram
+  matrices already summed for the fit (analysis.backtest.verified_horizon). Where the trend of
+  its error would cross the limit, R x the cycle, caps the jump at (R - 1) x cycle steps past
+  the cycle end (no crossing in sight: max_jump; a cycle of 10 snapshots cannot verify more
+  than 3.3x by itself, so the trend, not the verified ratio, is the cap);
+- the confirmation of the previous jump: did the guard keep it, and did the reward after it
+  reach the reward before it? Confirmed jumps grow by `growth` (up to `max_jump`); a jump that
+  was not confirmed halves the next one;
+- the reward's gain: the pooled mean reward of this cycle minus the last one's. Below `flat`
+  reward units for two cycle ends in a row the run is on a plateau and the next jump halves,
+  down to 0 (one noisy cycle does not shrink it: a step's training reward is noisy, and a
+  least-squares slope inside one cycle was dominated by that noise on the demo). With no jump
+  left and a flat reward the run has converged (`converged`): the real steps not trained are
+  the saving.
+
+The slow-decline guard (`Decline`) keeps the best cycle mean reward seen and the weights at the
+end of that cycle (in the snapshot store, RAM or snapshot_dir: one more copy of the rank's
+trainable weights); when `patience` cycles in a row end more than `margin` below it, the
+Accelerator restores those weights and the next jumps halve. A jump's own guard (guard.py)
+catches a sudden drop; this catches a slide made of drops each below the margin.
+"""
+
+from __future__ import annotations
+
+import math
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from relex.analysis.backtest import verified_horizon
+
+log = logging.getLogger("relex.loop.accelerator")
+
+
+@dataclass
+class Decision:
+    """One cycle end's choice: the jump written now and why (logged, recorded in Jump)."""
+
+    size: int
+    reason: str
+    horizon: float | None = None  # the cycle backtest's limit (x the cycle)
+    slope: float | None = None  # reward change per cycle, fitted over the cycle
+
+
+@dataclass
+class AutoJump:
+    """The sizing rule. cycle, every: the Accelerator's; start: the first jump (default the
+    cycle); max_jump: the cap (default 4 cycles); growth: factor per confirmed jump; flat:
+    reward change per cycle below which the reward counts as flat."""
+
+    cycle: int
+    every: int
+    start: int | None = None
+    max_jump: int | None = None
+    growth: float = 1.5
+    flat: float = 0.01
+    size: int = field(init=False)
+    converged: bool = field(init=False, default=False)
+    _flat_before: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.max_jump = self.max_jump if self.max_jump is not None else 4 * self.cycle
+        self.size = min(self.max_jump, self.start if self.start is not None else self.cycle)
+
+    def decide(self, horizon: float | None, confirmed: bool | None,
+               slope: float | None) -> Decision:
+        """The next jump from the cycle's backtest horizon (None: too few snapshots), the last
+        jump's confirmation (None: nothing to confirm) and the reward gain per cycle (None:
+        the first cycle)."""
+        size, why = self.size, []
+        if confirmed is True:
+            size = min(self.max_jump, max(size + self.every, math.ceil(size * self.growth)))
+            why.append(f"last jump confirmed: x{self.growth:g}")
+        elif confirmed is False:
+            size //= 2
+            why.append("last jump not confirmed: halved")
+        below = slope is not None and slope < self.flat
+        flat, self._flat_before = below and self._flat_before, below
+        if flat:
+            size //= 2
+            why.append(f"reward flat ({slope:+.4f} per cycle, twice): halved")
+        elif size == 0 and slope is not None:  # the reward moves again: try a small jump
+            size = max(self.every, self.cycle // 2)
+            why.append(f"reward rising again ({slope:+.4f} per cycle)")
+        cap = self.cycle if horizon is None else max(0, int((horizon - 1.0) * self.cycle))
+        if size > cap:
+            size = cap
+            why.append("backtest: too few snapshots, cap one cycle" if horizon is None else
+                       f"backtest error reaches its limit at {horizon:.2f}x the cycle: cap {cap}")
+        size -= size % self.every
+        self.size = size
+        self.converged = size == 0 and flat
+        return Decision(size, "; ".join(why) or "as before", horizon, slope)
+
+
+@dataclass
+class Decline:
+    """The best cycle mean reward and how many cycles in a row ended `margin` below it."""
+
+    margin: float
+    patience: int = 2
+    best: float | None = None
+    below: int = 0
+
+    def observe(self, mean: float | None) -> str:
+        """'best' (a new best: keep these weights), 'restore' (a slide: go back to the best
+        weights), or 'ok'."""
+        if mean is None:
+            return "ok"
+        if self.best is None or mean > self.best:
+            self.best, self.below = mean, 0
+            return "best"
+        self.below = self.below + 1 if mean < self.best - self.margin else 0
+        if self.below >= self.patience:
+            self.below = 0
+            return "restore"
+        return "ok"
+
+
+class AutoMode:
+    """An Accelerator's jump="auto" state: the sizing rule, the slow-decline guard, and every
+    cycle end's decision. All inputs are the same on every rank, so every rank decides alike."""
+
+    def __init__(self, cycle: int, every: int, options):
+        self.sizer = AutoJump(cycle, every, max_jump=options.max_jump, growth=options.growth,
+                              flat=options.flat)
+        self.decline = Decline(options.guard_margin)
+        self.decisions: list[tuple[int, Decision]] = []  # (real step, decision) per cycle end
+        self.converged = False
+        self._judged = 0  # jumps whose outcome the rule has read
+        self._last_mean: float | None = None  # the previous cycle's pooled mean reward
+
+    def decide(self, acc, step: int, names, grams, parts, rewards) -> Decision | None:
+        """Size `acc`'s jump at this cycle end from the pooled per-step rewards (`rewards`: each
+        rank's (step, reward) list), the summed Gram matrices and the last jump's outcome.
+        None: no jump now (the jump shrank to 0, or the run slid and the best weights were
+        restored)."""
+        pooled: dict[int, list[float]] = {}
+        for rank_rewards in rewards:
+            for s, r in rank_rewards:
+                pooled.setdefault(s, []).append(r)
+        at = sorted(pooled)
+        means = [float(np.mean(pooled[s])) for s in at]
+        mean = float(np.mean(means)) if means else None
+        seen = self.decline.observe(mean)
+        if seen == "restore":
+            self._restore_best(acc, parts)
+            self.sizer.size //= 2
+            acc.jump = self.sizer.size
+            acc.skipped.append((step, "the reward slid below its best cycle: best weights "
+                                      "restored"))
+            log.warning("relex: the reward stayed more than %.3f below its best (%.3f) for %d "
+                        "cycles; restored the weights of the best cycle; next jumps: %d steps",
+                        self.decline.margin, self.decline.best, self.decline.patience, acc.jump)
+            return None
+        if seen == "best":
+            acc.store.keep_best(parts)  # the weights at the end of the best cycle so far
+        h = verified_horizon(dict(zip(names, grams)), acc.snap_steps, acc.config)
+        horizon = h.ratio  # None: too few snapshots; without a trend, the verified ratio
+        if h.trend:  # the trend's crossing, or no limit in sight: the cap is max_jump
+            horizon = h.limit if h.limit is not None else \
+                1.0 + self.sizer.max_jump / self.sizer.cycle
+        gain = None if mean is None or self._last_mean is None else mean - self._last_mean
+        self._last_mean = mean
+        d = self.sizer.decide(horizon, self._confirmation(acc.jumps), gain)
+        self.decisions.append((step, d))
+        acc.jump = d.size
+        if self.sizer.converged and not self.converged:
+            acc._say(f"relex: converged at real step {step} (virtual {acc.virtual_step}): no "
+                     f"jump left and the reward is flat ({d.reason})")
+        self.converged = self.sizer.converged
+        return d if d.size > 0 else None
+
+    def _confirmation(self, jumps) -> bool | None:
+        """Whether the last jump not yet read held up: True when the guard kept it and the
+        reward after it rose above the reward before it, False when it was rolled back, None
+        otherwise (no new jump, no reward to judge it, or a kept jump the reward did not
+        follow: neither grow nor shrink on that)."""
+        if self._judged == len(jumps):
+            return None
+        j, self._judged = jumps[-1], len(jumps)
+        if j.rolled_back:
+            return False
+        if j.reward_after is None or j.reward_before is None:
+            return None
+        return True if j.reward_after > j.reward_before else None
+
+    @staticmethod
+    def _restore_best(acc, parts) -> None:
+        with torch.no_grad():
+            for part in parts:
+                best = acc.store.best_of(part.name)
+                if best is not None:
+                    part.tensor.copy_(best.to(part.tensor.device))
+                    if part.flush is not None:
+                        part.flush()
+        acc.layout.refresh()

@@ -1,0 +1,142 @@
+"""jump="auto" (relex/loop/sizing.py): the sizing rule on synthetic trajectories, the
+slow-decline guard, the stop signal, and the same decisions on every rank."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import relex
+from relex import Accelerator
+from relex.loop.sizing import AutoJump, Decline
+
+TESTS = Path(__file__).parent
+
+
+class Line(torch.nn.Module):
+    """One weight that the 'training' below moves by hand: a known trajectory."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(64, 32))
+
+
+def drive(acc, model, steps, move, reward, start=1):
+    """Add move(step) to the weight after each step (the update an optimizer would make from
+    the current weights, jumped or not) and report reward(step, weights)."""
+    for s in range(start, start + steps):
+        with torch.no_grad():
+            model.w.add_(move(s))
+        acc.step(s, reward=reward(s, model.w))
+
+
+def test_a_straight_line_grows_the_jump_to_the_cap():
+    model = Line()
+    v = torch.randn(64, 32, generator=torch.Generator().manual_seed(1)) * 1e-3
+    acc = Accelerator(model, cycle=10, every=2, jump="auto", max_jump=60, guard_steps=2,
+                      verbose=False)
+    # the reward follows the position along v: a jump ahead is a reward ahead (confirmed)
+    drive(acc, model, 100, lambda s: v, lambda s, w: float((w * v).sum() / (v * v).sum()) / 1e3)
+    sizes = [d.size for _, d in acc.decisions]
+    assert sizes[0] == 10 and sizes == sorted(sizes) and sizes[-1] == 60, sizes
+    assert all(not j.rolled_back for j in acc.jumps)
+
+
+def test_a_bend_keeps_the_jump_short():
+    """The direction turns within each cycle: the cycle's backtest error grows fast with the
+    horizon, and its limit caps the jump below what a straight line gets."""
+    model = Line()
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(2, 64, 32, generator=g) * 1e-3
+    acc = Accelerator(model, cycle=10, every=2, jump="auto", max_jump=60, guard_steps=2,
+                      verbose=False)
+    turn = lambda s: a * torch.cos(torch.tensor(s * 0.6)) + b * torch.sin(torch.tensor(s * 0.6))
+    drive(acc, model, 100, turn, lambda s, w: 0.01 * s)
+    capped = [d for _, d in acc.decisions if "limit" in d.reason]
+    assert capped and max(d.size for _, d in acc.decisions) < 60
+    assert all(d.horizon is not None and d.horizon < 7 for d in capped)
+
+
+def test_noise_does_not_make_it_oscillate():
+    """A reward gain that crosses the flat threshold every other cycle is noise, not a
+    plateau: the jump keeps growing (a plateau needs two flat cycle ends in a row)."""
+    rule = AutoJump(cycle=20, every=2, max_jump=80)
+    sizes = [rule.decide(10.0, True, gain).size for gain in [0.03, 0.002, 0.03, 0.002] * 3]
+    assert sizes == sorted(sizes) and sizes[-1] == 80
+    rule = AutoJump(cycle=20, every=2, max_jump=80)
+    sizes = [rule.decide(10.0, None, gain).size for gain in [0.002, 0.002, 0.002, 0.002]]
+    assert sizes == [20, 10, 4, 2]  # a real plateau halves it (to a multiple of every)
+
+
+def test_the_stop_signal():
+    """A flat reward shrinks the jumps to nothing; then relex says the run has converged."""
+    model = Line()
+    v = torch.randn(64, 32, generator=torch.Generator().manual_seed(3)) * 1e-3
+    acc = Accelerator(model, cycle=6, every=2, jump="auto", guard_steps=2, verbose=False)
+    drive(acc, model, 90, lambda s: v, lambda s, w: 0.5)
+    assert acc.converged and acc.decisions[-1][1].size == 0
+    assert "flat" in acc.decisions[-1][1].reason
+    steps = [j.real_step for j in acc.jumps]
+    assert steps and max(steps) < 90  # no jump once converged
+
+
+def test_a_slow_decline_is_rolled_back_to_the_best_state_bit_for_bit():
+    """Each cycle's reward is 0.01 below the last (each drop well inside the jump guard's 0.05
+    margin); once two cycle ends in a row lie more than 0.05 below the best, the weights of the
+    best cycle's end come back exactly, and the next jumps halve."""
+    model = Line()
+    v = torch.randn(64, 32, generator=torch.Generator().manual_seed(4)) * 1e-3
+    acc = Accelerator(model, cycle=6, every=2, jump="auto", guard_steps=2, verbose=False)
+    seen = {}
+
+    def reward(s, w):
+        seen[s] = w.detach().clone()
+        return 0.9 - 0.01 * (s // 6)
+
+    drive(acc, model, 60, lambda s: v, reward)
+    back = [(s, why) for s, why in acc.skipped if "best weights restored" in why]
+    assert len(back) >= 1
+    step = back[0][0]
+    assert step == 6 * 8  # best at the first cycle end; 0.06 below it at the 7th and 8th
+    best = acc.store.best_of("w")
+    assert torch.equal(best, seen[6].reshape(-1))  # kept at the best cycle's end, before its jump
+    rule = Decline(margin=0.05)
+    assert [rule.observe(0.9 - 0.01 * c) for c in range(9)] == [
+        "best", "ok", "ok", "ok", "ok", "ok", "ok", "restore", "ok"]
+
+
+def test_the_weights_after_a_restore_are_the_best_state(monkeypatch):
+    model = Line()
+    v = torch.randn(64, 32, generator=torch.Generator().manual_seed(5)) * 1e-3
+    acc = Accelerator(model, cycle=6, every=2, jump="auto", guard_steps=2, verbose=False)
+    after = {}
+    original = acc.auto._restore_best
+
+    def spy(a, parts):
+        original(a, parts)
+        after["w"] = model.w.detach().clone()
+
+    monkeypatch.setattr(acc.auto, "_restore_best", spy)
+    drive(acc, model, 48, lambda s: v, lambda s, w: 0.9 - 0.01 * (s // 6))
+    assert torch.equal(after["w"].reshape(-1), acc.store.best_of("w"))
+
+
+def test_every_rank_decides_alike_with_different_shards_and_rewards(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    env = dict(os.environ, OMP_NUM_THREADS="1", RELEX_LOOP_TIMEOUT="60",
+               PYTHONPATH=os.pathsep.join([str(TESTS), str(Path(relex.__file__).parents[1])]))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", str(TESTS / "auto_run.py"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["disabled"] is None and r1["disabled"] is None
+    assert len(r0["decisions"]) == 6 and r0["decisions"] == r1["decisions"]
+    assert [(j["real_step"], j["size"]) for j in r0["jumps"]] == \
+        [(j["real_step"], j["size"]) for j in r1["jumps"]]
