@@ -334,10 +334,11 @@ class Accelerator:
         except Exception as e:  # noqa: BLE001 -- shared with the other ranks, then handled
             return written, _failure(e)
 
-    def _restore(self, parts: list[shards.Part], refresh: bool = True) -> None:
+    def _restore(self, parts: list[shards.Part], refresh: bool = True, source=None) -> None:
+        """Copy back the pre-jump weights (or `source(name)`'s: the best state) where kept."""
         with torch.no_grad():
             for part in parts:
-                pre = self.store.pre_of(part.name)
+                pre = (source or self.store.pre_of)(part.name)
                 if pre is not None:
                     part.tensor.copy_(pre.to(part.tensor.device))
                     if part.flush is not None:

@@ -32,7 +32,6 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from relex.analysis.backtest import verified_horizon
 
@@ -194,11 +193,4 @@ class AutoMode:
 
     @staticmethod
     def _restore_best(acc, parts) -> None:
-        with torch.no_grad():
-            for part in parts:
-                best = acc.store.best_of(part.name)
-                if best is not None:
-                    part.tensor.copy_(best.to(part.tensor.device))
-                    if part.flush is not None:
-                        part.flush()
-        acc.layout.refresh()
+        acc._restore(parts, source=acc.store.best_of)
