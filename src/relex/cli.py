@@ -66,7 +66,6 @@ class Command:
     epilog: bool = False
 
 
-INTEGRITY = ["skip_unreadable", "verify_checksums"]
 FIT = ["method", "rank", "fit", "window"]
 RESOURCES = (Resources, None, None)
 REQUIRED_OUTPUT = {"output": {"required": True}}
@@ -80,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"relex {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in COMMANDS.items():
-        kw = dict(formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG) \
+        look = dict(formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG) \
             if cmd.epilog else {}
-        p = sub.add_parser(name, help=cmd.help, description=cmd.description, **kw)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description, **look)
         for group, changes, only in cmd.groups:
             group.add_to(p, changes, only)
         for flags, kw in cmd.extra:

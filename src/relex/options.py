@@ -66,8 +66,8 @@ class OptionGroup:
 
     @classmethod
     def add_to(cls, parser: argparse.ArgumentParser, changes: dict | None = None,
-               only: list[str] | None = None, skip: tuple[str, ...] = ()) -> None:
-        """Add the group's flags to `parser` (or a subset: `only`, `skip`).
+               only: list[str] | None = None) -> None:
+        """Add the group's flags to `parser` (or only the fields named in `only`).
 
         changes: {field name: argparse keyword arguments} for this command only, e.g.
         {"output": {"required": True, "help": "report directory"}}; "flags" renames the flag."""
@@ -75,7 +75,7 @@ class OptionGroup:
         sections = parser.__dict__.setdefault("_relex_sections", {})
         exclusive: dict[str, Any] = {}
         for f in fields(cls):
-            if (only is not None and f.name not in only) or f.name in skip:
+            if only is not None and f.name not in only:
                 continue
             meta = f.metadata
             kw = {"help": meta["help"], **meta["argparse"], **changes.get(f.name, {})}
@@ -97,10 +97,9 @@ class OptionGroup:
             target.add_argument(*flags, **kw)
 
     @classmethod
-    def from_args(cls, ns: argparse.Namespace, **extra):
+    def from_args(cls, ns: argparse.Namespace):
         """The group as parsed; fields the command did not offer keep their defaults."""
-        got = {n: getattr(ns, n) for n in cls.names() if hasattr(ns, n)}
-        return cls(**{**got, **extra})
+        return cls(**{n: getattr(ns, n) for n in cls.names() if hasattr(ns, n)})
 
     @staticmethod
     def doc_line(f) -> str:

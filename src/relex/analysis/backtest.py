@@ -107,13 +107,18 @@ class Horizon:
     trend: bool = False
 
     def beyond(self, targets: list[int], last: int) -> list[int]:
-        """The targets past the verified horizon (every target after `last` when unknown)."""
-        limit = self.up_to_step if self.up_to_step is not None else last
-        return [t for t in targets if t > limit]
+        return beyond_horizon(self.up_to_step, targets, last)
 
     def as_dict(self) -> dict:
         return {"verified_horizon_ratio": None if self.ratio is None else round(self.ratio, 3),
                 "verified_up_to_step": self.up_to_step, "rule": self.rule}
+
+
+def beyond_horizon(up_to_step: int | None, targets: list[int], last: int) -> list[int]:
+    """The targets past a verified horizon ending at `up_to_step` (every target after the last
+    observed step `last` when the horizon is unknown)."""
+    limit = up_to_step if up_to_step is not None else last
+    return [t for t in targets if t > limit]
 
 
 def verified_horizon(grams: dict[str, np.ndarray], steps, config: FitConfig) -> Horizon:

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relex.analysis.backtest import beyond_horizon
 from relex.api import extrapolate
 from relex.checkpoints.discover import discover
 from relex.errors import RelexError
@@ -91,8 +92,8 @@ def sweep(*, inputs: Inputs, fit: FitOptions, evaluation: EvalOptions, resources
             report = extrapolate(targets=targets, output=tmp / "candidates",
                                  progress=out.progress, **vars(inputs), **vars(resources),
                                  **{k: v for k, v in vars(fit).items() if k != "targets"})
-        limit = (report.horizon or {}).get("verified_up_to_step")
-        beyond = [t for t in targets if limit is None or t > limit]
+        beyond = beyond_horizon((report.horizon or {}).get("verified_up_to_step"), targets,
+                                report.observed_steps[-1])
         models = [tmp / "candidates" / f"step-{t}" for t in targets]
         reals = [found[t] for t in targets if t in found]
         common = dict(vars(ev), progress=out.progress)

@@ -45,7 +45,7 @@ class Decision:
     size: int
     reason: str
     horizon: float | None = None  # the cycle backtest's limit (x the cycle)
-    slope: float | None = None  # reward change per cycle, fitted over the cycle
+    gain: float | None = None  # pooled mean reward of this cycle minus the last one's
 
 
 @dataclass
@@ -69,7 +69,7 @@ class AutoJump:
         self.size = min(self.max_jump, self.start if self.start is not None else self.cycle)
 
     def decide(self, horizon: float | None, confirmed: bool | None,
-               slope: float | None) -> Decision:
+               gain: float | None) -> Decision:
         """The next jump from the cycle's backtest horizon (None: too few snapshots), the last
         jump's confirmation (None: nothing to confirm) and the reward gain per cycle (None:
         the first cycle)."""
@@ -80,14 +80,14 @@ class AutoJump:
         elif confirmed is False:
             size //= 2
             why.append("last jump not confirmed: halved")
-        below = slope is not None and slope < self.flat
+        below = gain is not None and gain < self.flat
         flat, self._flat_before = below and self._flat_before, below
         if flat:
             size //= 2
-            why.append(f"reward flat ({slope:+.4f} per cycle, twice): halved")
-        elif size == 0 and slope is not None:  # the reward moves again: try a small jump
+            why.append(f"reward flat ({gain:+.4f} per cycle, twice): halved")
+        elif size == 0 and gain is not None:  # the reward moves again: try a small jump
             size = max(self.every, self.cycle // 2)
-            why.append(f"reward rising again ({slope:+.4f} per cycle)")
+            why.append(f"reward rising again ({gain:+.4f} per cycle)")
         cap = self.cycle if horizon is None else max(0, int((horizon - 1.0) * self.cycle))
         if size > cap:
             size = cap
@@ -96,7 +96,7 @@ class AutoJump:
         size -= size % self.every
         self.size = size
         self.converged = size == 0 and flat
-        return Decision(size, "; ".join(why) or "as before", horizon, slope)
+        return Decision(size, "; ".join(why) or "as before", horizon, gain)
 
 
 @dataclass

@@ -66,8 +66,8 @@ def write(job: WriteJob) -> Report:
         output, job.out.overwrite, [job.inputs.base, *job.inputs.observed.values()],
         _output_bytes(job)) if group.leader else None)
     started = time.perf_counter()
-    if job.grams is not None:  # a saved fit: the horizon is known before the pass
-        _horizon(job, job.grams)
+    # a saved fit: the horizon is known (and --strict-horizon can refuse) before the pass
+    checked = _horizon(job, job.grams) if job.grams is not None else None
     owner = torchrun.split([sum(i.nbytes for i in (p.sources if p.moves else (p.base,)))
                             for p in traj.plans], group.size)
     plan = PassPlan([p for p, r in zip(traj.plans, owner) if r == group.rank], len(job.targets),
@@ -96,7 +96,7 @@ def write(job: WriteJob) -> Report:
             for w in writers:
                 w.abort()
         _gather(group, result, traj)
-        horizon, beyond = _horizon(job, job.grams if job.grams is not None else result.grams)
+        horizon, beyond = checked or _horizon(job, result.grams)
         report = Report(output, {s: output / f"step-{s}" for s in job.targets},
                         list(map(int, traj.steps)), len(traj.plans),
                         sum(p.moves and not p.unchanged for p in traj.plans),
