@@ -20,6 +20,7 @@ from relex.formats import open_reader
 from relex.keywords import takes
 from relex.options import FitOptions, Inputs, OutputOptions, Resources
 from relex.output.adapter import adapter_rank
+from relex.output.native import Template
 from relex.output.fitfile import FIT_FILE, check_fingerprint, load_fit, save_fit
 from relex.output.job import WriteJob, write
 from relex.output.model import atomic_directory, check_output
@@ -70,8 +71,11 @@ def extrapolate(*, inputs: Inputs, fit: FitOptions, resources: Resources, out: O
     config = FitConfig(fit.method, fit.rank, parse_fit(fit.fit), fit.window)
     targets = _parse_targets(fit.targets)
     group = group or torchrun.from_environment(resources.device)
-    if out.output_format not in ("hf", "lora"):
-        raise RelexError(f"--output-format {out.output_format}: expected hf or lora")
+    if out.output_format not in ("hf", "lora", "native"):
+        raise RelexError(f"--output-format {out.output_format}: expected hf, lora or native")
+    if out.output_format == "native" and out.dtype is not None:
+        raise RelexError("--dtype: native output keeps each tensor in the dtype the trainer "
+                         "stores it in; drop --dtype")
     if out.lora_rank is not None and out.output_format != "lora":
         raise RelexError("--lora-rank is the rank of an adapter output: add --output-format "
                          "lora")
@@ -99,9 +103,16 @@ def extrapolate(*, inputs: Inputs, fit: FitOptions, resources: Resources, out: O
                 else None)
         for note in notes:
             warnings.warn(note, stacklevel=3)
+        native = None
+        if out.output_format == "native":
+            native = Template.of(traj.checkpoints[-1], observed[-1],
+                                 {p.name: p.shape for p in traj.plans
+                                  if p.moves and not p.unchanged},
+                                 out.allow_fresh_optimizer)
+            traj.widen(native.dtypes)
         job = WriteJob("extrapolate", traj, resolved, targets, rule, config, out, resources, group,
-                   grams=grams, from_fit=inputs.from_fit, adapter_rank=rank, notes=notes,
-                   strict_horizon=fit.strict_horizon)
+                       grams=grams, from_fit=inputs.from_fit, adapter_rank=rank, notes=notes,
+                       strict_horizon=fit.strict_horizon, native=native)
         report = write(job)
         for line in report.warnings:
             warnings.warn(line, stacklevel=3)  # the caller of the @takes wrapper

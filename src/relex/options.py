@@ -229,9 +229,16 @@ class OutputOptions(OptionGroup):
                             section="output and resources",
                             help="no progress bar or table")
     output_format: str = option(
-        "hf", "--output-format", choices=["hf", "lora"], section="LoRA runs",
-        help="hf: a model directory per target (default); lora: a PEFT adapter directory per "
-             "target (adapter_config.json + adapter_model.safetensors; a LoRA run only)")
+        "hf", "--output-format", choices=["hf", "lora", "native"],
+        section="output and resources",
+        help="hf: a model directory per target (default); native: a copy of the run's last "
+             "checkpoint in the trainer's own layout with the target's weights, optimizer and "
+             "step kept, to resume the trainer from; lora: a PEFT adapter directory per target "
+             "(a LoRA run only)")
+    allow_fresh_optimizer: bool = option(
+        False, "--allow-fresh-optimizer", action="store_true", section="output and resources",
+        help="with --output-format native: accept a last checkpoint without optimizer state "
+             "(resuming from it starts a fresh optimizer)")
     lora_rank: int | None = option(
         None, "--lora-rank", type=int, metavar="R", section="LoRA runs",
         help="with --output-format lora: the adapter's rank (default: the run's r; at most "

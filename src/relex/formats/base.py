@@ -130,6 +130,13 @@ class Reader:
         """The data files this checkpoint's tensors come from (for fingerprints)."""
         return []
 
+    def places(self, name: str) -> list:
+        """Every copy this checkpoint keeps of tensor `name` (chunked.Place: boxes of stored
+        bytes), for writing a tensor back into a copy of the checkpoint
+        (--output-format native). Formats relex cannot write into raise RelexError."""
+        raise RelexError(f"{self.path}: relex reads {self.format} checkpoints but cannot write "
+                         f"into them; use --output-format hf (a Hugging Face model directory)")
+
     @property
     def config(self) -> dict | None:
         """config.json as a dict, or None when there is none."""

@@ -30,6 +30,21 @@ class Chunk:
     tensor: StoredTensor
 
 
+@dataclass(frozen=True)
+class Place:
+    """One copy a checkpoint keeps of a tensor's values, as boxes tiling `shape` in `dtype`.
+
+    `shape` is the tensor's own shape, or its flattened (numel,) where a trainer keeps the
+    values in flat buffers (DeepSpeed's fp32 master partitions): flat element k is the same
+    element either way. A checkpoint may keep several (the 16-bit module weights and the
+    optimizer's fp32 masters; every rank's replica): writing a tensor back (output/native.py)
+    writes all of them, or resuming would undo the write."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[Chunk, ...]
+
+
 class ChunkedTensor:
     """A global tensor stored as N-d boxes (FSDP shards, DCP chunks), read by element range.
 
@@ -156,6 +171,10 @@ class ChunkedReader(Reader):
     def prefetch(self, name, start, stop):
         self._chunked[name].prefetch(start, stop)
 
+    def places(self, name: str) -> list[Place]:
+        t = self._chunked[name]
+        return [Place(t.shape, t.dtype, tuple(t.chunks))]
+
     def close(self) -> None:
         self._maps.close()
 
@@ -178,17 +197,24 @@ def _overlapping(chunks: list[Chunk]) -> tuple[Chunk, Chunk] | None:
     return None
 
 
-def _fill(out: torch.Tensor, shape, a: int, b: int, pieces, maps) -> None:
+def _fill(out: torch.Tensor, shape, a: int, b: int, pieces, maps,
+          scatter: bool = False) -> None:
     """out[:] = flat elements [a, b) of a tensor of `shape` made of pieces [(offsets, src)]:
-    src is a Chunk (rows read from the map on demand) or an N-d tensor already sliced.
+    src is a Chunk (rows viewed through `maps` on demand) or an N-d tensor already sliced.
+    With scatter, the other way round: the pieces' elements [a, b) = out (`maps` then gives
+    writable views: output/native.py).
 
     Whole rows are copied box by box with tensor slicing; a partial first or last row is the
     same problem one dimension down."""
     if a >= b:
         return
+
+    def copy(dst, src):
+        (src if scatter else dst).copy_(dst if scatter else src)
+
     if not shape:
         src = pieces[0][1]
-        out.copy_((src.tensor.view(maps) if isinstance(src, Chunk) else src).reshape(1))
+        copy(out, (src.tensor.view(maps) if isinstance(src, Chunk) else src).reshape(1))
         return
     inner = numel(shape[1:])
 
@@ -203,7 +229,7 @@ def _fill(out: torch.Tensor, shape, a: int, b: int, pieces, maps) -> None:
             size0 = (src.tensor.shape if isinstance(src, Chunk) else src.shape)[0]
             if offs[0] <= row < offs[0] + size0:
                 sub.append((offs[1:], rows(src, row, row + 1, offs[0])[0]))
-        _fill(dst, shape[1:], lo, hi, sub, maps)
+        _fill(dst, shape[1:], lo, hi, sub, maps, scatter)
 
     row_a, row_b = a // inner, b // inner
     if row_a == row_b:
@@ -222,6 +248,6 @@ def _fill(out: torch.Tensor, shape, a: int, b: int, pieces, maps) -> None:
             if lo < hi:
                 idx = (slice(lo - first, hi - first),) + tuple(
                     slice(o, o + s) for o, s in zip(offs[1:], size[1:]))
-                region[idx] = rows(src, lo, hi, offs[0])
+                copy(region[idx], rows(src, lo, hi, offs[0]))
     if b % inner:
         partial(row_b, 0, b % inner, out[row_b * inner - a:])

@@ -18,6 +18,8 @@ import torch
 
 from relex.errors import RelexError
 from relex.formats.base import DTYPES, MappedFiles, Reader, TensorMeta
+from relex.formats.chunked import Chunk, Place
+from relex.formats.unpickler import Storage, StoredTensor
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -188,6 +190,13 @@ class HFReader(Reader):
         info = self.tensors[name]
         size = info.itemsize
         self._maps.prefetch(info.file, info.offset + start * size, (stop - start) * size)
+
+    def places(self, name: str) -> list[Place]:
+        info = self.tensors[name]
+        stride = tuple(torch.empty(info.shape, device="meta").stride())
+        stored = StoredTensor(Storage(name, DTYPES[info.dtype], info.numel, info.file,
+                                      info.offset), 0, info.shape, stride)
+        return [Place(info.shape, info.dtype, (Chunk((0,) * len(info.shape), stored),))]
 
     def close(self) -> None:
         self._maps.close()

@@ -154,6 +154,12 @@ class LoraReader(Reader):
         return (base + delta).to(base.dtype)  # peft's in-place add: promote, round to base
 
     # ------------------------------------------------------------------ exact deltas
+    def places(self, name: str) -> list:
+        raise RelexError(f"{self.path}: a LoRA checkpoint cannot take an extrapolated model in "
+                         f"place: its adapter would be re-factorised and the optimizer's "
+                         f"moments belong to the old factors; use --output-format lora (an "
+                         f"adapter to start a new run from) or hf")
+
     def delta_kind(self, name: str) -> str:
         """"factors" for a LoRA'd weight, "delta" for a lora_B bias or a full tensor saved in
         the adapter file, "zero" for every other tensor (see Reader.delta_kind)."""

@@ -111,6 +111,7 @@ def load(file: Path, offset: int = 0, length: int | None = None, where: str | No
                              f"{str(e)[:100]}); {fix}") from None
         check_bounded(obj, len(data), where)
         ends = sorted([i.header_offset for i in members.values()] + [zf.start_dir])
+        central = _central_crcs(f, offset, zf.start_dir, length)
         placed = {}
         for key, st in storages.items():
             member = members.get(f"{prefix}data/{key}")
@@ -120,8 +121,11 @@ def load(file: Path, offset: int = 0, length: int | None = None, where: str | No
             if member.compress_type != zipfile.ZIP_STORED or member.file_size != nbytes:
                 raise RelexError(f"{where}: storage '{key}' is compressed or has "
                                  f"{member.file_size} bytes instead of {nbytes}; {fix}")
-            start = _member_data(f, offset, length, member, ends, where, fix)
-            placed[key] = Storage(key, st.dtype, st.numel, file, offset + start, member.CRC)
+            start, crc_at = _member_data(f, offset, length, member, ends, where, fix)
+            crc_at += (offset + central[member.header_offset],) if member.header_offset in \
+                central else ()
+            placed[key] = Storage(key, st.dtype, st.numel, file, offset + start, member.CRC,
+                                  crc_at)
     try:
         return _place(obj, placed, where)
     except (RecursionError, MemoryError) as e:
@@ -173,11 +177,46 @@ def _open_archive(f, offset: int, length: int, where: str, fix: str):
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header
 
 
+_CENTRAL = struct.Struct("<4s12xI8xHHH8xI")  # a central directory entry, the fields we use
+
+
+def _central_crcs(f, offset: int, start_dir: int, length: int) -> dict[int, int]:
+    """{a member's local header offset: where its CRC-32 sits in the central directory}
+    (relative to the archive); what a writer updates after changing the member's bytes."""
+    out, pos = {}, start_dir
+    while pos + _CENTRAL.size <= length:
+        raw = os.pread(f.fileno(), _CENTRAL.size, offset + pos)
+        if len(raw) < _CENTRAL.size or raw[:4] != b"PK\x01\x02":
+            break
+        _, _, n, e, c, header = _CENTRAL.unpack(raw)
+        if header == 0xFFFFFFFF:  # zip64: the real offset is in the extra field
+            extra = os.pread(f.fileno(), e, offset + pos + _CENTRAL.size + n)
+            header = _zip64_offset(extra, raw)
+        out[header] = pos + 16
+        pos += _CENTRAL.size + n + e + c
+    return out
+
+
+def _zip64_offset(extra: bytes, raw: bytes) -> int:
+    """The local header offset from a zip64 extra field (the fields present are those whose
+    32-bit values are 0xFFFFFFFF, in the order: size, compressed size, offset)."""
+    usize, csize = struct.unpack_from("<II", raw, 20)[::-1]
+    i = 0
+    while i + 4 <= len(extra):
+        tag, size = struct.unpack_from("<HH", extra, i)
+        if tag == 1:
+            j = i + 4 + 8 * ((usize == 0xFFFFFFFF) + (csize == 0xFFFFFFFF))
+            return struct.unpack_from("<Q", extra, j)[0] if j + 8 <= i + 4 + size else -1
+        i += 4 + size
+    return -1
+
+
 def _member_data(f, offset: int, length: int, member: zipfile.ZipInfo, ends: list[int],
-                 where: str, fix: str) -> int:
-    """Where a stored member's bytes start in the archive, after checking its local header
-    (and data descriptor) against the central directory: zipfile trusts neither for members
-    we read ourselves, and a damaged name or extra length there shifts the data silently."""
+                 where: str, fix: str) -> tuple[int, tuple[int, ...]]:
+    """Where a stored member's bytes start in the archive, and where (absolute) its local
+    header or data descriptor holds its CRC-32, after checking both against the central
+    directory: zipfile trusts neither for members we read ourselves, and a damaged name or
+    extra length there shifts the data silently."""
     bad = f"{where}: corrupt zip entry '{member.filename}'"
     pos, nbytes = member.header_offset, member.file_size
     local = os.pread(f.fileno(), _LOCAL.size, offset + pos) if 0 <= pos <= length else b""
@@ -200,8 +239,10 @@ def _member_data(f, offset: int, length: int, member: zipfile.ZipInfo, ends: lis
     if start + nbytes > length:
         raise RelexError(f"{where}: truncated: storage '{member.filename}' ends at byte "
                          f"{start + nbytes} of {length}; {fix}")
+    crc_at = offset + pos + 14
     if flags & 0x08:  # sizes and CRC follow the data (torch.save writes them so)
         desc = os.pread(f.fileno(), 28, offset + start + nbytes)
+        crc_at = offset + start + nbytes + (4 if desc[:4] == b"PK\x07\x08" else 0)
         desc = desc[4:] if desc[:4] == b"PK\x07\x08" else desc
         crc = struct.unpack_from("<I", desc)[0] if len(desc) >= 4 else None
     elif csize != 0xFFFFFFFF and (csize, usize) != (member.compress_size, member.file_size):
@@ -212,7 +253,7 @@ def _member_data(f, offset: int, length: int, member: zipfile.ZipInfo, ends: lis
     nxt = next((e for e in ends if e > pos), length)
     if start + nbytes > nxt:
         raise RelexError(f"{bad} (its data runs into the next entry at byte {nxt}); {fix}")
-    return start
+    return start, (crc_at,)
 
 
 def _aliased(shape, stride) -> bool:

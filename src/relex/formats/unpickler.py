@@ -98,6 +98,9 @@ class Storage:
     file: Path
     offset: int = -1
     crc: int | None = None  # the zip member's CRC-32, checked as the pass reads it (Checksums)
+    #: absolute offsets in `file` of the 4-byte fields holding that CRC-32 (local header or
+    #: data descriptor, central directory): where output/native.py updates it after a write
+    crc_at: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

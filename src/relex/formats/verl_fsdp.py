@@ -23,6 +23,7 @@ from relex.formats.chunked import (
     Chunk,
     ChunkedReader,
     ChunkedTensor,
+    Place,
 )
 from relex.formats.torchzip import load
 from relex.formats.unpickler import (
@@ -220,6 +221,28 @@ class VerlFSDPReader(ChunkedReader):
             chunks.append(Chunk(tuple(offsets), part))
             pos += part.shape[dim]
         return ChunkedTensor(name, local.dtype, shape, chunks, self._maps, where)
+
+    def places(self, name: str) -> list[Place]:
+        """Every rank's copy: the pass reads one rank per shard, but each rank resumes from
+        its own file, so a write goes to the replicas too (one Place; chunks may repeat)."""
+        t = self._chunked[name]
+        _, shape, placements, mesh = self._layout(0, name)
+        shard = [i for i, (k, _) in enumerate(placements or []) if k == "shard"]
+        chunks = []
+        for rank in range(self.world):
+            value = self._states[rank][name]
+            local = value.get("_local_tensor") if isinstance(value, Record) else value
+            if not shard:
+                chunks.append(Chunk((0,) * len(local.shape), local))
+                continue
+            mesh = mesh or (self.world,)
+            axis, dim = shard[0], placements[shard[0]][1]
+            step = numel(mesh[axis + 1:])
+            offsets = [0] * len(shape)
+            offsets[dim] = sum(self._states[c * step][name].get("_local_tensor").shape[dim]
+                               for c in range(rank // step % mesh[axis]))
+            chunks.append(Chunk(tuple(offsets), local))
+        return [Place(t.shape, t.dtype, tuple(chunks))]
 
     def _check_coordinate(self, rank: int, value, mesh: tuple[int, ...] | None) -> None:
         """A rank file's DTensors know their mesh coordinates (torch >= 2.8): check the name."""

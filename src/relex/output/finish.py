@@ -51,8 +51,10 @@ def copy_model_files(src: Path, dst: Path, traj: Trajectory) -> None:
 
 
 def write_provenance(path: Path, report, traj: Trajectory, config, step: int, mode: str,
-                     from_fit) -> None:
-    """relex.json: the version, the inputs (absolute paths), the fit and its statistics."""
+                     from_fit, native=None) -> None:
+    """relex.json: the version, the inputs (absolute paths), the fit and its statistics; for
+    native output (native: output.native.Template) what was copied and the step it resumes
+    at."""
     prov = {
         "relex_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -74,6 +76,11 @@ def write_provenance(path: Path, report, traj: Trajectory, config, step: int, mo
     }
     if report.horizon is not None:
         prov["horizon"] = dict(report.horizon, beyond=report.warnings)
+    if native is not None:
+        prov["output_format"] = "native"
+        prov["native"] = {"copy_of": str(native.root.resolve()), "directory": native.root.name,
+                          "resume_step": report.observed_steps[-1],
+                          "model_copies": [str(s) for s in native.stores]}
     if report.output_format == "lora":
         prov["output_format"] = "lora"
         prov["lora"] = {"rank": report.lora_rank, "norm_share": report.norm_share.get(step, {}),

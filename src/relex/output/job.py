@@ -26,6 +26,7 @@ from relex.output.adapter import AdapterWriter, delta_outputs
 from relex.output.finish import copy_model_files, metadata_source, write_provenance
 from relex.output.fitfile import FIT_FILE, save_fit
 from relex.output.model import ModelWriter, atomic_directory, check_output, parse_size
+from relex.output.native import NativeWriter, Template, seal, tree_bytes
 from relex.results import Report
 from relex.stream import torchrun
 from relex.stream.engine import Engine
@@ -54,6 +55,12 @@ class WriteJob:
     notes: list[str] = field(default_factory=list)
     #: refuse targets beyond the verified horizon (--strict-horizon)
     strict_horizon: bool = False
+    #: write into copies of this step directory instead (--output-format native)
+    native: Template | None = None
+
+    @property
+    def output_format(self) -> str:
+        return "native" if self.native else "lora" if self.adapter_rank is not None else "hf"
 
 
 def write(job: WriteJob) -> Report:
@@ -62,9 +69,10 @@ def write(job: WriteJob) -> Report:
     traj, group, output = job.traj, job.group, Path(job.out.output)
     device = torchrun.device_of(job.resources.device, group)
     _check_arguments(job, device)
+    inputs = [job.inputs.base, *job.inputs.observed.values()]
+    inputs += [job.native.root] if job.native else []
     group.attempt("checking the output", lambda: check_output(
-        output, job.out.overwrite, [job.inputs.base, *job.inputs.observed.values()],
-        _output_bytes(job)) if group.leader else None)
+        output, job.out.overwrite, inputs, _output_bytes(job)) if group.leader else None)
     started = time.perf_counter()
     # a saved fit: the horizon is known (and --strict-horizon can refuse) before the pass
     checked = _horizon(job, job.grams) if job.grams is not None else None
@@ -103,7 +111,7 @@ def write(job: WriteJob) -> Report:
                         sum(not p.moves or p.unchanged for p in traj.plans),
                         traj.dropped, result.bytes_read, time.perf_counter() - started,
                         result.stats, job.config.rank,
-                        output_format="hf" if job.adapter_rank is None else "lora",
+                        output_format=job.output_format,
                         lora_rank=job.adapter_rank, notes=list(job.notes),
                         horizon=horizon, warnings=beyond)
         if job.adapter_rank is not None:
@@ -153,6 +161,8 @@ def _check_arguments(job: WriteJob, device: str) -> None:
 def _output_bytes(job: WriteJob) -> int:
     """Bytes the outputs will take (the free-space check)."""
     plans, k = job.traj.plans, job.adapter_rank
+    if job.native:
+        return tree_bytes(job.native.root) * len(job.targets)
     size = sum(p.numel * DTYPES[p.out_dtype].itemsize for p in plans
                if k is None or (p.exact and not p.factored))
     if k is not None:
@@ -170,7 +180,11 @@ def _open_writers(job: WriteJob, dirs: dict[int, Path], owned: set[str]) -> list
         for d in dirs.values():
             if create:
                 d.mkdir()
-            if job.adapter_rank is not None:
+            if job.native:
+                writers.append(NativeWriter(d, job.native, {
+                    p.name: p.numel for p in traj.plans if p.name in job.native.dtypes},
+                    create=create, owned=owned))
+            elif job.adapter_rank is not None:
                 writers.append(AdapterWriter(d, traj, job.adapter_rank, create=create,
                                              owned=owned))
             else:
@@ -209,7 +223,9 @@ def _finalize(job: WriteJob, tmp: Path, dirs: dict[int, Path], report: Report, r
              {p.name: p.numel for p in traj.plans})
     meta_src = metadata_source(traj)
     for step, d in dirs.items():
-        if job.adapter_rank is None:
+        if job.native:
+            seal(d, job.native)
+        elif job.adapter_rank is None:
             copy_model_files(meta_src, d, traj)
         write_provenance(d / "relex.json", report, traj, job.config, step, job.mode,
-                         job.from_fit)
+                         job.from_fit, job.native)

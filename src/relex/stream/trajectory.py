@@ -8,7 +8,7 @@ tensor data is read, so bad input fails in milliseconds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -171,6 +171,12 @@ class Trajectory:
         if base.is_float != row.is_float or (not base.is_float and base.dtype != row.dtype):
             raise RelexError(f"{ckpt.path}: tensor '{row.name}' is {row.dtype} but {base.dtype} "
                              f"in the base; only float tensors may change dtype")
+
+    def widen(self, dtypes: dict[str, str]) -> None:
+        """Compute and write the fitted tensors in these dtypes ({name: code}; native output:
+        the widest copy the trainer keeps, fp32 masters beside bf16 weights)."""
+        self.plans = [replace(p, out_dtype=dtypes[p.name]) if p.moves and p.name in dtypes
+                      else p for p in self.plans]
 
     @property
     def T(self) -> int:
