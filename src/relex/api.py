@@ -108,8 +108,12 @@ def extrapolate(*, inputs: Inputs, fit: FitOptions, resources: Resources, out: O
             native = Template.of(traj.checkpoints[-1], observed[-1],
                                  {p.name: p.shape for p in traj.plans
                                   if p.moves and not p.unchanged},
-                                 out.allow_fresh_optimizer)
+                                 out.allow_fresh_optimizer,
+                                 inputs.run_dir if inputs.run_dir and Path(
+                                     str(inputs.run_dir)).is_dir() else None)
             traj.widen(native.dtypes)
+            notes += [f"resume step {t}: {native.resume_hint(Path(out.output) / f'step-{t}')}"
+                      for t in targets]
         job = WriteJob("extrapolate", traj, resolved, targets, rule, config, out, resources, group,
                        grams=grams, from_fit=inputs.from_fit, adapter_rank=rank, notes=notes,
                        strict_horizon=fit.strict_horizon, native=native)

@@ -78,7 +78,9 @@ def write_provenance(path: Path, report, traj: Trajectory, config, step: int, mo
         prov["horizon"] = dict(report.horizon, beyond=report.warnings)
     if native is not None:
         prov["output_format"] = "native"
-        prov["native"] = {"copy_of": str(native.root.resolve()), "directory": native.root.name,
+        prov["native"] = {"copy_of": str(native.root.resolve()), "directory": str(native.rel),
+                          "resume": native.resume_hint(
+                              Path(report.output).resolve() / f"step-{step}"),
                           "resume_step": report.observed_steps[-1],
                           "model_copies": [str(s) for s in native.stores]}
     if report.output_format == "lora":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import shutil
 import threading
 import warnings
@@ -83,30 +84,53 @@ class Template:
     root: Path
     stores: tuple[Path, ...]
     dtypes: dict[str, str]
+    #: where the copy goes inside step-S/: the step directory's path in the run directory
+    #: (`_actor/global_step50` for OpenRLHF), so that step-S/ is a run directory the trainer
+    #: resumes from as it would from its own
+    rel: Path = Path()
 
     @classmethod
     def of(cls, last: formats.Reader, step: int, shapes: dict[str, tuple],
-           allow_fresh_optimizer: bool = False) -> "Template":
+           allow_fresh_optimizer: bool = False, run_dir: Path | None = None) -> "Template":
         """The template of a run whose last observed checkpoint (at `step`) `last` reads;
         shapes: the fitted tensors. Formats relex cannot write into refuse here."""
         for name in shapes:
             last.places(name)
         weights = last.path
         root = step_directory(weights, step)
+        rel = Path(root.name)
+        if run_dir is not None and root.resolve().is_relative_to(Path(run_dir).resolve()):
+            rel = root.resolve().relative_to(Path(run_dir).resolve()) or rel
         if not has_optimizer(root) and not allow_fresh_optimizer:
             raise RelexError(f"{root}: keeps no optimizer state (no optim* file), so resuming "
                              f"from native output would reset the optimizer; save the "
                              f"optimizer with the checkpoints, or pass --allow-fresh-optimizer")
         stores = weight_stores(root, weights, shapes)
         dtypes: dict[str, str] = {}
-        for rel in stores:
-            with formats.open_reader(root / rel) as r:
+        for store in stores:
+            with formats.open_reader(root / store) as r:
                 for name in shapes:
                     for place in r.places(name):
                         old = dtypes.get(name)
                         if old is None or DTYPES[place.dtype].itemsize > DTYPES[old].itemsize:
                             dtypes[name] = place.dtype
-        return cls(root, tuple(stores), dtypes)
+        return cls(root, tuple(stores), dtypes, rel if rel != Path() else Path(root.name))
+
+    def resume_hint(self, out: Path) -> str:
+        """How the detected trainer resumes from `out` (a step-S/ directory)."""
+        where = Path(out) / self.rel
+        if (self.root / "trainer_state.json").is_file():
+            return (f"transformers Trainer / TRL: trainer.train(resume_from_checkpoint="
+                    f"\"{where}\")")
+        if (self.root / "actor").is_dir():
+            return (f"verl: trainer.resume_mode=resume_path trainer.resume_from_path={where}")
+        if (self.root / "mp_rank_00_model_states.pt").is_file():
+            if self.rel.parent.name == "_actor":
+                return f"OpenRLHF: --load_checkpoint --ckpt_path {out}"
+            return f"DeepSpeed: engine.load_checkpoint(\"{where.parent}\")  # reads 'latest'"
+        if re.fullmatch(r"step_\d+", self.root.name):
+            return f"NeMo-RL: checkpointing.checkpoint_dir={where.parent}"
+        return f"resume the trainer from {where}"
 
 
 def tree_bytes(root: Path) -> int:
@@ -179,12 +203,13 @@ class NativeWriter:
     def __init__(self, directory: Path, template: Template, names: dict[str, int],
                  create: bool = True, owned: set[str] | None = None):
         self.directory = Path(directory)
-        root = self.directory / template.root.name
+        root = self.directory / template.rel
         if create:
+            root.parent.mkdir(parents=True, exist_ok=True)
             copy_tree(template.root, root)
             for pointer in POINTERS:
                 if (template.root.parent / pointer).is_file():
-                    shutil.copy2(template.root.parent / pointer, self.directory / pointer)
+                    shutil.copy2(template.root.parent / pointer, root.parent / pointer)
         self.owned = set(owned) if owned is not None else None
         self.sizes = dict(names)
         self._written = dict.fromkeys(names, 0)
@@ -271,7 +296,7 @@ def _write_rows(c: Chunk, place: Place, a: int, b: int, src: torch.Tensor) -> No
 def seal(directory: Path, template: Template) -> None:
     """Update the CRC-32 of every torch.save zip member the writers changed (torch.load does
     not check it, but zip tools and relex itself do)."""
-    root, names = Path(directory) / template.root.name, template.dtypes
+    root, names = Path(directory) / template.rel, template.dtypes
     for rel in template.stores:
         with formats.open_reader(root / rel) as r:
             storages = {c.tensor.storage for n in names for p in r.places(n)
