@@ -185,3 +185,33 @@ def test_scatter_into_column_boxes(tmp_path):
     assert torch.equal(got, want)
     raw = np.frombuffer(f.read_bytes(), np.float32)
     assert np.array_equal(raw[:15].reshape(5, 3), want.view(5, 7)[:, :3].numpy())
+
+
+def test_jump_restart_loop(trainer_run, tmp_path):
+    """relex jump twice around a real Trainer resume: the second cycle is fitted from the
+    jumped weights on the checkpoints saved after the resume, at steps counted from it."""
+    import shutil
+    run, base = tmp_path / "run", trainer_run / "base"
+    shutil.copytree(trainer_run / "run", run)
+    jumps = tmp_path / "jumps"
+    relex.jump(run, base=base, ahead=8, output=jumps, progress=False)
+    first = json.loads((jumps / "jump-1" / "jump.json").read_text())
+    assert first["resume_step"] == 8 and first["cycle_steps"] == list(STEPS)
+    ckpt = jumps / "jump-1" / "step-16" / "checkpoint-8"
+    assert Path(first["model"]) == ckpt.resolve()
+    with pytest.raises(RelexError, match=r"0 checkpoint\(s\) after step 8 .* jump-1"):
+        relex.jump(run, base=base, ahead=8, output=jumps, progress=False)
+
+    resumed = _trainer(run, max_steps=12)  # the trainer resumes into its own run directory
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    report = relex.jump(run, base=base, ahead=6, output=jumps, progress=False)
+    second = json.loads((jumps / "jump-2" / "jump.json").read_text())
+    assert second["resume_step"] == 12 and second["cycle_steps"] == [10, 12]
+    assert second["steps_ahead_in_total"] == 14
+    assert any("resume_from_checkpoint" in n for n in report.notes)
+    b = load_dir(ckpt)
+    ckpts = [load_dir(run / f"checkpoint-{s}") for s in (10, 12)]
+    ref = reference(b, ckpts, [2, 4], [10])[0]
+    got = load_dir(jumps / "jump-2" / "step-10" / "checkpoint-12")
+    for k in got:
+        assert_within_ulp(got[k], ref[k], k, b[k].double().numpy())

@@ -13,9 +13,10 @@ from relex.version import __version__  # noqa: E402
 from relex.errors import RelexError  # noqa: E402
 from relex.api import Analysis, Report, analyze, extrapolate, reconstruct  # noqa: E402
 from relex.loop.accelerator import Accelerator, Jump  # noqa: E402
+from relex.loop.restart import jump  # noqa: E402
 
 from relex.evaluation.evaluate import evaluate, grade_responses  # noqa: E402
 from relex.evaluation.sweep import sweep  # noqa: E402
 
 __all__ = ["Accelerator", "Analysis", "Jump", "RelexError", "Report", "analyze", "evaluate", "extrapolate",
-           "grade_responses", "reconstruct", "sweep", "__version__"]
+           "grade_responses", "jump", "reconstruct", "sweep", "__version__"]

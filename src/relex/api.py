@@ -105,7 +105,7 @@ def extrapolate(*, inputs: Inputs, fit: FitOptions, resources: Resources, out: O
             warnings.warn(note, stacklevel=3)
         native = None
         if out.output_format == "native":
-            native = Template.of(traj.checkpoints[-1], observed[-1],
+            native = Template.of(traj.checkpoints[-1],
                                  {p.name: p.shape for p in traj.plans
                                   if p.moves and not p.unchanged},
                                  out.allow_fresh_optimizer,

@@ -134,6 +134,21 @@ def _write_models(args) -> int:
     return 0
 
 
+def _jump(args) -> int:
+    from relex.loop.restart import jump
+    with warnings.catch_warnings():  # printed below, one line each
+        warnings.simplefilter("ignore", UserWarning)
+        report = call(jump, args)
+    for line in report.warnings:
+        print(f"relex: warning: {line}", file=sys.stderr)
+    if args.progress:
+        print(f"relex jump: wrote {report.output}")
+        print(report)
+    for note in report.notes:
+        print(f"relex: {note}")
+    return 0
+
+
 def _analyze(args) -> int:
     res = call(api.analyze, args)
     if not args.progress:
@@ -235,6 +250,23 @@ COMMANDS = {
                 (FitOptions, None, ["rank"]),
                 (OutputOptions, REQUIRED_OUTPUT,
                  ["output", "overwrite", "dtype", "max_shard_size", "progress"]), RESOURCES]),
+    "jump": Command(
+        "jump a running training ahead through its own checkpoints (any trainer)",
+        "The restart loop: fit the checkpoints RUN_DIR saved since the last jump, write the "
+        "model --ahead steps further into a copy of its last checkpoint (optimizer, schedule, "
+        "data order kept: --output-format native) as OUT/jump-K/, and print the trainer's "
+        "resume command. Stop the trainer, run this, resume; repeat.", _jump,
+        groups=[(Inputs, {"run_dir": {"nargs": None, "help": "the training output directory"},
+                          "base": {"required": True,
+                                   "help": "the model before RL (used by the first jump)"}},
+                 ["run_dir", "base"]),
+                (FitOptions, None, ["method", "fit", "window"]),
+                (OutputOptions, {"output": {"required": True,
+                                            "help": "directory of the jumps (jump-1/, ...)"}},
+                 ["output", "progress", "allow_fresh_optimizer"]),
+                (Resources, None, ["max_memory", "threads"])],
+        extra=[arg("--ahead", type=int, required=True, metavar="J",
+                   help="steps to jump past the latest checkpoint")]),
     "analyze": Command(
         "measure a run's rank-1 geometry and backtest how far it extrapolates",
         "Finding 1 (explained variance by rank), Finding 2 (linearity of the rank-1 "

@@ -39,13 +39,13 @@ from relex.formats.checksums import crc32
 POINTERS = ("latest_checkpointed_iteration.txt", "latest")
 
 
-def step_directory(weights: Path, step: int) -> Path:
-    """The trainer's directory for `step` that holds `weights` (global_step_N/,
-    checkpoint-N/, step_N/, ...): what a trainer resumes from, so what native output copies.
-    The weights directory itself when no parent is named after the step."""
+def step_directory(weights: Path) -> Path:
+    """The trainer's step directory that holds `weights` (global_step_N/, checkpoint-N/,
+    step_N/, ...: the nearest one, at most 3 levels up): what a trainer resumes from, so what
+    native output copies. The weights directory itself when none is named like one."""
     weights = Path(weights)
     for d in (weights, *list(weights.parents)[:3]):
-        if any(layout.step(d.name) == step for layout in LAYOUTS):
+        if any(layout.step(d.name) is not None for layout in LAYOUTS):
             return d
     return weights
 
@@ -90,14 +90,14 @@ class Template:
     rel: Path = Path()
 
     @classmethod
-    def of(cls, last: formats.Reader, step: int, shapes: dict[str, tuple],
+    def of(cls, last: formats.Reader, shapes: dict[str, tuple],
            allow_fresh_optimizer: bool = False, run_dir: Path | None = None) -> "Template":
-        """The template of a run whose last observed checkpoint (at `step`) `last` reads;
-        shapes: the fitted tensors. Formats relex cannot write into refuse here."""
+        """The template of a run whose last observed checkpoint `last` reads; shapes: the
+        fitted tensors. Formats relex cannot write into refuse here."""
         for name in shapes:
             last.places(name)
         weights = last.path
-        root = step_directory(weights, step)
+        root = step_directory(weights)
         rel = Path(root.name)
         if run_dir is not None and root.resolve().is_relative_to(Path(run_dir).resolve()):
             rel = root.resolve().relative_to(Path(run_dir).resolve()) or rel
