@@ -2,8 +2,8 @@
 
 Every `relex ...` line in the README's shell blocks and every complete Python block runs on a
 tiny generated run: `base-model` is the demo's 0.4M-parameter Llama (tokenizer-free, so the
-`arithmetic` datasets grade it), `runs/grpo/checkpoint-N` (N = 5, 10, ..., 100) follow a rank-1
-trajectory with a coefficient linear in the step plus noise. Each example runs in a directory of
+`arithmetic` datasets grade it), `runs/grpo/checkpoint-N` (N = 5, 10, ..., 100, each with an
+optimizer.pt) follow a rank-1 trajectory with a coefficient linear in the step plus noise. Each example runs in a directory of
 its own beside those two (and beside `out`, the README's first extrapolation, for the examples
 that read it). Skipped, with the reason printed: lines marked `# needs: network` or `# needs:
 GPU`, Python fragments (`...` in place of a training loop: tests/test_accelerate.py runs those
@@ -56,6 +56,7 @@ def run(tmp_path_factory) -> Path:
         save_file({k: v + (2e-4 * step + 1e-5 * torch.randn((), generator=g)) * direction[k]
                    + 1e-6 * torch.randn(v.shape, generator=g) for k, v in base.items()},
                   str(d / "model.safetensors"))
+        torch.save({"state": {}, "param_groups": []}, d / "optimizer.pt")  # as a Trainer saves
     first = next(c for c in COMMANDS if c.startswith("relex extrapolate runs/grpo"))
     relex(first, root)
     return root
