@@ -102,6 +102,26 @@ def test_torchrun_two_processes_write_the_bytes_of_one(run_factory, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_torchrun_native_output_equals_one_process(run_factory, tmp_path):
+    """Native output under torchrun: rank 0 copies the last checkpoint, each rank writes its
+    tensors into the copy; the same files as one process."""
+    run, base = run_factory(shards=2)
+    torch.save({"state": {}}, run / "checkpoint-10" / "optimizer.pt")
+    relex.extrapolate(run, base=base, targets=[30], output=tmp_path / "one", progress=False,
+                      max_memory="3MB", output_format="native")
+    res = launch(tmp_path, lambda r: ["extrapolate", str(run), "--base", str(base), "--target",
+                                      "30", "--output", str(tmp_path / "two"), "--quiet",
+                                      "--max-memory", "3MB", "--output-format", "native"],
+                 module=True)
+    assert [code for code, _ in res] == [0, 0], res
+    one, two = files_of(tmp_path / "one"), files_of(tmp_path / "two")
+    assert "step-30/checkpoint-10/optimizer.pt" in one and one.keys() == two.keys()
+    for name in one:
+        assert one[name] == two[name], name
+    assert one["step-30/checkpoint-10/model-00001-of-00002.safetensors"] != (
+        run / "checkpoint-10" / "model-00001-of-00002.safetensors").read_bytes()
+
+
 def test_ranks_that_disagree_fail_together(run_factory, tmp_path):
     run, base = run_factory()
     out = tmp_path / "out"
