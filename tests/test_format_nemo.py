@@ -225,3 +225,25 @@ def test_missing_last_shard_is_suggested(tmp_path, nemo_run):
     _fails(tmp_path, run, base, r"step_4/policy/weights/model: tensor '.*' has shape .* but the "
                                 r"base has .*dim 0 was inferred from the shard files present.*"
                                 r"shard-00002-model-\.\.\.\) may be missing")
+
+
+def test_nemo_native_output(nemo_run, tmp_path):
+    """Native output into NeMo-RL's per-rank safetensors: each rank's rows of the extrapolation
+    (what NeMo-RL resumes from), the optimizer directory kept."""
+    src, hf_run, base = nemo_run
+    run = tmp_path / "nemo"
+    shutil.copytree(src, run)
+    last = run / f"step_{STEPS[-1]}"
+    (last / "policy" / "optimizer").mkdir()
+    (last / "policy" / "optimizer" / "optim.distcp").write_bytes(b"adam")
+    relex.extrapolate(run, base=base, targets=[30], output=tmp_path / "n", progress=False,
+                      output_format="native")
+    relex.extrapolate(hf_run, base=base, targets=[30], output=tmp_path / "h", progress=False)
+    out = tmp_path / "n" / "step-30" / f"step_{STEPS[-1]}"
+    assert (out / "policy" / "optimizer" / "optim.distcp").read_bytes() == b"adam"
+    via_hf = load_dir(tmp_path / "h/step-30")
+    with open_reader(out / MODEL) as r:
+        assert r.format == "nemo" and r.tensors.keys() == via_hf.keys()
+        for name, meta in r.tensors.items():
+            got = r.read(name, 0, meta.numel)
+            assert torch.equal(got, via_hf[name].reshape(-1)), name
