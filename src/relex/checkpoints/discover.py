@@ -1,9 +1,11 @@
 """Find the checkpoints an RL trainer wrote, and their step numbers.
 
 Trainers name step directories differently and put the Hugging Face weights at different depths.
-Each known layout is a directory-name pattern plus the sub-paths where HF safetensors weights may
-sit; when a step directory holds only a trainer's native shards (FSDP, DeepSpeed, DCP, Megatron),
-the error names the converter command that produces an HF directory.
+Each known layout is a directory-name pattern plus the sub-paths where a checkpoint relex reads
+may sit (HF safetensors or a trainer's native format: verl FSDP shards, DCP, DeepSpeed, NeMo-RL,
+Megatron torch_dist); a Megatron save directory there (`latest_checkpointed_iteration.txt`,
+`iter_NNNNNNN/`) stands for the iteration it holds. When a step directory holds weight files
+relex cannot read, the error names the converter command that produces an HF directory.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class Layout:
 _HF = r"(?:[-_]hf)?"
 LAYOUTS = (
     Layout("verl", rf"global_step_(\d+){_HF}",
-           ("actor/huggingface", "actor/lora_adapter", "actor", "huggingface", "."),
+           ("actor/huggingface", "actor/lora_adapter", "actor", "actor/dist_ckpt",
+            "huggingface", "."),
            "global_step_N/actor/huggingface"),
     Layout("OpenRLHF", rf"global_step(\d+){_HF}", (".",), "global_stepN_hf"),
     Layout("TRL / transformers Trainer / ROLL", r"checkpoint-(\d+)",
@@ -88,7 +91,7 @@ def _weights_dir(step_dir: Path, layout: Layout) -> Path | None:
     for sub in layout.weights:
         cand = step_dir / sub
         if formats.detect(cand):
-            return cand
+            return formats.megatron.resolve(cand) or cand
     # Unknown nesting (e.g. ROLL's per-worker folders): one HF dir at most 3 levels down.
     found = sorted({p.parent for depth in ("*", "*/*", "*/*/*")
                     for name in ("model.safetensors", "model.safetensors.index.json")
