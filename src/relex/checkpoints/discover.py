@@ -79,6 +79,10 @@ def converter_hint(step_dir: Path, layout: Layout) -> str:
     if layout.trainer == "NeMo-RL":
         return (f"uv run examples/converters/convert_dcp_to_hf.py --config={d}/config.yaml "
                 f"--dcp-ckpt-path={d}/policy/weights --hf-ckpt-path={d}-hf  (in the NeMo-RL repo)")
+    if layout.trainer == "slime / Megatron" and any(d.glob("mp_rank_*")):
+        return ("save with --ckpt-format torch_dist (relex reads torch_dist, not the legacy "
+                "mp_rank_*/model_optim_rng.pt), or convert with Megatron-LM's "
+                "tools/checkpoint/convert.py")
     if layout.trainer == "slime / Megatron":
         return (f"python tools/convert_torch_dist_to_hf.py --input-dir {d} --output-dir {d}_hf "
                 f"--origin-hf-dir BASE_HF_DIR  (in the slime repo)")
@@ -108,7 +112,7 @@ def _weights_dir(step_dir: Path, layout: Layout) -> Path | None:
 #: file names only a checkpoint's weights have: a step directory holding one but nothing relex
 #: reads is damaged or unconverted, and is never left out without a word
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.distcp", ".metadata",
-                "model_world_size_*_rank_*.pt", "*model_states.pt")
+                "model_world_size_*_rank_*.pt", "*model_states.pt", "model_optim_rng.pt")
 
 
 def weight_file(step_dir: Path) -> Path | None:
