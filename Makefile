@@ -28,7 +28,8 @@ demo: setup
 # under MKL_CBWR=COMPATIBLE: a matrix-product code path other than the CPU's own (AVX-512, AVX2),
 # so a bound that only one CPU's rounding meets fails here first (docs/how-it-works.md).
 NUMERIC := tests/test_fit.py tests/test_kernels.py tests/test_extrapolate.py \
-	tests/test_format_lora.py tests/test_format_nemo.py tests/test_analyze.py tests/test_accelerate.py
+	tests/test_format_lora.py tests/test_format_nemo.py tests/test_format_megatron.py \
+	tests/test_analyze.py tests/test_accelerate.py
 
 test: setup
 	$(PY) -m pytest

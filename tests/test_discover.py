@@ -37,6 +37,20 @@ def test_verl_megatron_only_names_the_converter(tmp_path):
         discover(tmp_path / "run")
 
 
+def test_legacy_megatron_checkpoint_names_torch_dist(tmp_path):
+    """ROLL's default Megatron save (iter_N/mp_rank_TT/model_optim_rng.pt) is not read: the
+    error says so instead of leaving the step out as one without weights."""
+    rank = tmp_path / "run" / "iter_0000050" / "mp_rank_00"
+    rank.mkdir(parents=True)
+    (rank / "model_optim_rng.pt").write_bytes(b"x")
+    with pytest.raises(RelexError, match=r"iter_0000050: .*--ckpt-format torch_dist"):
+        discover(tmp_path / "run")
+    (tmp_path / "run" / "iter_0000040_hf").mkdir()  # among readable steps too
+    (tmp_path / "run" / "iter_0000040_hf" / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(RelexError, match=r"iter_0000050: holds mp_rank_00/model_optim_rng.pt"):
+        discover(tmp_path / "run")
+
+
 def test_accelerate_dcp_is_found(tmp_path):
     dcp = tmp_path / "run" / "checkpoint-7" / "pytorch_model_fsdp_0"
     dcp.mkdir(parents=True)

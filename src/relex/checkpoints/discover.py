@@ -1,9 +1,11 @@
 """Find the checkpoints an RL trainer wrote, and their step numbers.
 
 Trainers name step directories differently and put the Hugging Face weights at different depths.
-Each known layout is a directory-name pattern plus the sub-paths where HF safetensors weights may
-sit; when a step directory holds only a trainer's native shards (FSDP, DeepSpeed, DCP, Megatron),
-the error names the converter command that produces an HF directory.
+Each known layout is a directory-name pattern plus the sub-paths where a checkpoint relex reads
+may sit (HF safetensors or a trainer's native format: verl FSDP shards, DCP, DeepSpeed, NeMo-RL,
+Megatron torch_dist); a Megatron save directory there (`latest_checkpointed_iteration.txt`,
+`iter_NNNNNNN/`) stands for the iteration it holds. When a step directory holds weight files
+relex cannot read, the error names the converter command that produces an HF directory.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class Layout:
 _HF = r"(?:[-_]hf)?"
 LAYOUTS = (
     Layout("verl", rf"global_step_(\d+){_HF}",
-           ("actor/huggingface", "actor/lora_adapter", "actor", "huggingface", "."),
+           ("actor/huggingface", "actor/lora_adapter", "actor", "actor/dist_ckpt",
+            "huggingface", "."),
            "global_step_N/actor/huggingface"),
     Layout("OpenRLHF", rf"global_step(\d+){_HF}", (".",), "global_stepN_hf"),
     Layout("TRL / transformers Trainer / ROLL", r"checkpoint-(\d+)",
@@ -76,6 +79,10 @@ def converter_hint(step_dir: Path, layout: Layout) -> str:
     if layout.trainer == "NeMo-RL":
         return (f"uv run examples/converters/convert_dcp_to_hf.py --config={d}/config.yaml "
                 f"--dcp-ckpt-path={d}/policy/weights --hf-ckpt-path={d}-hf  (in the NeMo-RL repo)")
+    if layout.trainer == "slime / Megatron" and any(d.glob("mp_rank_*")):
+        return ("save with --ckpt-format torch_dist (relex reads torch_dist, not the legacy "
+                "mp_rank_*/model_optim_rng.pt), or convert with Megatron-LM's "
+                "tools/checkpoint/convert.py")
     if layout.trainer == "slime / Megatron":
         return (f"python tools/convert_torch_dist_to_hf.py --input-dir {d} --output-dir {d}_hf "
                 f"--origin-hf-dir BASE_HF_DIR  (in the slime repo)")
@@ -88,7 +95,7 @@ def _weights_dir(step_dir: Path, layout: Layout) -> Path | None:
     for sub in layout.weights:
         cand = step_dir / sub
         if formats.detect(cand):
-            return cand
+            return formats.megatron.resolve(cand) or cand
     # Unknown nesting (e.g. ROLL's per-worker folders): one HF dir at most 3 levels down.
     found = sorted({p.parent for depth in ("*", "*/*", "*/*/*")
                     for name in ("model.safetensors", "model.safetensors.index.json")
@@ -105,7 +112,7 @@ def _weights_dir(step_dir: Path, layout: Layout) -> Path | None:
 #: file names only a checkpoint's weights have: a step directory holding one but nothing relex
 #: reads is damaged or unconverted, and is never left out without a word
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.distcp", ".metadata",
-                "model_world_size_*_rank_*.pt", "*model_states.pt")
+                "model_world_size_*_rank_*.pt", "*model_states.pt", "model_optim_rng.pt")
 
 
 def weight_file(step_dir: Path) -> Path | None:

@@ -3,7 +3,8 @@
 Every format module provides NAME, `detect(path) -> bool` (does this directory hold a checkpoint
 in my format? cheap: file names and headers only) and `reader(path) -> Reader`. Discovery asks
 them in the order below, so a directory with HF weights is read as HF even when the trainer's
-native shards sit beside them.
+native shards sit beside them, and a Megatron torch_dist checkpoint (DCP plus metadata.json) as
+Megatron rather than plain DCP.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from pathlib import Path
 
 from relex.errors import RelexError
 from relex.formats import hf, lora, nemo
-from relex.formats import dcp, deepspeed, verl_fsdp
+from relex.formats import dcp, deepspeed, megatron, verl_fsdp
 from relex.formats.base import CODES, DTYPES, FLOAT_CODES, Reader, TensorMeta
 
-FORMATS = (hf, lora, nemo, verl_fsdp, dcp, deepspeed)
+FORMATS = (hf, lora, nemo, verl_fsdp, megatron, dcp, deepspeed)
 
 __all__ = ["CODES", "DTYPES", "FLOAT_CODES", "FORMATS", "Reader", "TensorMeta", "detect",
            "open_reader"]

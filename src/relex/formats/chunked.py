@@ -122,6 +122,13 @@ class ChunkedTensor:
             for c in self.chunks:
                 yield (c.tensor.storage.file, *c.tensor.span())
             return
+        hit = self._row_chunk(a, b) if b > a else None
+        if hit is not None:  # inside one contiguous chunk: exactly its bytes (a Megatron
+            s, c = hit       # q_proj range is a few rows of a whole layer's linear_qkv)
+            t = c.tensor
+            yield (t.storage.file, t.storage.offset + (t.offset + a - s) * t.itemsize,
+                   (b - a) * t.itemsize)
+            return
         r0, r1 = a // max(self.inner, 1), -(-b // max(self.inner, 1))
         for c in self.chunks:
             lo, hi = max(r0, c.offsets[0]), min(r1, c.offsets[0] + c.tensor.shape[0])
@@ -152,8 +159,14 @@ class ChunkedReader(Reader):
         self.checksums = Checksums(self._maps)
 
     def _add(self, tensor: ChunkedTensor) -> None:
-        self._chunked[tensor.name] = tensor
+        """Register a tensor this reader hands out under its own name."""
+        self._keep(tensor)
         self.tensors[tensor.name] = TensorMeta(tensor.name, tensor.dtype, tensor.shape)
+
+    def _keep(self, tensor: ChunkedTensor) -> None:
+        """Register a stored tensor (read, released and checksummed here) without listing it
+        in `tensors`: readers that hand out other views of it (megatron.py) list those."""
+        self._chunked[tensor.name] = tensor
         tensor.checksums = self.checksums
         for c in tensor.chunks:
             self.checksums.add(c.tensor.storage)

@@ -13,7 +13,9 @@ bytes are read through the shared mapped-file path and never torch.load'ed.
 also allows (as inert records, nothing called): torch.distributed.checkpoint.metadata's Metadata,
 TensorStorageMetadata, BytesStorageMetadata, ChunkStorageMetadata, TensorProperties,
 MetadataIndex, StorageMeta, _MEM_FORMAT_ENCODING; torch.distributed.checkpoint.filesystem's
-_StorageInfo; and pathlib's PosixPath / WindowsPath (StorageMeta.checkpoint_id).
+_StorageInfo; torch.distributed.checkpoint.planner's SavePlan, WriteItem, WriteItemType,
+TensorWriteData (Megatron's torch_dist adds the ranks' save plans to Metadata as
+`all_local_plans`); and pathlib's PosixPath / WindowsPath (StorageMeta.checkpoint_id).
 
 Names: the nested state dict is flattened to `model.<name>`; see hf_names. Config: accelerate
 writes config.json beside the DCP dir (checkpoint-N/); NeMo-RL keeps none with the weights
@@ -53,6 +55,8 @@ ALLOWED = {(_MD, n): record_class(n) for n in (
     "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
     "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")}
 ALLOWED[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = record_class("_StorageInfo")
+for _n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"):
+    ALLOWED[("torch.distributed.checkpoint.planner", _n)] = record_class(_n)
 for _p in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
     ALLOWED[("pathlib", _p)] = record_class(_p)
 
@@ -103,6 +107,8 @@ class DCPReader(ChunkedReader):
     """
 
     format = NAME
+    #: the converter an error suggests when relex cannot read a tensor ({path}: this directory)
+    hint = HINT
 
     def __init__(self, path):
         super().__init__(Path(path))
@@ -138,8 +144,10 @@ class DCPReader(ChunkedReader):
         # bytes entries (extra state) hold no weights
         tensors_md = {k: v for k, v in tensors_md.items()
                       if getattr(v, "kind", None) == "TensorStorageMetadata"}
-        names = hf_names(list(tensors_md), planner)
+        names = self._names(list(tensors_md), planner)
         for fqn, tmd in tensors_md.items():
+            if fqn not in names:
+                continue
             dtype, shape = _dtype(_field(tmd, "properties")), _ints(_field(tmd, "size") or ())
             chunks_md = _field(tmd, "chunks")
             if dtype not in CODES or shape is None or not isinstance(chunks_md, list):
@@ -148,7 +156,7 @@ class DCPReader(ChunkedReader):
             name = names[fqn]
             if name in self._chunked:
                 raise RelexError(f"{md_file}: two entries map to tensor '{name}'; convert "
-                                 f"with: {HINT.format(path=self.path)}")
+                                 f"with: {self.hint.format(path=self.path)}")
             chunks = []
             for cmd in chunks_md:
                 offs, sizes = _ints(_field(cmd, "offsets") or ()), _ints(_field(cmd, "sizes") or ())
@@ -158,9 +166,13 @@ class DCPReader(ChunkedReader):
                                      f"storage record; the checkpoint is incomplete")
                 chunks.append(Chunk(offs, self._chunk(info, fqn, dtype, sizes, root, md_file)))
             self._add(ChunkedTensor(name, CODES[dtype], shape, chunks, self._maps, where))
-        if not self.tensors:
+        if not self._chunked:
             raise RelexError(f"{md_file}: no tensors in this DCP checkpoint (an optimizer "
                              f"checkpoint?); point relex at the model's DCP directory")
+
+    def _names(self, fqns: list[str], planner_data) -> dict[str, str]:
+        """{DCP key: the name relex keeps its tensor under}; keys left out are not read."""
+        return hf_names(fqns, planner_data)
 
     def _meta_dir(self) -> Path | None:
         for d in (self.path / ".hf_metadata", self.path.parent):

@@ -19,7 +19,9 @@ file and the global):
   TensorMeta, ShardOrderEntry, Shard, _StridedShard, Replicate, Partial, DeviceMesh,
   _MeshLayout, _FlatLayout from torch.distributed.tensor / torch.distributed._tensor /
   torch.distributed.device_mesh / torch.distributed._mesh_layout (old and new module paths);
-- extra: names a caller adds (torch DCP's metadata classes, see dcp.py).
+- extra: names a caller adds (torch DCP's metadata classes, see dcp.py), or `InertGlobals()`:
+  every other global as an inert record, for a file relex only inspects and never rebuilds
+  (Megatron's common.pt: argparse.Namespace, Megatron's enums; see megatron.py).
 """
 
 from __future__ import annotations
@@ -257,6 +259,24 @@ def _allowed(module: str, name: str, extra: dict):
 
 
 _RECORDS: dict[str, type] = {}
+
+
+class InertGlobals:
+    """An `extra` for the unpickler that resolves every global not allowed anyway to an inert
+    Record (its kind is `module.name`; nothing is imported or called): for non-tensor state
+    whose fields relex only reads, such as Megatron's common.pt (an argparse.Namespace of the
+    run's arguments, Megatron's enum values). Tensors still go through the checked rebuilds."""
+
+    def __init__(self):
+        self._kinds: dict[tuple[str, str], type] = {}
+
+    def __contains__(self, key) -> bool:
+        return _allowed(*key, {}) is None
+
+    def __getitem__(self, key):
+        if key not in self._kinds:
+            self._kinds[key] = record_class(".".join(key))
+        return self._kinds[key]
 
 
 class RestrictedUnpickler(pickle.Unpickler):
