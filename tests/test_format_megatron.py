@@ -205,6 +205,9 @@ def test_extrapolate_equals_float64_reference(mega, tmp_path):
                       output=tmp_path / "out2", progress=False)
     a, b = load_dir(out), load_dir(tmp_path / "out2" / "step-160")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RelexError, match=r"does not write into them yet; use --output-format hf"):
+        relex.extrapolate(mega / "qwen2", base=mega / "base", targets=targets,
+                          output=tmp_path / "native", output_format="native", progress=False)
 
 
 def test_discovery_of_trainer_layouts(mega, tmp_path):

@@ -18,7 +18,7 @@ figures). The stored tensors are laid out differently from HF's:
   `linear_fc1.layer_norm_weight`), Qwen3's `q_layernorm` / `k_layernorm`;
 - embedding and output layer padded to a larger vocabulary.
 Every HF tensor is therefore a concatenation of whole-row ranges of one stored tensor (a
-`Place`, its `Segment`s): `layout` builds that map once from the stored shapes and the HF
+`StoredRows`, its `Segment`s): `layout` builds that map once from the stored shapes and the HF
 config, and `read` serves an element range of an HF tensor from the stored rows it covers
 (a zero-copy view when the range lies in one segment). Nothing is converted or copied whole.
 A writer that puts HF tensors back into the stored layout uses the same map
@@ -98,7 +98,7 @@ class Segment:
 
 
 @dataclass(frozen=True)
-class Place:
+class StoredRows:
     """Where an HF tensor lies in the stored tensors: its elements are its segments' elements,
     end to end, in order."""
 
@@ -273,7 +273,7 @@ def _qkv(src, shape: ModelShape) -> tuple[tuple[Segment, ...], ...]:
     return tuple(q), tuple(k), tuple(v)
 
 
-def _layer(stored: _Stored, shape: ModelShape, i: int) -> dict[str, Place]:
+def _layer(stored: _Stored, shape: ModelShape, i: int) -> dict[str, StoredRows]:
     """HF tensors of layer i."""
     out, prefix, expected = {}, f"model.layers.{i}.", shape.expected()
 
@@ -291,29 +291,29 @@ def _layer(stored: _Stored, shape: ModelShape, i: int) -> dict[str, Place]:
             if prefix + hf in out:
                 raise RelexError(f"{stored.where}: two stored tensors of layer {i} are its "
                                  f"'{hf}' ('{src[0]}' and another); re-save the checkpoint")
-            out[prefix + hf] = Place(tuple(src[2]), (_rows(src, 0, src[2][0]),))
+            out[prefix + hf] = StoredRows(tuple(src[2]), (_rows(src, 0, src[2][0]),))
     for rest, suffix in ((QKV, "weight"), (QKV_BIAS, "bias")):
         src = source(rest)
         if src is not None:
             for proj, segs in zip("qkv", _qkv(src, shape)):
                 rows = sum(s.size for s in segs) // numel(src[2][1:])
-                out[f"{prefix}self_attn.{proj}_proj.{suffix}"] = Place(
+                out[f"{prefix}self_attn.{proj}_proj.{suffix}"] = StoredRows(
                     (rows, *src[2][1:]), segs)
     src = source(FC1)
     if src is not None:
         f = shape.ffn
-        out[prefix + "mlp.gate_proj.weight"] = Place((f, shape.hidden), (_rows(src, 0, f),))
-        out[prefix + "mlp.up_proj.weight"] = Place((f, shape.hidden), (_rows(src, f, 2 * f),))
+        out[prefix + "mlp.gate_proj.weight"] = StoredRows((f, shape.hidden), (_rows(src, 0, f),))
+        out[prefix + "mlp.up_proj.weight"] = StoredRows((f, shape.hidden), (_rows(src, f, 2 * f),))
     return dict(sorted(out.items(), key=lambda kv: HF_ORDER.index(kv[0][len(prefix):]
                                                                     .rsplit(".", 1)[0])))
 
 
 def layout(shapes: dict[str, tuple[int, ...]], shape: ModelShape,
-           where: str) -> dict[str, Place]:
-    """{HF name: Place} for every weight of a dense model stored as `shapes` (Megatron key ->
+           where: str) -> dict[str, StoredRows]:
+    """{HF name: StoredRows} for every weight of a dense model stored as `shapes` (Megatron key ->
     global shape), in HF order; refuses any stored tensor it leaves unused, naming it."""
     stored = _Stored(shapes, shape.layers, where)
-    out: dict[str, Place] = {}
+    out: dict[str, StoredRows] = {}
     vocab = [(EMBEDDING, "model.embed_tokens.weight"), (OUTPUT, "lm_head.weight")]
     if shape.tied == (OUTPUT in shapes):
         what = "stores a separate" if shape.tied else "has no"
@@ -334,7 +334,7 @@ def layout(shapes: dict[str, tuple[int, ...]], shape: ModelShape,
             raise RelexError(f"{where}: '{key}' is {shapes.get(key)}, expected "
                              f"[{shape.hidden}]; the checkpoint is incomplete or another model")
         stored.used.add(key)
-        out[hf] = Place((shape.hidden,), (Segment(key, 0, shape.hidden),))
+        out[hf] = StoredRows((shape.hidden,), (Segment(key, 0, shape.hidden),))
     if not shape.tied:
         out[vocab[1][1]] = _vocab(stored, vocab[1][0], shape)
     left = sorted(set(shapes) - stored.used)
@@ -346,7 +346,7 @@ def layout(shapes: dict[str, tuple[int, ...]], shape: ModelShape,
     return out
 
 
-def _vocab(stored: _Stored, key: str, shape: ModelShape) -> Place:
+def _vocab(stored: _Stored, key: str, shape: ModelShape) -> StoredRows:
     """The first vocab_size rows of a vocabulary-padded embedding or output layer."""
     have = stored.shapes.get(key)
     if have is None or len(have) != 2 or have[1] != shape.hidden or have[0] < shape.vocab:
@@ -354,7 +354,7 @@ def _vocab(stored: _Stored, key: str, shape: ModelShape) -> Place:
                          f"HF config {shape.file} needs [>= {shape.vocab}, {shape.hidden}] "
                          f"(vocab_size, hidden_size); pass the run's HF model config")
     stored.used.add(key)
-    return Place((shape.vocab, shape.hidden), (Segment(key, 0, shape.vocab * shape.hidden),))
+    return StoredRows((shape.vocab, shape.hidden), (Segment(key, 0, shape.vocab * shape.hidden),))
 
 
 def _unmapped(key: str) -> str:
@@ -422,7 +422,7 @@ class MegatronReader(dcp.DCPReader):
         if args is not None:
             with records_of(str(self.path / COMMON)):
                 check_args(args, self.model, self.path / COMMON)
-        #: {HF name: Place}: where each HF tensor's elements lie in the stored tensors
+        #: {HF name: StoredRows}: where each HF tensor's elements lie in the stored tensors
         self.layout = layout({k: t.shape for k, t in self._chunked.items()}, self.model, where)
         for name, place in self.layout.items():
             dtypes = {self._chunked[s.key].dtype for s in place.segments}
@@ -434,6 +434,11 @@ class MegatronReader(dcp.DCPReader):
 
     def _add(self, tensor: ChunkedTensor) -> None:
         self._keep(tensor)  # listed under HF names by the layout, not under its own key
+
+    def places(self, name: str) -> list:
+        raise RelexError(f"{self.path}: relex reads Megatron torch_dist checkpoints but does not "
+                         f"write into them yet; use --output-format hf (a Hugging Face model "
+                         f"directory)")
 
     def read(self, name, start, stop):
         pieces = list(self.layout[name].pieces(start, stop))
