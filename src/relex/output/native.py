@@ -101,6 +101,8 @@ class Template:
         rel = Path(root.name)
         if run_dir is not None and root.resolve().is_relative_to(Path(run_dir).resolve()):
             rel = root.resolve().relative_to(Path(run_dir).resolve()) or rel
+        elif (root.parent / "latest").is_file():  # a DeepSpeed save dir (OpenRLHF's _actor/)
+            rel = Path(root.parent.name) / root.name
         if not has_optimizer(root) and not allow_fresh_optimizer:
             raise RelexError(f"{root}: keeps no optimizer state (no optim* file), so resuming "
                              f"from native output would reset the optimizer; save the "
