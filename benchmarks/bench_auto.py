@@ -103,24 +103,33 @@ def main() -> None:
               f"; reached in {len(known)} of {len(shares[k])} seeds; worst final vs plain's "
               f"{min(ends[k]):+.3f}")
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, len(args.seeds), figsize=(4 * len(args.seeds), 3.2),
-                                 sharey=True, squeeze=False)
-        for ax, seed in zip(axes[0], args.seeds):
-            for k in ["plain", *args.schedule]:
-                c = {int(s): a for s, a in results[seed, k]["curve"].items()}
-                ax.plot(sorted(c), [c[s] for s in sorted(c)],
-                        label=k if k in ("plain", "auto") else f"jump {k}")
-            ax.set_title(f"seed {seed}")
-            ax.set_xlabel("real steps")
-        axes[0][0].set_ylabel("held-out accuracy")
-        axes[0][0].legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=100)
-        print(f"plot: {args.plot}")
+        plot(args.plot, {seed: {k if k in ("plain", "auto") else f"jump {k}":
+                                results[seed, k]["curve"] for k in ["plain", *args.schedule]}
+                         for seed in args.seeds})
 
+
+def plot(path: Path, curves: dict, budget: int | None = None, styles: dict | None = None) -> None:
+    """One panel per seed ({seed: {label: {step: accuracy}}}): accuracy vs real steps, and a
+    line at `budget` real steps if given; styles: {label: matplotlib keywords}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.4), sharey=True,
+                             squeeze=False)
+    for ax, (seed, runs) in zip(axes[0], curves.items()):
+        for label, c in runs.items():
+            c = {int(s): a for s, a in c.items()}
+            ax.plot(sorted(c), [c[s] for s in sorted(c)], label=label,
+                    **(styles or {}).get(label, {}))
+        if budget:
+            ax.axvline(budget, color="gray", lw=0.6)
+        ax.set_title(f"seed {seed}")
+        ax.set_xlabel("real steps")
+    axes[0][0].set_ylabel("held-out accuracy")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
 
 if __name__ == "__main__":
     main()

@@ -7,8 +7,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from relex.demo import arithmetic as A
+from relex.demo.grpo import GRPOConfig, advantages, train
 from relex.demo.run import BASE, run_demo, targets_for
-from relex.demo.grpo import advantages
 
 
 def test_task_and_reward():
@@ -90,3 +90,24 @@ def test_demo_is_deterministic(tmp_path):
     assert a.accelerated == b.accelerated and a.accelerated["curve"]
     c = run_demo(tmp_path / "c", steps=12, observe_until=6, seed=1, progress=False)
     assert c.real != a.real
+
+
+def test_resume_from_a_saved_state_continues_the_same_run(tmp_path):
+    """save_state keeps what a trainer resumes from; resuming at step 4 reproduces the
+    uninterrupted run (weights, Adam, sampling), and resume_optimizer=False starts a new Adam."""
+    cfg = GRPOConfig(steps=6, prompts=4, group=4, eval_every=100)
+    whole = LlamaForCausalLM.from_pretrained(BASE)
+    rows = train(whole, tmp_path / "a", cfg, save_state=True)
+    ckpt = tmp_path / "a" / "checkpoint-4"
+    assert {"model.safetensors", "optimizer.pt", "rng_state.pth",
+            "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert json.loads((ckpt / "trainer_state.json").read_text()) == {"global_step": 4}
+    resumed = LlamaForCausalLM.from_pretrained(BASE)
+    rest = train(resumed, tmp_path / "b", cfg, resume_from=ckpt)
+    assert [r["step"] for r in rest] == [5, 6]
+    assert [r["reward"] for r in rest] == [r["reward"] for r in rows[4:]]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    fresh = LlamaForCausalLM.from_pretrained(BASE)
+    train(fresh, tmp_path / "c", cfg, resume_from=ckpt, resume_optimizer=False)
+    assert not torch.equal(fresh.lm_head.weight, whole.lm_head.weight)
