@@ -102,6 +102,16 @@ def main() -> None:
         print(f"{k}: median share {'(some seeds never reach the level)' if median is None else f'{median:.0%}'}"
               f"; reached in {len(known)} of {len(shares[k])} seeds; worst final vs plain's "
               f"{min(ends[k]):+.3f}")
+    print()  # the same, one row per schedule (docs/performance.md's table)
+    print("| schedule | " + " | ".join(f"seed {s}" for s in args.seeds) +
+          " | median | worst final vs plain's |")
+    print("| --- " * (len(args.seeds) + 3) + "|")
+    for k in args.schedule:
+        known = sorted(x for x in shares[k] if x is not None)
+        median = f"{known[len(known) // 2]:.0%}" if len(known) == len(shares[k]) else "-"
+        name = k if k == "auto" else f"jump {k}"
+        print(f"| {name} | " + " | ".join("-" if x is None else f"{x:.0%}" for x in shares[k]) +
+              f" | {median} | {min(ends[k]):+.3f} |")
     if args.plot:
         plot(args.plot, {seed: {k if k in ("plain", "auto") else f"jump {k}":
                                 results[seed, k]["curve"] for k in ["plain", *args.schedule]}

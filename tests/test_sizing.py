@@ -35,6 +35,8 @@ def drive(acc, model, steps, move, reward, start=1):
 
 
 def test_a_straight_line_grows_the_jump_to_the_cap():
+    """A straight line's backtest holds at every horizon (no limit in sight): the first jump is
+    already the cap, and confirmed jumps keep it there."""
     model = Line()
     v = torch.randn(64, 32, generator=torch.Generator().manual_seed(1)) * 1e-3
     acc = Accelerator(model, cycle=10, every=2, jump="auto", max_jump=60, guard_steps=2,
@@ -42,8 +44,35 @@ def test_a_straight_line_grows_the_jump_to_the_cap():
     # the reward follows the position along v: a jump ahead is a reward ahead (confirmed)
     drive(acc, model, 100, lambda s: v, lambda s, w: float((w * v).sum() / (v * v).sum()) / 1e3)
     sizes = [d.size for _, d in acc.decisions]
-    assert sizes[0] == 10 and sizes == sorted(sizes) and sizes[-1] == 60, sizes
+    assert sizes == [60] * 10, sizes
+    assert "first jump: the cycle's backtest" in acc.decisions[0][1].reason
     assert all(not j.rolled_back for j in acc.jumps)
+
+
+def test_the_first_jump_is_the_first_cycles_backtest_reach():
+    """No small default: the first jump goes as far as the first cycle's backtest reaches
+    ((R - 1) x the cycle, to a multiple of every), one cycle when the cycle is too short to
+    backtest, never past max_jump."""
+    assert AutoJump(cycle=20, every=2, max_jump=160).decide(3.25, None, None).size == 44
+    assert AutoJump(cycle=20, every=2, max_jump=160).decide(None, None, None).size == 20
+    assert AutoJump(cycle=20, every=2, max_jump=30).decide(9.0, None, None).size == 30
+
+
+def test_confirmed_jumps_double_until_a_setback_then_grow_by_growth():
+    rule = AutoJump(cycle=20, every=2, max_jump=400)
+    sizes = [rule.decide(3.0, None, None).size]  # the first cycle's reach: 40
+    sizes += [rule.decide(30.0, True, 0.1).size for _ in range(2)]  # x2 while all goes well
+    sizes += [rule.decide(30.0, False, 0.1).size]  # a jump that did not hold: halved
+    sizes += [rule.decide(30.0, True, 0.1).size]  # from then on x1.5
+    assert sizes == [40, 80, 160, 80, 120]
+    rule = AutoJump(cycle=20, every=2, max_jump=400)
+    sizes = [rule.decide(3.0, None, None).size, rule.decide(30.0, True, 0.1).size,
+             rule.decide(2.5, True, 0.1).size]  # the backtest caps the grown jump
+    assert sizes == [40, 80, 30]
+    rule = AutoJump(cycle=20, every=2, max_jump=400)
+    rule.decide(3.0, None, None)
+    assert rule.slid() == 20  # a slide restored the best weights: halved, then x1.5
+    assert rule.decide(30.0, True, 0.1).size == 30
 
 
 def test_a_bend_keeps_the_jump_short():
@@ -65,11 +94,12 @@ def test_noise_does_not_make_it_oscillate():
     """A reward gain that crosses the flat threshold every other cycle is noise, not a
     plateau: the jump keeps growing (a plateau needs two flat cycle ends in a row)."""
     rule = AutoJump(cycle=20, every=2, max_jump=80)
-    sizes = [rule.decide(10.0, True, gain).size for gain in [0.03, 0.002, 0.03, 0.002] * 3]
-    assert sizes == sorted(sizes) and sizes[-1] == 80
+    sizes = [rule.decide(2.0, None, None).size]
+    sizes += [rule.decide(10.0, True, gain).size for gain in [0.03, 0.002, 0.03, 0.002] * 3]
+    assert sizes[0] == 20 and sizes == sorted(sizes) and sizes[-1] == 80
     rule = AutoJump(cycle=20, every=2, max_jump=80)
-    sizes = [rule.decide(10.0, None, gain).size for gain in [0.002, 0.002, 0.002, 0.002]]
-    assert sizes == [20, 10, 4, 2]  # a real plateau halves it (to a multiple of every)
+    sizes = [rule.decide(10.0, None, gain).size for gain in [None, 0.002, 0.002, 0.002, 0.002]]
+    assert sizes == [80, 80, 40, 20, 10]  # a real plateau halves it
 
 
 def test_the_stop_signal():

@@ -296,7 +296,8 @@ class LoopOptions(OptionGroup):
     max_jump: int | None = option(None, "--max-jump", type=int,
                                   help="jump=auto: the largest jump (default 4 cycles)")
     growth: float = option(1.5, "--growth", type=float,
-                           help="jump=auto: factor per confirmed jump (default 1.5)")
+                           help="jump=auto: factor per confirmed jump once the run had a "
+                                "setback (before: x2; default 1.5)")
     flat: float = option(0.01, "--flat", type=float,
                          help="jump=auto: gain of the mean reward per cycle below which (twice "
                               "in a row) the reward is flat and jumps shrink (reward units; "

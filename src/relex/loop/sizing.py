@@ -8,9 +8,16 @@ every rank (computed from all-reduced sums):
   its error would cross the limit, R x the cycle, caps the jump at (R - 1) x cycle steps past
   the cycle end (no crossing in sight: max_jump; a cycle of 10 snapshots cannot verify more
   than 3.3x by itself, so the trend, not the verified ratio, is the cap);
+- the first jump goes as far as the first cycle's backtest reaches ((R - 1) x cycle steps,
+  up to `max_jump`), not a small default: on the demo that is about 2 cycles, where the old
+  start of one cycle, grown by 1.5 per confirmed jump, spent the cycles where a run gains most
+  on small jumps;
 - the confirmation of the previous jump: did the guard keep it, and did the reward after it
-  reach the reward before it? Confirmed jumps grow by `growth` (up to `max_jump`); a jump that
-  was not confirmed halves the next one;
+  reach the reward before it? Confirmed jumps double (`early_growth`) until the run's first
+  setback (a jump not confirmed, a plateau, a slide), then grow by `growth`, up to
+  `max_jump` (4 cycles: on the demo a cap of 5 or 8 cycles, or jumping straight to each
+  cycle's backtest reach, landed past the start of the plateau and needed more real steps
+  to recover); a jump that was not confirmed halves the next one;
 - the reward's gain: the pooled mean reward of this cycle minus the last one's. Below `flat`
   reward units for two cycle ends in a row the run is on a plateau and the next jump halves,
   down to 0 (one noisy cycle does not shrink it: a step's training reward is noisy, and a
@@ -50,45 +57,55 @@ class Decision:
 
 @dataclass
 class AutoJump:
-    """The sizing rule. cycle, every: the Accelerator's; start: the first jump (default the
-    cycle); max_jump: the cap (default 4 cycles); growth: factor per confirmed jump; flat:
-    reward change per cycle below which the reward counts as flat."""
+    """The sizing rule. cycle, every: the Accelerator's; max_jump: the cap (default 4 cycles);
+    growth: factor per confirmed jump once the run had a setback; early_growth: the factor
+    before that; flat: reward change per cycle below which the reward counts as flat."""
 
     cycle: int
     every: int
-    start: int | None = None
     max_jump: int | None = None
     growth: float = 1.5
+    early_growth: float = 2.0
     flat: float = 0.01
-    size: int = field(init=False)
+    size: int = field(init=False, default=0)
     converged: bool = field(init=False, default=False)
     _flat_before: bool = field(init=False, default=False)
+    _decided: bool = field(init=False, default=False)
+    _setback: bool = field(init=False, default=False)  # a jump not confirmed, a plateau, a slide
 
     def __post_init__(self) -> None:
         self.max_jump = self.max_jump if self.max_jump is not None else 4 * self.cycle
-        self.size = min(self.max_jump, self.start if self.start is not None else self.cycle)
 
     def decide(self, horizon: float | None, confirmed: bool | None,
                gain: float | None) -> Decision:
         """The next jump from the cycle's backtest horizon (None: too few snapshots), the last
         jump's confirmation (None: nothing to confirm) and the reward gain per cycle (None:
         the first cycle)."""
+        cap = self.cycle if horizon is None else max(0, int((horizon - 1.0) * self.cycle))
         size, why = self.size, []
-        if confirmed is True:
-            size = min(self.max_jump, max(size + self.every, math.ceil(size * self.growth)))
-            why.append(f"last jump confirmed: x{self.growth:g}")
+        if not self._decided:  # the first jump: as far as the first cycle's backtest reaches
+            self._decided = True
+            size = min(self.max_jump, cap)
+            why.append("first jump: one cycle (too few snapshots to backtest)"
+                       if horizon is None else
+                       f"first jump: the cycle's backtest reaches {horizon:.2f}x the cycle")
+        elif confirmed is True:
+            g = self.growth if self._setback else self.early_growth
+            size = min(self.max_jump, max(size + self.every, math.ceil(size * g)))
+            why.append(f"last jump confirmed: x{g:g}")
         elif confirmed is False:
             size //= 2
+            self._setback = True
             why.append("last jump not confirmed: halved")
         below = gain is not None and gain < self.flat
         flat, self._flat_before = below and self._flat_before, below
         if flat:
             size //= 2
+            self._setback = True
             why.append(f"reward flat ({gain:+.4f} per cycle, twice): halved")
         elif size == 0 and gain is not None:  # the reward moves again: try a small jump
             size = max(self.every, self.cycle // 2)
             why.append(f"reward rising again ({gain:+.4f} per cycle)")
-        cap = self.cycle if horizon is None else max(0, int((horizon - 1.0) * self.cycle))
         if size > cap:
             size = cap
             why.append("backtest: too few snapshots, cap one cycle" if horizon is None else
@@ -97,6 +114,13 @@ class AutoJump:
         self.size = size
         self.converged = size == 0 and flat
         return Decision(size, "; ".join(why) or "as before", horizon, gain)
+
+    def slid(self) -> int:
+        """The run slid below its best cycle (its weights were restored): halve the next jump,
+        and grow by `growth` from now on."""
+        self.size //= 2
+        self._setback = True
+        return self.size
 
 
 @dataclass
@@ -151,8 +175,7 @@ class AutoMode:
         seen = self.decline.observe(mean)
         if seen == "restore":
             self._restore_best(acc, parts)
-            self.sizer.size //= 2
-            acc.jump = self.sizer.size
+            acc.jump = self.sizer.slid()
             acc.skipped.append((step, "the reward slid below its best cycle: best weights "
                                       "restored"))
             log.warning("relex: the reward stayed more than %.3f below its best (%.3f) for %d "
