@@ -43,4 +43,5 @@ for step in range(1, 37):
 torch.save({"decisions": [(s, d.size, d.reason, d.horizon) for s, d in acc.decisions],
             "jumps": [j.as_dict() for j in acc.jumps], "disabled": acc.disabled,
             "skipped": acc.skipped}, out / f"rank{rank}.pt")
+dist.barrier()  # both ranks done before the group goes (gloo aborts a rank that leaves first)
 dist.destroy_process_group()
