@@ -142,7 +142,7 @@ def test_native_refusals(trainer_run, tmp_path):
 
 
 def test_crc_of_rewritten_zip_members(tmp_path):
-    """seal() rewrites the CRC-32 of a changed torch.save member where zip keeps it."""
+    """NativeWriter.seal rewrites the CRC-32 of a changed torch.save member where zip keeps it."""
     from relex.formats.torchzip import load
     from relex.output.native import _rewrite_crc
     f = tmp_path / "x.pt"
@@ -164,7 +164,7 @@ def test_scatter_into_column_boxes(tmp_path):
     from relex.formats.base import MappedFiles
     from relex.formats.chunked import Chunk, Place, _fill
     from relex.formats.unpickler import Storage, StoredTensor
-    from relex.output.native import WritableFiles, _split
+    from relex.output.native import _split
     shape, cut = (5, 7), 3
     f = tmp_path / "boxes.bin"
     f.write_bytes(bytes(4 * 35))
@@ -174,7 +174,7 @@ def test_scatter_into_column_boxes(tmp_path):
     _, rows, boxes = _split(place)
     assert not rows and len(boxes) == 2
     want = torch.arange(35, dtype=torch.float32)
-    files = WritableFiles()
+    files = MappedFiles(writable=True)
     for a, b in [(0, 2), (2, 11), (11, 12), (12, 30), (30, 35)]:
         _fill(want[a:b], shape, a, b, boxes, files, scatter=True)
     files.close()

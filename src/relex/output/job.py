@@ -26,7 +26,7 @@ from relex.output.adapter import AdapterWriter, delta_outputs
 from relex.output.finish import copy_model_files, metadata_source, write_provenance
 from relex.output.fitfile import FIT_FILE, save_fit
 from relex.output.model import ModelWriter, atomic_directory, check_output, parse_size
-from relex.output.native import NativeWriter, Template, seal, tree_bytes
+from relex.output.native import NativeWriter, Template, tree_bytes
 from relex.results import Report
 from relex.stream import torchrun
 from relex.stream.engine import Engine
@@ -119,7 +119,8 @@ def write(job: WriteJob) -> Report:
                                      if name in writers[0].ranks}
                                  for k, s in enumerate(job.targets)}
         group.attempt("finalizing the output",
-                      lambda: _finalize(job, tmp, dirs, report, result) if group.leader else None)
+                      lambda: _finalize(job, tmp, dirs, report, result, writers) if group.leader
+                      else None)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -215,16 +216,18 @@ def _gather(group: torchrun.Group, result, traj: Trajectory) -> None:
     result.bytes_read = sum(part[2] for part in parts)
 
 
-def _finalize(job: WriteJob, tmp: Path, dirs: dict[int, Path], report: Report, result) -> None:
-    """The fit file, and each step directory's config, tokenizer and relex.json."""
+def _finalize(job: WriteJob, tmp: Path, dirs: dict[int, Path], report: Report, result,
+              writers: list) -> None:
+    """The fit file, and each step directory's config, tokenizer and relex.json (native
+    output: the CRC-32s of what every rank wrote, by the writer of each target)."""
     traj = job.traj
     save_fit(tmp / FIT_FILE, list(map(int, traj.steps)), traj.fingerprint(),
              job.grams if job.grams is not None else result.grams,
              {p.name: p.numel for p in traj.plans})
     meta_src = metadata_source(traj)
-    for step, d in dirs.items():
+    for (step, d), writer in zip(dirs.items(), writers):
         if job.native:
-            seal(d, job.native)
+            writer.seal()
         elif job.adapter_rank is None:
             copy_model_files(meta_src, d, traj)
         write_provenance(d / "relex.json", report, traj, job.config, step, job.mode,

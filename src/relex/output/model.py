@@ -43,6 +43,14 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
+def pwrite_all(fd: int, data, pos: int) -> None:
+    """Write all of `data` (a buffer) at byte `pos` of `fd` (pwrite may write less)."""
+    view = memoryview(data)
+    while view.nbytes:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
+
+
 class ModelWriter:
     """Writes the safetensors shards (+ index) of one model directory, chunk by chunk.
 
@@ -111,10 +119,7 @@ class ModelWriter:
         if begin + data.nbytes > self.sizes[name]:
             raise RuntimeError(f"{name}: chunk at element {start} overruns the tensor")
         fd, offset = self._where[name]
-        view, pos = memoryview(data), offset + begin
-        while view.nbytes:
-            n = os.pwrite(fd, view, pos)
-            view, pos = view[n:], pos + n
+        pwrite_all(fd, data, offset + begin)
         with self._lock:
             self._written[name] += data.nbytes
 

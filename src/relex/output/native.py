@@ -15,12 +15,10 @@ rewrote a linked file in place would modify the input run.
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import shutil
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +28,11 @@ from relex import formats
 from relex.checkpoints.discover import LAYOUTS
 from relex.errors import RelexError
 from relex.formats import DTYPES
-from relex.formats.chunked import Chunk, Place, _fill
+from relex.formats.base import MappedFiles
 from relex.formats.checksums import crc32
+from relex.formats.chunked import Chunk, Place, _fill
+from relex.formats.unpickler import Storage
+from relex.output.model import pwrite_all
 
 #: files beside a step directory through which trainers find their latest checkpoint (verl,
 #: Megatron: latest_checkpointed_iteration.txt; DeepSpeed / OpenRLHF: latest); copied as they
@@ -87,36 +88,39 @@ class Template:
     #: where the copy goes inside step-S/: the step directory's path in the run directory
     #: (`_actor/global_step50` for OpenRLHF), so that step-S/ is a run directory the trainer
     #: resumes from as it would from its own
-    rel: Path = Path()
+    rel: Path
 
     @classmethod
     def of(cls, last: formats.Reader, shapes: dict[str, tuple],
-           allow_fresh_optimizer: bool = False, run_dir: Path | None = None) -> "Template":
+           allow_fresh_optimizer: bool = False, run_dir: Path | None = None) -> Template:
         """The template of a run whose last observed checkpoint `last` reads; shapes: the
         fitted tensors. Formats relex cannot write into refuse here."""
-        for name in shapes:
-            last.places(name)
-        weights = last.path
-        root = step_directory(weights)
+        dtypes: dict[str, str] = {}
+
+        def widen(reader: formats.Reader) -> None:  # formats that cannot be written refuse
+            for name in shapes:
+                for place in reader.places(name):
+                    old = dtypes.get(name)
+                    if old is None or DTYPES[place.dtype].itemsize > DTYPES[old].itemsize:
+                        dtypes[name] = place.dtype
+
+        widen(last)
+        root = step_directory(last.path)
         rel = Path(root.name)
-        if run_dir is not None and root.resolve().is_relative_to(Path(run_dir).resolve()):
-            rel = root.resolve().relative_to(Path(run_dir).resolve()) or rel
+        if run_dir is not None and root.resolve().is_relative_to(Path(run_dir).resolve()) \
+                and root.resolve() != Path(run_dir).resolve():
+            rel = root.resolve().relative_to(Path(run_dir).resolve())
         elif (root.parent / "latest").is_file():  # a DeepSpeed save dir (OpenRLHF's _actor/)
             rel = Path(root.parent.name) / root.name
         if not has_optimizer(root) and not allow_fresh_optimizer:
             raise RelexError(f"{root}: keeps no optimizer state (no optim* file), so resuming "
                              f"from native output would reset the optimizer; save the "
                              f"optimizer with the checkpoints, or pass --allow-fresh-optimizer")
-        stores = weight_stores(root, weights, shapes)
-        dtypes: dict[str, str] = {}
-        for store in stores:
+        stores = weight_stores(root, last.path, shapes)
+        for store in stores[1:]:  # the first is the one `last` reads
             with formats.open_reader(root / store) as r:
-                for name in shapes:
-                    for place in r.places(name):
-                        old = dtypes.get(name)
-                        if old is None or DTYPES[place.dtype].itemsize > DTYPES[old].itemsize:
-                            dtypes[name] = place.dtype
-        return cls(root, tuple(stores), dtypes, rel if rel != Path() else Path(root.name))
+                widen(r)
+        return cls(root, tuple(stores), dtypes, rel)
 
     def resume_hint(self, out: Path) -> str:
         """How the detected trainer resumes from `out` (a step-S/ directory)."""
@@ -162,36 +166,6 @@ def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=copy, symlinks=False)
 
 
-class WritableFiles:
-    """Shared writable maps of the output's files: the views chunked._fill scatters into."""
-
-    def __init__(self):
-        self._maps: dict[Path, tuple[mmap.mmap, torch.Tensor]] = {}
-        self._lock = threading.Lock()
-
-    def view(self, file: Path, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
-        with self._lock:
-            if file not in self._maps:
-                with open(file, "r+b") as f:
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    self._maps[file] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
-            data = self._maps[file][1]
-        return data[offset: offset + nbytes].view(dtype)
-
-    def close(self) -> None:
-        with self._lock:
-            for mm, data in self._maps.values():
-                del data
-                mm.flush()
-                try:
-                    mm.close()
-                except BufferError:  # a view is still alive; the GC unmaps it
-                    pass
-            self._maps.clear()
-
-
 class NativeWriter:
     """Writes one target's tensors into `directory`/<step dir name>/, a copy of the template.
 
@@ -216,7 +190,8 @@ class NativeWriter:
         self.sizes = dict(names)
         self._written = dict.fromkeys(names, 0)
         self._lock = threading.Lock()
-        self._files = WritableFiles()
+        self._files = MappedFiles(writable=True)  # the boxes _fill scatters into
+        self._fds: dict[Path, int] = {}  # the files row chunks are pwritten to
         self._readers = [formats.open_reader(root / rel) for rel in template.stores]
         try:
             self.places = {n: [_split(p) for r in self._readers for p in r.places(n)]
@@ -224,6 +199,9 @@ class NativeWriter:
         except BaseException:
             self.abort()
             raise
+        #: the torch.save zip members written, whose CRC-32s `seal` updates
+        self.members = {c.tensor.storage for ps in self.places.values() for p, _, _ in ps
+                        for c in p.chunks if c.tensor.storage.crc_at}
 
     def write_at(self, name: str, start: int, chunk: torch.Tensor) -> None:
         """Write flat elements [start, start + len(chunk)) of tensor `name` everywhere it is
@@ -235,7 +213,7 @@ class NativeWriter:
         for place, rows, boxes in self.places[name]:
             src = chunk.to(DTYPES[place.dtype])
             for c in rows:
-                _write_rows(c, place, start, stop, src)
+                _write_rows(c, place, start, stop, src, self._fd)
             if boxes:
                 _fill(src, place.shape, start, stop, boxes, self._files, scatter=True)
         with self._lock:
@@ -250,8 +228,24 @@ class NativeWriter:
             raise RuntimeError(f"tensor {short[0]} got {self._written[short[0]]} of "
                                f"{self.sizes[short[0]]} elements")
 
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_WRONLY)
+            return self._fds[file]
+
+    def seal(self) -> None:
+        """After every rank has written (the leader, at the end): update the CRC-32 of each
+        torch.save zip member written (torch.load does not check it; zip tools and relex
+        do)."""
+        for member in self.members:
+            _rewrite_crc(member)
+
     def abort(self) -> None:
         self._files.close()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         for r in self._readers:
             r.close()
 
@@ -275,8 +269,9 @@ def _split(place: Place) -> tuple[Place, list[Chunk], list[tuple]]:
     return place, rows, boxes
 
 
-def _write_rows(c: Chunk, place: Place, a: int, b: int, src: torch.Tensor) -> None:
-    """Write the part of flat elements [a, b) that falls in row chunk `c`, in one pwrite."""
+def _write_rows(c: Chunk, place: Place, a: int, b: int, src: torch.Tensor, fd_of) -> None:
+    """Write the part of flat elements [a, b) that falls in row chunk `c`, in one pwrite
+    (fd_of: file -> a descriptor open for writing)."""
     t = c.tensor
     inner = t.numel // t.shape[0] if t.shape and t.shape[0] else 1
     first = c.offsets[0] * inner if t.shape else 0
@@ -284,30 +279,11 @@ def _write_rows(c: Chunk, place: Place, a: int, b: int, src: torch.Tensor) -> No
     if lo >= hi:
         return
     data = src[lo - a: hi - a].contiguous().view(torch.uint8).numpy()
-    pos = t.storage.offset + (t.offset + lo - first) * t.itemsize
-    fd = os.open(t.storage.file, os.O_WRONLY)
-    try:
-        view = memoryview(data)
-        while view.nbytes:
-            n = os.pwrite(fd, view, pos)
-            view, pos = view[n:], pos + n
-    finally:
-        os.close(fd)
+    pwrite_all(fd_of(t.storage.file), data,
+               t.storage.offset + (t.offset + lo - first) * t.itemsize)
 
 
-def seal(directory: Path, template: Template) -> None:
-    """Update the CRC-32 of every torch.save zip member the writers changed (torch.load does
-    not check it, but zip tools and relex itself do)."""
-    root, names = Path(directory) / template.rel, template.dtypes
-    for rel in template.stores:
-        with formats.open_reader(root / rel) as r:
-            storages = {c.tensor.storage for n in names for p in r.places(n)
-                        for c in p.chunks if c.tensor.storage.crc_at}
-            for st in storages:
-                _rewrite_crc(st)
-
-
-def _rewrite_crc(st) -> None:
+def _rewrite_crc(st: Storage) -> None:
     nbytes = st.numel * st.dtype.itemsize
     crc, pos = 0, st.offset
     with open(st.file, "r+b") as f:
