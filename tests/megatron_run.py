@@ -13,7 +13,17 @@ needs (docs/formats.md, Megatron: `torch.cuda.synchronize` a no-op, `torch.cuda.
 - OUT/qwen2_tp2/: the same checkpoints loaded with dist_checkpointing.load into a TP=2 model
   on two gloo processes and saved again;
 - OUT/qwen3/iter_0000001/: a tiny Qwen3-like GPT (q/k layernorm, head_dim 16 != 32 / 4, tied
-  embeddings, bf16), and its logits.
+  embeddings, bf16), and its logits;
+- OUT/adam/iter_NNNNNNN/: the Qwen2-like model in bf16 with TP=2 on two gloo processes, trained
+  by Adam on fp32 master weights, saved at ADAM_STEPS as Megatron-LM saves a Float16Optimizer
+  (megatron-core's own make_sharded_optimizer_tensor / optim_state_to_sharding_state: masters
+  under optimizer.state.fp32_param.<key>, moments under optimizer.state.exp_avg*.<key>).
+
+    python tests/megatron_run.py --load CKPT OUT.pt
+
+loads CKPT (a checkpoint of the adam run) into that model and optimizer with TP=2 the way
+Megatron-LM resumes (dist_checkpointing.load, then the optimizer's load_state_dict) and saves
+each rank's loaded weights, masters, moments and Megatron's logits to OUT.pt.
 """
 
 from __future__ import annotations
@@ -28,11 +38,15 @@ from pathlib import Path
 import torch
 
 STEPS = (0, 10, 20, 30, 40)
+ADAM_STEPS = (0, 2, 4, 6, 8)
 VOCAB, PADDED = 100, 128
 FAMILIES = {
     "qwen2": dict(num_layers=3, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                   kv_channels=8, ffn_hidden_size=48, add_qkv_bias=True, qk_layernorm=False,
                   tied=False, dtype=torch.float32),
+    "adam": dict(num_layers=3, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                 kv_channels=8, ffn_hidden_size=48, add_qkv_bias=True, qk_layernorm=False,
+                 tied=False, dtype=torch.bfloat16),
     "qwen3": dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                   kv_channels=16, ffn_hidden_size=40, add_qkv_bias=False, qk_layernorm=True,
                   tied=True, dtype=torch.bfloat16),
@@ -127,18 +141,102 @@ def _trajectory(model, root: Path) -> None:
     torch.save(logits, root / "logits.pt")
 
 
+def _adam(model, rank: int):
+    """fp32 masters of the bf16 model's parameters and an Adam over them (what Megatron's
+    Float16OptimizerWithFloat16Params keeps; its class needs CUDA, its checkpoint layout is
+    built below with megatron-core's own functions)."""
+    params = list(model.parameters())
+    masters = [p.detach().float().clone().requires_grad_() for p in params]
+    return params, masters, torch.optim.Adam(masters, lr=1e-2)
+
+
+def _adam_state(model, params, masters, adam, step: int, rank: int) -> dict:
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map,
+        make_sharded_optimizer_tensor,
+        optim_state_to_sharding_state,
+    )
+    state = _state(model, "adam", step, rank)
+    ids = get_param_id_to_sharded_param_map(state["model"], params)
+    optim = adam.state_dict()
+    steps = {float(s["step"]) for s in optim["state"].values()}
+    optim_state_to_sharding_state(optim, ids, exclude_keys=("step",))
+    if steps:  # one step for all parameters, saved once (MegatronOptimizer's common_step)
+        optim["state"]["common_step"] = torch.tensor(steps.pop())
+    state["optimizer"] = {"optimizer": optim, "fp32_from_fp16_params": [[
+        make_sharded_optimizer_tensor(ids[i], m, prefix="optimizer.state.fp32_param")
+        for i, m in enumerate(masters)]]}
+    return state
+
+
+def _adam_run(model, root: Path, rank: int) -> None:
+    """Adam pulls each master towards its own random target (a real optimizer trajectory:
+    Adam's moments and steps); the bf16 weights are the masters rounded, as after each
+    Megatron step."""
+    from megatron.core import dist_checkpointing
+    params, masters, adam = _adam(model, rank)
+    gen = torch.Generator().manual_seed(2)
+    goals = [m.detach() + 0.3 * torch.randn(m.shape, generator=gen) for m in masters]
+    for step in range(ADAM_STEPS[-1] + 1):
+        if step:
+            adam.zero_grad()
+            sum(((m - g) ** 2).sum() for m, g in zip(masters, goals)).backward()
+            adam.step()
+            with torch.no_grad():
+                for p, m in zip(params, masters):
+                    p.copy_(m)
+        if step in ADAM_STEPS:
+            d = root / f"iter_{step:07d}"
+            d.mkdir(parents=True, exist_ok=True)
+            dist_checkpointing.save(_adam_state(model, params, masters, adam, step, rank),
+                                    str(d), async_sharded_save=False)
+            if rank == 0:
+                (root / "latest_checkpointed_iteration.txt").write_text(str(step))
+
+
+def _adam_load(model, ckpt: Path, out: Path, rank: int) -> None:
+    """Resume as Megatron-LM does: the sharded state of model and optimizer (the optimizer's
+    state initialised first), dist_checkpointing.load, load_state_dict of both."""
+    from megatron.core import dist_checkpointing
+    params, masters, adam = _adam(model, rank)
+    for m in masters:  # Adam's state exists before loading (Megatron's init_state_fn)
+        m.grad = torch.zeros_like(m)
+    adam.step()
+    loaded = dist_checkpointing.load(_adam_state(model, params, masters, adam, 0, rank),
+                                     str(ckpt))
+    model.load_state_dict(loaded["model"])
+    fp32 = loaded["optimizer"]["fp32_from_fp16_params"][0]
+    optim = loaded["optimizer"]["optimizer"]
+    step = optim["state"].pop("common_step")
+    for state in optim["state"].values():
+        state["step"] = step.clone()
+    adam.load_state_dict(optim)
+    with torch.no_grad():
+        for m, saved in zip(masters, fp32):
+            m.copy_(saved)
+    names = [n for n, _ in model.named_parameters()]
+    moments = {k: [adam.state[m][k] for m in masters] for k in ("exp_avg", "exp_avg_sq")}
+    torch.save({"names": names, "weights": [p.detach().clone() for p in params],
+                "masters": [m.detach().clone() for m in masters], **moments,
+                "step": float(step), "logits": _logits(model)}, f"{out}.rank{rank}")
+
+
 def _worker(rank: int, world: int, out: str, job: str) -> None:
     import torch.distributed as dist
     _cpu_only()
     torch.set_num_threads(1)
     out = Path(out)
-    dist.init_process_group("gloo", init_method=f"file://{out}/pg-{job}", rank=rank,
-                            world_size=world)
+    init = f"file://{out}/pg-{job}" if out.is_dir() else f"file://{out}.pg"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     from megatron.core import dist_checkpointing, parallel_state
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     try:
         if job == "qwen2":
             _trajectory(_model("qwen2"), out / "qwen2")
+        elif job == "adam":
+            _adam_run(_model("adam"), out / "adam", rank)
+        elif job.startswith("load:"):
+            _adam_load(_model("adam"), Path(job[5:]), out, rank)
         elif job == "qwen2_tp2":
             model = _model("qwen2")
             for step in STEPS:
@@ -161,15 +259,18 @@ def _worker(rank: int, world: int, out: str, job: str) -> None:
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
-    out.mkdir(parents=True, exist_ok=True)
+    if sys.argv[1] == "--load":
+        out, jobs = Path(sys.argv[3]), ((f"load:{Path(sys.argv[2]).resolve()}", 2),)
+    else:
+        out, jobs = Path(sys.argv[1]), (("qwen2", 1), ("qwen2_tp2", 2), ("qwen3", 1), ("adam", 2))
+        out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _cpu_only()
     import megatron.core.models.gpt.gpt_model  # noqa: F401 - imported once, before the forks
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     # the writer's result queue lives in a spawned manager process: start it once, here
     filesystem_async._get_write_results_queue()
-    for job, world in (("qwen2", 1), ("qwen2_tp2", 2), ("qwen3", 1)):
+    for job, world in jobs:
         torch.multiprocessing.start_processes(_worker, args=(world, str(out), job),
                                               nprocs=world, join=True, start_method="fork")
 

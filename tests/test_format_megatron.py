@@ -50,50 +50,61 @@ QWEN3 = dict(QWEN2, model_type="qwen3", architectures=["Qwen3ForCausalLM"],
              torch_dtype="bfloat16")
 
 
-def stored_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Every model tensor of a DCP directory as a plain tensor, loaded by torch itself."""
+def stored_tensors(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every model tensor of a DCP directory as a plain tensor, loaded by torch itself; with
+    a prefix, the optimizer's tensors under it (optimizer.state.fp32_param.), prefix cut."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     md = dcp.FileSystemReader(str(ckpt)).read_metadata()
     sd = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
           for k, v in md.state_dict_metadata.items()
-          if isinstance(v, TensorStorageMetadata) and not k.startswith("optimizer.")}
+          if isinstance(v, TensorStorageMetadata) and k.startswith(prefix)
+          and (prefix or not k.startswith("optimizer."))}
     dcp.load(sd, checkpoint_id=str(ckpt), no_dist=True)
-    return sd
+    return {k[len(prefix):]: v for k, v in sd.items()}
 
 
-def hf_reference(ckpt: Path, cfg: dict) -> dict[str, torch.Tensor]:
-    """The HF state dict of a Megatron checkpoint, converted here with numpy reshapes."""
-    stored = stored_tensors(ckpt)
+def hf_reference(ckpt: Path, cfg: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The HF state dict of a Megatron checkpoint (or of the optimizer's copies of its
+    weights under `prefix`), converted here with numpy reshapes."""
+    stored = stored_tensors(ckpt, prefix)
     st = {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
           for k, v in stored.items()}
-    dtype = next(iter(stored.values())).dtype
     h, heads, groups = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d, per, ffn = cfg.get("head_dim", h // heads), heads // groups, cfg["intermediate_size"]
-    out = {"model.embed_tokens.weight": st["embedding.word_embeddings.weight"][:VOCAB],
-           "model.norm.weight": st["decoder.final_layernorm.weight"]}
+    out, dtype = {}, {}
+
+    def put(name, key, value):  # each HF tensor in its stored tensor's dtype
+        out[name], dtype[name] = value, stored[key].dtype
+
+    put("model.embed_tokens.weight", "embedding.word_embeddings.weight",
+        st["embedding.word_embeddings.weight"][:VOCAB])
+    put("model.norm.weight", "decoder.final_layernorm.weight", st["decoder.final_layernorm.weight"])
     if not cfg["tie_word_embeddings"]:
-        out["lm_head.weight"] = st["output_layer.weight"][:VOCAB]
+        put("lm_head.weight", "output_layer.weight", st["output_layer.weight"][:VOCAB])
     lay = "decoder.layers."
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = st[lay + "self_attention.linear_qkv.layer_norm_weight"][i]
-        out[p + "post_attention_layernorm.weight"] = st[lay + "mlp.linear_fc1.layer_norm_weight"][i]
-        out[p + "self_attn.o_proj.weight"] = st[lay + "self_attention.linear_proj.weight"][i]
-        out[p + "mlp.down_proj.weight"] = st[lay + "mlp.linear_fc2.weight"][i]
-        gate_up = st[lay + "mlp.linear_fc1.weight"][i].reshape(2, ffn, h)
-        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate_up
+        for key, hf in (("self_attention.linear_qkv.layer_norm_weight", "input_layernorm"),
+                        ("mlp.linear_fc1.layer_norm_weight", "post_attention_layernorm"),
+                        ("self_attention.linear_proj.weight", "self_attn.o_proj"),
+                        ("mlp.linear_fc2.weight", "mlp.down_proj"),
+                        ("self_attention.q_layernorm.weight", "self_attn.q_norm"),
+                        ("self_attention.k_layernorm.weight", "self_attn.k_norm")):
+            if lay + key in st:
+                put(p + hf + ".weight", lay + key, st[lay + key][i])
+        fc1 = lay + "mlp.linear_fc1.weight"
+        gate, up = st[fc1][i].reshape(2, ffn, h)
+        put(p + "mlp.gate_proj.weight", fc1, gate)
+        put(p + "mlp.up_proj.weight", fc1, up)
         for part, tail in (("weight", (h,)), ("bias", ())):
             key = lay + "self_attention.linear_qkv." + part
             if key in st:
                 qkv = st[key][i].reshape(groups, per + 2, d, *tail)
-                out[p + f"self_attn.q_proj.{part}"] = qkv[:, :per].reshape(heads * d, *tail)
-                out[p + f"self_attn.k_proj.{part}"] = qkv[:, per].reshape(groups * d, *tail)
-                out[p + f"self_attn.v_proj.{part}"] = qkv[:, per + 1].reshape(groups * d, *tail)
-        for m, hf in (("q_layernorm", "q_norm"), ("k_layernorm", "k_norm")):
-            if lay + f"self_attention.{m}.weight" in st:
-                out[p + f"self_attn.{hf}.weight"] = st[lay + f"self_attention.{m}.weight"][i]
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(dtype) for k, v in out.items()}
+                put(p + f"self_attn.q_proj.{part}", key, qkv[:, :per].reshape(heads * d, *tail))
+                put(p + f"self_attn.k_proj.{part}", key, qkv[:, per].reshape(groups * d, *tail))
+                put(p + f"self_attn.v_proj.{part}", key, qkv[:, per + 1].reshape(groups * d, *tail))
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(dtype[k]) for k, v in out.items()}
 
 
 def write_hf(path: Path, state: dict[str, torch.Tensor], cfg: dict) -> Path:
@@ -205,9 +216,88 @@ def test_extrapolate_equals_float64_reference(mega, tmp_path):
                       output=tmp_path / "out2", progress=False)
     a, b = load_dir(out), load_dir(tmp_path / "out2" / "step-160")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(RelexError, match=r"does not write into them yet; use --output-format hf"):
-        relex.extrapolate(mega / "qwen2", base=mega / "base", targets=targets,
-                          output=tmp_path / "native", output_format="native", progress=False)
+
+
+ADAM = dict(QWEN2, torch_dtype="bfloat16")
+ADAM_STEPS = (2, 4, 6, 8)
+
+
+def _megatron_load(ckpt: Path, out: Path) -> list[dict]:
+    """Each TP rank's state after Megatron-style resuming from `ckpt` (megatron_run.py)."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("megatron_run.py")),
+                           "--load", str(ckpt), str(out)], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(f"{out}.rank{r}") for r in range(2)]
+
+
+def test_native_output_resumes_in_megatron(mega, tmp_path):
+    """--output-format native on a bf16 TP=2 run with Adam on fp32 masters (Float16Optimizer
+    layout): the copy of iter_0000008 holds the extrapolated weights in the model's tensors
+    (each in its dtype: bf16, fp32 norms) and in the masters (fp32, = relex's fp32 HF output, within 1 ulp of
+    the float64 fit), Adam's moments and everything else as saved; Megatron loads it at TP=2
+    with the same moments and step as the last real checkpoint and its forward is the HF
+    output's."""
+    run = mega / "adam"
+    base = write_hf(tmp_path / "base", hf_reference(run / "iter_0000000", ADAM), ADAM)
+    relex.extrapolate(run, base=base, targets=[16], output=tmp_path / "hf", dtype="float32",
+                      progress=False)
+    relex.extrapolate(run, base=base, targets=[16], output=tmp_path / "nat",
+                      output_format="native", progress=False)
+    step = tmp_path / "nat" / "step-16"
+    ckpt, last = step / "iter_0000008", run / "iter_0000008"
+    assert (step / "latest_checkpointed_iteration.txt").read_text() == "8"
+    native = json.loads((step / "relex.json").read_text())["native"]
+    assert native["resume_step"] == 8 and "--load " + str(step) in native["resume"]
+    assert (ckpt / "common.pt").read_bytes() == (last / "common.pt").read_bytes()
+    want = load_dir(tmp_path / "hf" / "step-16")
+    masters = hf_reference(ckpt, ADAM, "optimizer.state.fp32_param.")
+    weights = hf_reference(ckpt, ADAM)
+    observed = [hf_reference(run / f"iter_{s:07d}", ADAM) for s in ADAM_STEPS]
+    basis = load_dir(base)
+    ref = reference(basis, observed, ADAM_STEPS, [16])[0]
+    assert set(masters) == set(want) == set(weights)
+    for name, value in want.items():
+        assert torch.equal(masters[name], value), name
+        assert torch.equal(weights[name], value.to(weights[name].dtype)), name
+        assert_within_ulp(value, ref[name], name, basis[name].double().numpy())
+    assert not torch.equal(weights["model.layers.1.self_attn.k_proj.weight"],
+                           observed[-1]["model.layers.1.self_attn.k_proj.weight"])
+    for moment in ("optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq."):
+        a, b = stored_tensors(ckpt, moment), stored_tensors(last, moment)
+        assert a and all(torch.equal(a[k], b[k]) for k in b)
+    resumed = _megatron_load(ckpt, tmp_path / "resumed.pt")
+    real = _megatron_load(last, tmp_path / "real.pt")
+    for got, was in zip(resumed, real):
+        assert got["step"] == was["step"] == 8
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert all(torch.equal(a, b) for a, b in zip(got[key], was[key])), key
+        assert all(torch.equal(w, m.to(w.dtype)) for w, m in zip(got["weights"], got["masters"]))
+    logits = _hf_logits(ADAM, {k: v.to(torch.bfloat16) for k, v in want.items()})
+    err = (logits - resumed[0]["logits"]).abs().max() / logits.abs().max()
+    assert err < 0.03, err  # Megatron computes in bf16, transformers here in fp32
+    moved = (logits - real[0]["logits"]).abs().max() / logits.abs().max()
+    assert moved > 5 * err, (moved, err)  # and it is the jumped model, not the last real one
+
+
+def test_native_output_refuses_bucketed_masters(mega, tmp_path):
+    """The distributed optimizer's default layout keeps fp32 masters per bucket, which relex
+    cannot write: refused in one line naming the key and the flag that avoids it."""
+    import torch.distributed.checkpoint as dcp
+    run = tmp_path / "run"
+    shutil.copytree(mega / "adam", run)
+    last = run / "iter_0000008"
+    sd = {**stored_tensors(last), "optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_x."
+          "bucket_idx_0.param": torch.zeros(10)}
+    shutil.rmtree(last)
+    dcp.save(sd, checkpoint_id=str(last), no_dist=True)
+    for f in ("metadata.json", "common.pt"):
+        shutil.copy(mega / "adam" / "iter_0000008" / f, last)
+    base = write_hf(tmp_path / "base", hf_reference(run / "iter_0000000", ADAM), ADAM)
+    with pytest.raises(RelexError, match=r"'optimizer\.distributed\.dp_group_idx_0.*bucket "
+                                         r"layout.*--dist-ckpt-optim-fully-reshardable"):
+        relex.extrapolate(run, base=base, targets=[16], output=tmp_path / "nat",
+                          output_format="native", progress=False)
 
 
 def test_discovery_of_trainer_layouts(mega, tmp_path):
@@ -237,6 +327,21 @@ def test_discovery_of_trainer_layouts(mega, tmp_path):
                           output=tmp_path / f"out-{kind}", progress=False)
     a, b = load_dir(tmp_path / "out-nemo" / "step-80"), load_dir(tmp_path / "out-verl" / "step-80")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # native output copies the trainer's whole step directory, not only the iteration in it
+    (tmp_path / "nemo" / "step_40" / "train_state.pt").write_bytes(b"state")
+    for kind, step_dir, hint in (("nemo", "step_40", "NeMo-RL: checkpointing.checkpoint_dir="),
+                                 ("verl", "global_step_40", "verl: trainer.resume_mode=")):
+        relex.extrapolate(tmp_path / kind, base=mega / "base", targets=[80],
+                          output=tmp_path / f"native-{kind}", output_format="native",
+                          progress=False)
+        out = tmp_path / f"native-{kind}" / "step-80"
+        assert json.loads((out / "relex.json").read_text())["native"]["resume"].startswith(hint)
+        weights = out / step_dir / discover(tmp_path / kind)[40].relative_to(
+            tmp_path / kind / step_dir)
+        assert all(torch.equal(v, a[k]) for k, v in hf_reference(weights, QWEN2).items())
+    assert (tmp_path / "native-nemo" / "step-80" / "step_40" / "train_state.pt").is_file()
+    assert (tmp_path / "native-nemo" / "step-80" / "step_40" / "policy" / "weights" /
+            "latest_checkpointed_iteration.txt").read_text() == "0"
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -10,6 +10,7 @@ moments are the last real checkpoint's, and its step counter continues from ther
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -158,33 +159,45 @@ def test_crc_of_rewritten_zip_members(tmp_path):
     assert torch.equal(torch.load(f, weights_only=True)["a"], torch.full((1000,), 7.0))
 
 
-def test_scatter_into_column_boxes(tmp_path):
-    """Tensor-parallel boxes (split along dim 1) take any element range, partial rows
-    included, through writable maps; read back through the reading path, they hold it."""
+def test_writes_into_boxes_at_any_byte(tmp_path):
+    """Tensor-parallel boxes (split along dim 1, at odd byte offsets as in Megatron's files)
+    and whole-row boxes take any element range, partial rows included; read back through the
+    reading path they hold it, and no byte outside them changes."""
     from relex.formats.base import MappedFiles
-    from relex.formats.chunked import Chunk, Place, _fill
+    from relex.formats.chunked import Chunk, _fill
     from relex.formats.unpickler import Storage, StoredTensor
-    from relex.output.native import _split
-    shape, cut = (5, 7), 3
+    from relex.output.native import _write_box
+    shape, cut, at = (5, 7), 3, 3  # data starting at byte 3: no float32 view of a map there
     f = tmp_path / "boxes.bin"
-    f.write_bytes(bytes(4 * 35))
-    left = StoredTensor(Storage("l", torch.float32, 15, f, 0), 0, (5, cut), (cut, 1))
-    right = StoredTensor(Storage("r", torch.float32, 20, f, 60), 0, (5, 4), (4, 1))
-    place = Place(shape, "F32", (Chunk((0, 0), left), Chunk((0, cut), right)))
-    _, rows, boxes = _split(place)
-    assert not rows and len(boxes) == 2
+    f.write_bytes(b"\xff" * (4 * 35 + 2 * at + 16 * 4 + at))
+    left = StoredTensor(Storage("l", torch.float32, 15, f, at), 0, (5, cut), (cut, 1))
+    right = StoredTensor(Storage("r", torch.float32, 20, f, at + 60 + at), 0, (5, 4), (4, 1))
+    chunks = [Chunk((0, 0), left), Chunk((0, cut), right)]
+    rows = [Chunk((0,), StoredTensor(Storage("w", torch.float32, 16, f, 2 * at + 140), 0,
+                                     (16,), (1,)))]
     want = torch.arange(35, dtype=torch.float32)
-    files = MappedFiles(writable=True)
+    fds = {}
+
+    def fd(file):
+        return fds.setdefault(file, os.open(file, os.O_WRONLY))
     for a, b in [(0, 2), (2, 11), (11, 12), (12, 30), (30, 35)]:
-        _fill(want[a:b], shape, a, b, boxes, files, scatter=True)
-    files.close()
+        for c in chunks:
+            _write_box(c, shape, a, b, want[a:b], fd)
+        for c in rows:
+            _write_box(c, (16,), min(a, 16), min(b, 16), want[min(a, 16):min(b, 16)], fd)
+    for d in fds.values():
+        os.close(d)
     maps = MappedFiles()
     got = torch.empty(35)
-    _fill(got, shape, 0, 35, boxes, maps)
+    _fill(got, shape, 0, 35, [(c.offsets, c) for c in chunks], maps)
     maps.close()
     assert torch.equal(got, want)
-    raw = np.frombuffer(f.read_bytes(), np.float32)
-    assert np.array_equal(raw[:15].reshape(5, 3), want.view(5, 7)[:, :3].numpy())
+    raw = f.read_bytes()
+    assert raw[:at] == raw[at + 60: 2 * at + 60] == raw[-at:] == b"\xff" * at
+    left_values = np.frombuffer(raw[at: at + 60], np.float32)
+    assert np.array_equal(left_values.reshape(5, 3), want.view(5, 7)[:, :3].numpy())
+    assert np.array_equal(np.frombuffer(raw[2 * at + 140: 2 * at + 204], np.float32),
+                          want[:16].numpy())
 
 
 def test_jump_restart_loop(trainer_run, tmp_path):

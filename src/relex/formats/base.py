@@ -137,6 +137,16 @@ class Reader:
         raise RelexError(f"{self.path}: relex reads {self.format} checkpoints but cannot write "
                          f"into them; use --output-format hf (a Hugging Face model directory)")
 
+    def keeps_optimizer(self) -> bool:
+        """Whether optimizer state is stored inside this checkpoint's own files (Megatron's
+        `optimizer.` keys); separate optimizer files are found by output/native.py."""
+        return False
+
+    def reopen(self, path: Path) -> Reader:
+        """A reader of the same format, opened as this one was, for a copy of this checkpoint
+        at `path` (native output writes through it)."""
+        return type(self)(path)
+
     @property
     def config(self) -> dict | None:
         """config.json as a dict, or None when there is none."""
@@ -183,13 +193,9 @@ class MappedFiles:
     tensor of 30 checkpoints in turn through safe_open took 7.9 s and 4.6 GB RSS on the
     100M-parameter benchmark (mapped pages are never released); with releases the whole
     extrapolation peaks at 0.74 GB.
-
-    writable=True maps the files shared and writable instead (native output scatters into a
-    copy of a checkpoint through these views, output/native.py); close() flushes them.
     """
 
-    def __init__(self, writable: bool = False):
-        self.writable = writable
+    def __init__(self):
         self._maps: dict[Path, tuple[mmap.mmap, torch.Tensor]] = {}
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
@@ -197,10 +203,9 @@ class MappedFiles:
     def _map(self, file: Path) -> tuple[mmap.mmap, torch.Tensor]:
         with self._lock:
             if file not in self._maps:
-                with open(file, "r+b" if self.writable else "rb") as f:
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE if self.writable
-                                   else mmap.ACCESS_READ)
-                with warnings.catch_warnings():  # read-only unless writable: never written to
+                with open(file, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                with warnings.catch_warnings():  # read-only, but never written to
                     warnings.simplefilter("ignore", UserWarning)
                     self._maps[file] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
             return self._maps[file]
@@ -252,8 +257,6 @@ class MappedFiles:
         with self._lock:
             for mm, data in self._maps.values():
                 del data
-                if self.writable:
-                    mm.flush()
                 try:
                     mm.close()
                 except BufferError:  # a view is still alive somewhere; the GC will unmap it

@@ -210,24 +210,17 @@ def _overlapping(chunks: list[Chunk]) -> tuple[Chunk, Chunk] | None:
     return None
 
 
-def _fill(out: torch.Tensor, shape, a: int, b: int, pieces, maps,
-          scatter: bool = False) -> None:
+def _fill(out: torch.Tensor, shape, a: int, b: int, pieces, maps) -> None:
     """out[:] = flat elements [a, b) of a tensor of `shape` made of pieces [(offsets, src)]:
     src is a Chunk (rows viewed through `maps` on demand) or an N-d tensor already sliced.
-    With scatter, the other way round: the pieces' elements [a, b) = out (`maps` then gives
-    writable views: output/native.py).
 
     Whole rows are copied box by box with tensor slicing; a partial first or last row is the
     same problem one dimension down."""
     if a >= b:
         return
-
-    def copy(dst, src):
-        (src if scatter else dst).copy_(dst if scatter else src)
-
     if not shape:
         src = pieces[0][1]
-        copy(out, (src.tensor.view(maps) if isinstance(src, Chunk) else src).reshape(1))
+        out.copy_((src.tensor.view(maps) if isinstance(src, Chunk) else src).reshape(1))
         return
     inner = numel(shape[1:])
 
@@ -242,7 +235,7 @@ def _fill(out: torch.Tensor, shape, a: int, b: int, pieces, maps,
             size0 = (src.tensor.shape if isinstance(src, Chunk) else src.shape)[0]
             if offs[0] <= row < offs[0] + size0:
                 sub.append((offs[1:], rows(src, row, row + 1, offs[0])[0]))
-        _fill(dst, shape[1:], lo, hi, sub, maps, scatter)
+        _fill(dst, shape[1:], lo, hi, sub, maps)
 
     row_a, row_b = a // inner, b // inner
     if row_a == row_b:
@@ -261,6 +254,6 @@ def _fill(out: torch.Tensor, shape, a: int, b: int, pieces, maps,
             if lo < hi:
                 idx = (slice(lo - first, hi - first),) + tuple(
                     slice(o, o + s) for o, s in zip(offs[1:], size[1:]))
-                copy(region[idx], rows(src, lo, hi, offs[0]))
+                region[idx].copy_(rows(src, lo, hi, offs[0]))
     if b % inner:
         partial(row_b, 0, b % inner, out[row_b * inner - a:])

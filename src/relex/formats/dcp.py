@@ -141,6 +141,8 @@ class DCPReader(ChunkedReader):
             fqn, offs = _field(key, "fqn"), _ints(_field(key, "offset") or ())
             places[(fqn, offs)] = info
         root = self.path.resolve()
+        #: every key stored, tensors and objects (Megatron's optimizer state: megatron.py)
+        self.stored_keys = list(tensors_md)
         # bytes entries (extra state) hold no weights
         tensors_md = {k: v for k, v in tensors_md.items()
                       if getattr(v, "kind", None) == "TensorStorageMetadata"}

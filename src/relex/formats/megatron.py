@@ -45,9 +45,9 @@ import torch
 from relex.errors import RelexError
 from relex.formats import dcp
 from relex.formats.base import DTYPES, TensorMeta, numel
-from relex.formats.chunked import ChunkedTensor
+from relex.formats.chunked import Chunk, ChunkedTensor, Place
 from relex.formats.torchzip import load
-from relex.formats.unpickler import InertGlobals, Record, records_of, short
+from relex.formats.unpickler import InertGlobals, Record, StoredTensor, records_of, short
 
 NAME = "megatron"
 #: open_reader passes the base model: its config.json is the HF config when none is beside
@@ -82,6 +82,9 @@ HF_ORDER = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_att
 EMBEDDING, FINAL_NORM, OUTPUT = ("embedding.word_embeddings.weight",
                                  "decoder.final_layernorm.weight", "output_layer.weight")
 LAYERS = "decoder.layers."
+OPTIMIZER = "optimizer."
+#: where Megatron's optimizers keep fp32 master copies of the weights per stored key
+MASTERS = ("optimizer.state.fp32_param.", "optimizer.state.param.")
 
 
 @dataclass(frozen=True)
@@ -423,22 +426,60 @@ class MegatronReader(dcp.DCPReader):
             with records_of(str(self.path / COMMON)):
                 check_args(args, self.model, self.path / COMMON)
         #: {HF name: StoredRows}: where each HF tensor's elements lie in the stored tensors
-        self.layout = layout({k: t.shape for k, t in self._chunked.items()}, self.model, where)
+        self.layout = layout({k: t.shape for k, t in self._chunked.items()
+                              if not k.startswith(OPTIMIZER)}, self.model, where)
         for name, place in self.layout.items():
             dtypes = {self._chunked[s.key].dtype for s in place.segments}
             self.tensors[name] = TensorMeta(name, dtypes.pop(), place.shape)
 
     def _names(self, fqns, planner_data) -> dict[str, str]:
-        # optimizer state and extra state hold no weights; stored tensors keep their keys
-        return {f: f for f in fqns if not f.startswith("optimizer.") and "_extra_state" not in f}
+        # extra state and the optimizer's moments hold no weights; its fp32 master copies of
+        # the weights are kept for native output (places); stored tensors keep their keys
+        return {f: f for f in fqns if "_extra_state" not in f and (
+            not f.startswith(OPTIMIZER) or f.startswith(MASTERS))}
 
     def _add(self, tensor: ChunkedTensor) -> None:
         self._keep(tensor)  # listed under HF names by the layout, not under its own key
 
-    def places(self, name: str) -> list:
-        raise RelexError(f"{self.path}: relex reads Megatron torch_dist checkpoints but does not "
-                         f"write into them yet; use --output-format hf (a Hugging Face model "
-                         f"directory)")
+    def keeps_optimizer(self) -> bool:
+        return any(k.startswith(OPTIMIZER) for k in self.stored_keys)
+
+    def reopen(self, path: Path) -> MegatronReader:
+        return MegatronReader(path, hf_config=self.model.file)
+
+    def places(self, name: str) -> list[Place]:
+        """The HF tensor `name` in the model's stored tensor and in the optimizer's fp32
+        master copy of it (Megatron's Float16Optimizer: optimizer.state.fp32_param.<key>;
+        the distributed optimizer saved fully reshardable: optimizer.state.param.<key>),
+        each as boxes in the HF tensor's shape: per segment, the rows of each stored chunk
+        it covers. Masters kept in any other layout are refused: a resumed run would copy
+        the old weights back from them."""
+        bucketed = next((k for k in self.stored_keys if k.startswith(OPTIMIZER)
+                         and not k.startswith(OPTIMIZER + "state.")), None)
+        if bucketed is not None:
+            raise RelexError(f"{self.path}: '{bucketed}': the distributed optimizer keeps its "
+                             f"fp32 master weights here in its bucket layout (Megatron-LM's "
+                             f"default dp_reshardable), where relex cannot write them, and a "
+                             f"resumed run would restore the old weights from them; save with "
+                             f"--dist-ckpt-optim-fully-reshardable (Megatron-LM, slime), or use "
+                             f"--output-format hf")
+        rows = self.layout[name]
+        keys = {s.key for s in rows.segments}
+        out = [_place(rows, self._chunked, lambda key: key)]
+        for prefix in MASTERS:
+            have = [prefix + k in self._chunked for k in keys]
+            if any(have):
+                for k in keys:
+                    master = self._chunked.get(prefix + k)
+                    if master is None or master.shape != self._chunked[k].shape:
+                        raise RelexError(
+                            f"{self.path}: '{prefix + k}' is "
+                            f"{list(master.shape) if master else 'missing'}, not the shape "
+                            f"{list(self._chunked[k].shape)} of '{k}' (fp32 master weights "
+                            f"saved flattened?); relex cannot write them: save with "
+                            f"--dist-ckpt-optim-fully-reshardable, or use --output-format hf")
+                out.append(_place(rows, self._chunked, lambda key, p=prefix: p + key))
+        return out
 
     def read(self, name, start, stop):
         pieces = list(self.layout[name].pieces(start, stop))
@@ -463,6 +504,35 @@ class MegatronReader(dcp.DCPReader):
     def files(self) -> list[Path]:
         common = self.path / COMMON
         return sorted({*super().files(), *([common] if common.is_file() else [])})
+
+
+def _place(rows: StoredRows, stored: dict[str, ChunkedTensor], key_of) -> Place:
+    """An HF tensor's elements in the stored tensors `key_of(segment key)`, as boxes in the HF
+    tensor's shape: each segment is rows of one layer of a stored tensor whose trailing dims
+    are the HF tensor's, so the rows of each stored chunk it covers are a box of the HF
+    tensor (a view into the chunk's bytes)."""
+    trail, chunks, dtype = rows.shape[1:], [], None
+    inner = numel(trail)
+    for seg, hf_start in zip(rows.segments, rows.starts):
+        tensor = stored[key_of(seg.key)]
+        dtype, lead = tensor.dtype, len(tensor.shape) - len(trail)  # lead 2: stacked layers
+        assert lead in (1, 2) and tuple(tensor.shape[lead:]) == tuple(trail), (seg, tensor.shape)
+        per = tensor.shape[lead - 1]
+        layer, first = divmod(seg.start // inner, per)
+        count = seg.size // inner
+        for c in tensor.chunks:
+            t, o = c.tensor, c.offsets
+            if lead == 2 and not o[0] <= layer < o[0] + t.shape[0]:
+                continue
+            lo, hi = max(first, o[lead - 1]), min(first + count, o[lead - 1] + t.shape[lead - 1])
+            if lo >= hi:
+                continue
+            at = t.offset + (lo - o[lead - 1]) * t.stride[lead - 1]
+            if lead == 2:
+                at += (layer - o[0]) * t.stride[0]
+            view = StoredTensor(t.storage, at, (hi - lo, *t.shape[lead:]), t.stride[lead - 1:])
+            chunks.append(Chunk((hf_start // inner + lo - first, *o[lead:]), view))
+    return Place(rows.shape, dtype, tuple(chunks))
 
 
 def _check_backend(path: Path) -> None:

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,9 @@ from relex import formats
 from relex.checkpoints.discover import LAYOUTS
 from relex.errors import RelexError
 from relex.formats import DTYPES
-from relex.formats.base import MappedFiles
+from relex.formats.base import numel
 from relex.formats.checksums import crc32
-from relex.formats.chunked import Chunk, Place, _fill
+from relex.formats.chunked import Chunk, Place
 from relex.formats.unpickler import Storage
 from relex.output.model import pwrite_all
 
@@ -38,17 +39,21 @@ from relex.output.model import pwrite_all
 #: Megatron: latest_checkpointed_iteration.txt; DeepSpeed / OpenRLHF: latest); copied as they
 #: are, since the output keeps the step number N
 POINTERS = ("latest_checkpointed_iteration.txt", "latest")
+MEGATRON_ITERATION = re.compile(r"iter_\d+")
 
 
 def step_directory(weights: Path) -> Path:
     """The trainer's step directory that holds `weights` (global_step_N/, checkpoint-N/,
     step_N/, ...: the nearest one, at most 3 levels up): what a trainer resumes from, so what
-    native output copies. The weights directory itself when none is named like one."""
+    native output copies. The weights directory itself when none is named like one. A
+    Megatron iter_N/ inside another trainer's step directory (NeMo-RL's
+    step_N/policy/weights/iter_0000000/) belongs to it: the trainer resumes from step_N/."""
     weights = Path(weights)
-    for d in (weights, *list(weights.parents)[:3]):
-        if any(layout.step(d.name) is not None for layout in LAYOUTS):
-            return d
-    return weights
+    named = [d for d in (weights, *list(weights.parents)[:3])
+             if any(layout.step(d.name) is not None for layout in LAYOUTS)]
+    if len(named) > 1 and MEGATRON_ITERATION.fullmatch(named[0].name):
+        return named[1]
+    return named[0] if named else weights
 
 
 def has_optimizer(root: Path) -> bool:
@@ -63,14 +68,18 @@ def weight_stores(root: Path, read_from: Path, names: dict[str, tuple]) -> list[
     trainer's shards is a second copy that must not keep the old weights."""
     read_from = Path(read_from).resolve()
     found = [read_from.relative_to(Path(root).resolve())]
+    seen = {read_from}
     for d in sorted(p for p in Path(root).rglob("*") if p.is_dir()):
         rel = d.relative_to(root)
         if rel == found[0] or len(rel.parts) > 3 or not formats.detect(d):
             continue
         try:
             with formats.open_reader(d) as r:
+                if r.path.resolve() in seen:  # a save dir standing for the one it points at
+                    continue
                 if all(n in r.tensors and r.tensors[n].shape == s for n, s in names.items()):
                     found.append(rel)
+                    seen.add(r.path.resolve())
         except RelexError:  # an optimizer DCP directory, an adapter, ...: not a model copy
             continue
     return found
@@ -89,6 +98,9 @@ class Template:
     #: (`_actor/global_step50` for OpenRLHF), so that step-S/ is a run directory the trainer
     #: resumes from as it would from its own
     rel: Path
+    #: opens the copy of the model store the fit read (stores[0]) as the fit opened it
+    #: (formats.base.Reader.reopen: Megatron's HF config, ...)
+    reopen: Callable[[Path], formats.Reader]
 
     @classmethod
     def of(cls, last: formats.Reader, shapes: dict[str, tuple],
@@ -112,7 +124,7 @@ class Template:
             rel = root.resolve().relative_to(Path(run_dir).resolve())
         elif (root.parent / "latest").is_file():  # a DeepSpeed save dir (OpenRLHF's _actor/)
             rel = Path(root.parent.name) / root.name
-        if not has_optimizer(root) and not allow_fresh_optimizer:
+        if not (has_optimizer(root) or last.keeps_optimizer()) and not allow_fresh_optimizer:
             raise RelexError(f"{root}: keeps no optimizer state (no optim* file), so resuming "
                              f"from native output would reset the optimizer; save the "
                              f"optimizer with the checkpoints, or pass --allow-fresh-optimizer")
@@ -120,7 +132,7 @@ class Template:
         for store in stores[1:]:  # the first is the one `last` reads
             with formats.open_reader(root / store) as r:
                 widen(r)
-        return cls(root, tuple(stores), dtypes, rel)
+        return cls(root, tuple(stores), dtypes, rel, last.reopen)
 
     def resume_hint(self, out: Path) -> str:
         """How the detected trainer resumes from `out` (a step-S/ directory)."""
@@ -136,6 +148,9 @@ class Template:
             return f"DeepSpeed: engine.load_checkpoint(\"{where.parent}\")  # reads 'latest'"
         if re.fullmatch(r"step_\d+", self.root.name):
             return f"NeMo-RL: checkpointing.checkpoint_dir={where.parent}"
+        if MEGATRON_ITERATION.fullmatch(self.root.name):
+            return (f"slime / Megatron-LM: --load {where.parent}  (reads "
+                    f"latest_checkpointed_iteration.txt)")
         return f"resume the trainer from {where}"
 
 
@@ -190,17 +205,19 @@ class NativeWriter:
         self.sizes = dict(names)
         self._written = dict.fromkeys(names, 0)
         self._lock = threading.Lock()
-        self._files = MappedFiles(writable=True)  # the boxes _fill scatters into
-        self._fds: dict[Path, int] = {}  # the files row chunks are pwritten to
-        self._readers = [formats.open_reader(root / rel) for rel in template.stores]
+        self._fds: dict[Path, int] = {}  # the files written, each opened once
+        self._readers = []
         try:
-            self.places = {n: [_split(p) for r in self._readers for p in r.places(n)]
+            for i, rel in enumerate(template.stores):  # the first: the format the fit read
+                self._readers.append(template.reopen(root / rel) if i == 0
+                                     else formats.open_reader(root / rel))
+            self.places = {n: [_checked(p) for r in self._readers for p in r.places(n)]
                            for n in names}
         except BaseException:
             self.abort()
             raise
         #: the torch.save zip members written, whose CRC-32s `seal` updates
-        self.members = {c.tensor.storage for ps in self.places.values() for p, _, _ in ps
+        self.members = {c.tensor.storage for ps in self.places.values() for p in ps
                         for c in p.chunks if c.tensor.storage.crc_at}
 
     def write_at(self, name: str, start: int, chunk: torch.Tensor) -> None:
@@ -210,12 +227,10 @@ class NativeWriter:
             return
         chunk = chunk.detach().to("cpu").reshape(-1)
         stop = start + chunk.numel()
-        for place, rows, boxes in self.places[name]:
+        for place in self.places[name]:
             src = chunk.to(DTYPES[place.dtype])
-            for c in rows:
-                _write_rows(c, place, start, stop, src, self._fd)
-            if boxes:
-                _fill(src, place.shape, start, stop, boxes, self._files, scatter=True)
+            for c in place.chunks:
+                _write_box(c, place.shape, start, stop, src, self._fd)
         with self._lock:
             self._written[name] += chunk.numel()
 
@@ -242,7 +257,6 @@ class NativeWriter:
             _rewrite_crc(member)
 
     def abort(self) -> None:
-        self._files.close()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -250,37 +264,60 @@ class NativeWriter:
             r.close()
 
 
-def _split(place: Place) -> tuple[Place, list[Chunk], list[tuple]]:
-    """(place, its chunks of whole contiguous rows, the other boxes as _fill's pieces): rows
-    (FSDP row shards, HF tensors, flat partitions) take one pwrite per write, other boxes
-    (tensor-parallel column shards) are scattered through writable maps, which need aligned
-    data."""
-    rows, boxes = [], []
+def _checked(place: Place) -> Place:
+    """A place whose boxes are all contiguous stored tensors (what every format keeps), so
+    each write is a few pwrites (_write_box)."""
     for c in place.chunks:
-        t = c.tensor
-        if t.contiguous and tuple(t.shape[1:]) == tuple(place.shape[1:]):
-            rows.append(c)
-        else:
-            if t.storage.offset % t.itemsize:
-                raise RelexError(f"{t.storage.file}: tensor data at byte {t.storage.offset} "
-                                 f"is not aligned to its dtype; relex cannot write into it: "
-                                 f"use --output-format hf")
-            boxes.append((c.offsets, c))
-    return place, rows, boxes
+        if not c.tensor.contiguous:
+            raise RelexError(f"{c.tensor.storage.file}: a piece of shape {list(c.tensor.shape)} "
+                             f"is stored with strides {list(c.tensor.stride)}; relex writes "
+                             f"only contiguous pieces: use --output-format hf")
+    return place
 
 
-def _write_rows(c: Chunk, place: Place, a: int, b: int, src: torch.Tensor, fd_of) -> None:
-    """Write the part of flat elements [a, b) that falls in row chunk `c`, in one pwrite
-    (fd_of: file -> a descriptor open for writing)."""
+def _write_box(c: Chunk, shape: tuple[int, ...], a: int, b: int, src: torch.Tensor,
+               fd_of) -> None:
+    """Write the part of flat elements [a, b) of a tensor of `shape` (src: their values)
+    that falls in box `c`, a contiguous stored tensor, by pwrite (fd_of: file -> a descriptor
+    open for writing). The whole rows of the range inside the box are one contiguous run of
+    the box's bytes: one pwrite; a partial first or last row is the same problem one
+    dimension down. pwrite rather than writable maps: tensor-parallel pieces in Megatron and
+    DCP files start at any byte, where a dtype view of a map cannot."""
     t = c.tensor
-    inner = t.numel // t.shape[0] if t.shape and t.shape[0] else 1
-    first = c.offsets[0] * inner if t.shape else 0
-    lo, hi = max(a, first), min(b, first + t.numel)
-    if lo >= hi:
+
+    def put(at: int, values: torch.Tensor) -> None:  # values: the box's elements at..
+        data = values.contiguous().view(torch.uint8).numpy()
+        pwrite_all(fd_of(t.storage.file), data,
+                   t.storage.offset + (t.offset + at) * t.itemsize)
+
+    _box(shape, c.offsets, t.shape, a, b, src, 0, put)
+
+
+def _box(shape, offs, size, a: int, b: int, src: torch.Tensor, at: int, put) -> None:
+    """_write_box for the box (offs, size) of a tensor of `shape`, whose first element is
+    element `at` of the stored box."""
+    if a >= b:
         return
-    data = src[lo - a: hi - a].contiguous().view(torch.uint8).numpy()
-    pwrite_all(fd_of(t.storage.file), data,
-               t.storage.offset + (t.offset + lo - first) * t.itemsize)
+    if not shape:
+        put(at, src.reshape(1))
+        return
+    inner, box_inner = numel(shape[1:]), numel(size[1:])
+    if tuple(size[1:]) == tuple(shape[1:]):  # the box holds whole rows: one run
+        lo, hi = max(a, offs[0] * inner), min(b, (offs[0] + size[0]) * inner)
+        if lo < hi:
+            put(at + lo - offs[0] * inner, src[lo - a: hi - a])
+        return
+    first, last = -(-a // inner), b // inner  # the rows [a, b) covers whole
+    lo, hi = max(first, offs[0]), min(last, offs[0] + size[0])
+    if lo < hi:
+        rows = src[lo * inner - a: hi * inner - a].view(hi - lo, *shape[1:])
+        put(at + (lo - offs[0]) * box_inner,
+            rows[(slice(None),) + tuple(slice(o, o + s) for o, s in zip(offs[1:], size[1:]))])
+    for row in sorted({a // inner, (b - 1) // inner}):  # partial rows, one level down
+        r_a, r_b = max(a, row * inner), min(b, (row + 1) * inner)
+        if (r_b - r_a < inner) and offs[0] <= row < offs[0] + size[0]:
+            _box(shape[1:], offs[1:], size[1:], r_a - row * inner, r_b - row * inner,
+                 src[r_a - a: r_b - a], at + (row - offs[0]) * box_inner, put)
 
 
 def _rewrite_crc(st: Storage) -> None:
