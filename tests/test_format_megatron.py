@@ -344,6 +344,22 @@ def test_discovery_of_trainer_layouts(mega, tmp_path):
             "latest_checkpointed_iteration.txt").read_text() == "0"
 
 
+def test_hf_config_flag(mega, tmp_path, capsys):
+    """A slime save dir whose base is its own iter_0000000 and no config.json anywhere near:
+    refused in one line naming --hf-config; with it, the same model as with an HF base."""
+    run = tmp_path / "run"
+    shutil.copytree(mega / "qwen2", run, ignore=shutil.ignore_patterns("logits.pt", "pg-*"))
+    args = [str(run), "--base", str(run / "iter_0000000"), "--target", "80"]
+    assert main(["extrapolate", *args, "-o", str(tmp_path / "a")]) != 0
+    assert "pass --hf-config" in capsys.readouterr().err
+    assert main(["extrapolate", *args, "-o", str(tmp_path / "b"),
+                 "--hf-config", str(mega / "base" / "config.json")]) == 0
+    relex.extrapolate(mega / "qwen2", base=mega / "base", targets=[80],
+                      output=tmp_path / "c", progress=False)
+    got, want = load_dir(tmp_path / "b" / "step-80"), load_dir(tmp_path / "c" / "step-80")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 # ----------------------------------------------------------------------------- bad input
 def _copy(mega, tmp_path, step=40) -> Path:
     dst = tmp_path / f"iter_{step:07d}"

@@ -90,7 +90,8 @@ def extrapolate(*, inputs: Inputs, fit: FitOptions, resources: Resources, out: O
     if not fit.allow_interpolation and targets[0] <= observed[-1]:
         raise RelexError(f"--target {targets[0]} is not after the last observed step "
                          f"{observed[-1]}; pass --allow-interpolation to predict inside the window")
-    traj = _open(resolved.base, resolved.observed, out.dtype, inputs.verify_checksums)
+    traj = _open(resolved.base, resolved.observed, out.dtype, inputs.verify_checksums,
+                 inputs.hf_config)
     try:
         grams = None
         if saved is not None:
@@ -152,7 +153,8 @@ def reconstruct(*, inputs: Inputs, resources: Resources, out: OutputOptions, ran
     if len(targets) < rank:
         raise RelexError(f"--rank {rank} needs at least {rank} observed checkpoints, got "
                          f"{len(targets)}")
-    traj = _open(resolved.base, resolved.observed, out.dtype, inputs.verify_checksums)
+    traj = _open(resolved.base, resolved.observed, out.dtype, inputs.verify_checksums,
+                 inputs.hf_config)
     try:
         rule = Reconstruction(traj.steps.astype(np.float64), list(range(len(targets))), config)
         return write(WriteJob("reconstruct", traj, resolved, targets, rule, config, out, resources,
@@ -165,14 +167,15 @@ def _resolve(inputs: Inputs, later: bool = False):
     return resolve_inputs(inputs.run_dir, base=inputs.base, checkpoints=inputs.checkpoints,
                           observe_until=inputs.observe_until, steps=inputs.steps,
                           revision_pattern=inputs.revision_pattern, later=later,
-                          skip_unreadable=inputs.skip_unreadable)
+                          skip_unreadable=inputs.skip_unreadable, hf_config=inputs.hf_config)
 
 
 def _open(base: Path, checkpoints: dict[int, Path], dtype: str | None = None,
-          verify_checksums: bool = True) -> Trajectory:
+          verify_checksums: bool = True, hf_config: str | Path | None = None) -> Trajectory:
     """The Trajectory of `base` and the {step: path} checkpoints (LoRA ones read over `base`)."""
-    traj = Trajectory(open_reader(base), [open_reader(p, base=base)
-                                          for p in checkpoints.values()], list(checkpoints), dtype)
+    traj = Trajectory(open_reader(base, hf_config=hf_config),
+                      [open_reader(p, base=base, hf_config=hf_config)
+                       for p in checkpoints.values()], list(checkpoints), dtype)
     for reader in (traj.base, *traj.checkpoints):
         if reader.checksums is not None:
             reader.checksums.enabled = verify_checksums
@@ -190,7 +193,8 @@ def _resolve_for_fit(saved, inputs: Inputs):
                              f"RUN_DIR --from-fit {inputs.from_fit} [--base DIR]")
         return resolve_inputs(base=inputs.base if inputs.base is not None else saved.base,
                               checkpoints=saved.checkpoints,
-                              observe_until=inputs.observe_until, steps=inputs.steps)
+                              observe_until=inputs.observe_until, steps=inputs.steps,
+                              hf_config=inputs.hf_config)
     base = inputs.base
     if base is None and saved.base.exists():
         base = saved.base
@@ -200,7 +204,7 @@ def _resolve_for_fit(saved, inputs: Inputs):
     found = resolve_inputs(inputs.run_dir, base=base, checkpoints=inputs.checkpoints,
                            observe_until=inputs.observe_until, steps=window,
                            revision_pattern=inputs.revision_pattern,
-                           skip_unreadable=inputs.skip_unreadable)
+                           skip_unreadable=inputs.skip_unreadable, hf_config=inputs.hf_config)
     extra = [s for s in found.observed if s not in saved.steps]
     if extra:
         raise RelexError(f"--from-fit {saved.path}: step {extra[0]} is not in the fit (its steps: "
@@ -273,7 +277,7 @@ def analyze(*, inputs: Inputs, fit: FitOptions, resources: Resources,
         config.check(len(observed))
         check_output(output, out.overwrite, [resolved.base, *resolved.available.values()], 0)
         traj = _open(resolved.base, {s: resolved.available[s] for s in all_steps},
-                     verify_checksums=inputs.verify_checksums)
+                     verify_checksums=inputs.verify_checksums, hf_config=inputs.hf_config)
         try:
             grams, bytes_read = _grams_only(traj, resources, out.progress)
             numels = {p.name: p.numel for p in traj.plans}

@@ -138,6 +138,11 @@ class Inputs(OptionGroup):
         None, "--base", metavar="DIR", section="inputs",
         help="the model before RL (step 0); default: the run's step-0 checkpoint (or "
              "ORG/REPO[@REV] on the hub)")
+    hf_config: str | Path | None = option(
+        None, "--hf-config", metavar="PATH", section="inputs",
+        help="the run's Hugging Face config.json (or its directory), for checkpoints that keep "
+             "none (Megatron torch_dist: default, one beside or above the checkpoint, or the "
+             "base's)")
     revision_pattern: str = option(
         hub.DEFAULT_PATTERN, "--revision-pattern", metavar="PATTERN", section="inputs",
         help="with hf://ORG/REPO: the branch names of the checkpoints, {N} the step (default "

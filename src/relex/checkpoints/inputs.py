@@ -90,7 +90,8 @@ def resolve_inputs(run_dir: str | Path | None = None, *, base: str | Path | None
                    observe_until: int | None = None,
                    steps: str | list[int] | None = None,
                    revision_pattern: str = hub.DEFAULT_PATTERN, later: bool = False,
-                   skip_unreadable: bool = False) -> Inputs:
+                   skip_unreadable: bool = False,
+                   hf_config: str | Path | None = None) -> Inputs:
     """Discover checkpoints under run_dir, add explicit ones, pick the base and the observed set.
 
     checkpoints: extra "STEP=PATH" strings or a {step: path} dict. observe_until keeps steps <= K;
@@ -98,7 +99,8 @@ def resolve_inputs(run_dir: str | Path | None = None, *, base: str | Path | None
     run_dir "hf://ORG/REPO": the repo's branches named like revision_pattern are the
     checkpoints; only the observed ones (and, with later=True, the ones after them) are
     downloaded. skip_unreadable: a discovered checkpoint that cannot be opened is left out
-    with a warning on stderr naming it (default: its error stops the command).
+    with a warning on stderr naming it (default: its error stops the command). hf_config:
+    the HF config of checkpoints that keep none (Megatron), for that check.
     """
     if hub.is_hub(run_dir):
         found = hub.checkpoints(run_dir, _wanted(observe_until, steps, later, base is None),
@@ -134,7 +136,7 @@ def resolve_inputs(run_dir: str | Path | None = None, *, base: str | Path | None
     available = {s: p for s, p in sorted(found.items()) if s != 0}
     if skip_unreadable:
         available = {s: p for s, p in available.items()
-                     if s in explicit or _readable(s, p, base_dir)}
+                     if s in explicit or _readable(s, p, base_dir, hf_config)}
     if not available:
         raise RelexError("only the base (step 0) was found; relex needs checkpoints after it")
     chosen = select_steps(list(available), observe_until, steps)
@@ -142,10 +144,10 @@ def resolve_inputs(run_dir: str | Path | None = None, *, base: str | Path | None
     return Inputs(base_dir, observed, available)
 
 
-def _readable(step: int, path: Path, base: Path) -> bool:
+def _readable(step: int, path: Path, base: Path, hf_config: str | Path | None) -> bool:
     """Can `path` be opened (names, shapes, pickles, zip headers)? If not, say so on stderr."""
     try:
-        formats.open_reader(path, base=base).close()
+        formats.open_reader(path, base=base, hf_config=hf_config).close()
         return True
     except RelexError as e:
         msg = str(e).replace("\n", "\\n")

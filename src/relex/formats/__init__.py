@@ -33,15 +33,19 @@ def detect(path: str | Path):
     return None
 
 
-def open_reader(path: str | Path, base: str | Path | None = None) -> Reader:
+def open_reader(path: str | Path, base: str | Path | None = None,
+                hf_config: str | Path | None = None) -> Reader:
     """A Reader for the checkpoint at `path`, whatever format it is in.
 
-    base: the run's base model, for formats that store only a difference to it (LoRA)."""
+    base: the run's base model, for formats that store only a difference to it (LoRA) or
+    take its config (Megatron); hf_config: the HF config.json of formats that keep none."""
     path = Path(path)
     if not path.is_dir():
         raise RelexError(f"{path}: no such checkpoint directory")
     # Nothing recognised: the HF reader's errors say best what is missing (an index, .bin...).
     fmt = detect(path) or hf
+    if getattr(fmt, "NEEDS_HF_CONFIG", False):
+        return fmt.reader(path, base=base, hf_config=hf_config)
     if getattr(fmt, "NEEDS_BASE", False):
         return fmt.reader(path, base=base)
     return fmt.reader(path)

@@ -50,8 +50,9 @@ from relex.formats.torchzip import load
 from relex.formats.unpickler import InertGlobals, Record, StoredTensor, records_of, short
 
 NAME = "megatron"
-#: open_reader passes the base model: its config.json is the HF config when none is beside
-NEEDS_BASE = True
+#: open_reader passes --hf-config and the base model (its config.json is the HF config when
+#: none is given or beside)
+NEEDS_HF_CONFIG = True
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -391,8 +392,8 @@ def _config_file(path: Path, base: Path | None, hf_config: Path | None) -> Path:
     if base is not None and detect(base):
         return _config_file(resolve(base), None, None)
     raise RelexError(f"{path}: no HF config.json for this Megatron checkpoint (looked beside "
-                     f"it, in its parents and in the base model); pass the run's HF model "
-                     f"directory as --base")
+                     f"it, in its parents and in the base model); pass --hf-config "
+                     f"HF_MODEL_DIR/config.json (or the HF model directory as --base)")
 
 
 def _is_hf_config(file: Path) -> bool:
@@ -569,5 +570,6 @@ def detect(path: Path) -> bool:
     return resolve(path) is not None
 
 
-def reader(path: Path, base: Path | None = None) -> MegatronReader:
-    return MegatronReader(resolve(path) or path, base=base)
+def reader(path: Path, base: Path | None = None,
+           hf_config: Path | None = None) -> MegatronReader:
+    return MegatronReader(resolve(path) or path, base=base, hf_config=hf_config)
