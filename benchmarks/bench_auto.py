@@ -5,10 +5,12 @@ steps with relex.Accelerator (cycle 20) at each --schedule (a fixed jump, or aut
 is the real steps an accelerated run needed to first reach (plain's final accuracy - 0.01),
 divided by the real steps plain needed to first reach that same level; also the accelerated
 run's accuracy at the end of its budget (a collapse shows there). Held-out accuracy every 10
-steps on the demo's 500 problems. Seeds run in --jobs processes (one core each).
+steps on the demo's 500 problems. Seeds run in --jobs processes (one core each). A schedule
+with the suffix -dev gives the Accelerator a held-out check (eval_fn): greedy accuracy on 200
+other problems (a dev set, never the 500 that are measured).
 
     python benchmarks/bench_auto.py                          # seeds 0-4, jumps 40, 60, auto
-    python benchmarks/bench_auto.py --seeds 0 1 --schedule 40 auto --plot auto.png
+    python benchmarks/bench_auto.py --seeds 0 1 --schedule 40 auto auto-dev --plot auto.png
 """
 
 from __future__ import annotations
@@ -41,8 +43,14 @@ def one(seed: int, schedule: str, steps: int) -> dict:
               on_step=lambda row: curve.update({row["step"]: row["accuracy"]}
                                                if "accuracy" in row else {}), keep=set())
         return {"curve": curve}
-    jump = schedule if schedule == "auto" else int(schedule)
-    r = accelerate(model, steps // 2, seed, 20, jump, False)
+    name = schedule.removesuffix("-dev")
+    jump = name if name == "auto" else int(name)
+    eval_fn = None
+    if schedule.endswith("-dev"):
+        from relex.demo import arithmetic as A
+        dev = A.heldout(200, seed=4321)
+        eval_fn = lambda: A.accuracy(model, dev)  # noqa: E731
+    r = accelerate(model, steps // 2, seed, 20, jump, False, eval_fn=eval_fn)
     return {"curve": {p["real_step"]: p["accuracy"] for p in r["curve"]},
             "jumps": [(j["real_step"], j["size"], j["rolled_back"]) for j in r["jumps"]]}
 
@@ -58,6 +66,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=400, help="the plain run's steps")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--plot", type=Path, help="accuracy vs real steps per seed (PNG)")
+    p.add_argument("--cache", type=Path, help="keep each run's result here (JSON) and reuse "
+                   "it when the same seed, schedule and steps come again")
     p.add_argument("--one", nargs=2, metavar=("SEED", "SCHEDULE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:  # a worker process
@@ -66,10 +76,17 @@ def main() -> None:
     runs = [(s, k) for s in args.seeds for k in ["plain", *args.schedule]]
 
     def launch(run):
+        kept = args.cache / f"{run[0]}-{run[1]}-{args.steps}.json" if args.cache else None
+        if kept is not None and kept.is_file():
+            return run, json.loads(kept.read_text())
         out = subprocess.run([sys.executable, __file__, "--one", str(run[0]), run[1],
                               "--steps", str(args.steps)], capture_output=True, text=True,
                              check=True)
-        return run, json.loads(out.stdout.strip().splitlines()[-1])
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(json.dumps(result))
+        return run, result
 
     with ThreadPoolExecutor(args.jobs) as pool:
         results = dict(pool.map(launch, runs))
@@ -109,11 +126,11 @@ def main() -> None:
     for k in args.schedule:
         known = sorted(x for x in shares[k] if x is not None)
         median = f"{known[len(known) // 2]:.0%}" if len(known) == len(shares[k]) else "-"
-        name = k if k == "auto" else f"jump {k}"
+        name = k if k.startswith("auto") else f"jump {k}"
         print(f"| {name} | " + " | ".join("-" if x is None else f"{x:.0%}" for x in shares[k]) +
               f" | {median} | {min(ends[k]):+.3f} |")
     if args.plot:
-        plot(args.plot, {seed: {k if k in ("plain", "auto") else f"jump {k}":
+        plot(args.plot, {seed: {k if k == "plain" or k.startswith("auto") else f"jump {k}":
                                 results[seed, k]["curve"] for k in ["plain", *args.schedule]}
                          for seed in args.seeds})
 

@@ -156,6 +156,49 @@ def test_guard_keeps_a_jump_when_reward_holds():
     assert not acc.jumps[0].rolled_back and acc.jumps[0].reward_after > acc.jumps[0].reward_before
 
 
+def test_eval_fn_judges_each_jump_at_once(caplog):
+    """With a held-out check the guard judges a jump right after writing it, on eval_fn's
+    score (not the training reward, which here says the jump was fine): a score that drops
+    by more than the margin restores the pre-jump weights at once and halves the next jump;
+    a score that holds keeps it. The model is left in the mode it was in."""
+    model = Toy()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scores = iter([0.8, 0.3, 0.8, 0.79])  # before / after jump 1, before / after jump 2
+
+    def held_out():
+        model.eval()
+        return next(scores)
+    acc = Accelerator(model, cycle=4, jump=8, every=2, guard_steps=2, eval_fn=held_out)
+    history, events = {}, {}
+    with caplog.at_level("WARNING", logger="relex.loop.accelerator"):
+        history, events = train(model, opt, acc, 4, rewards=lambda s: .8)
+    j = acc.jumps[0]
+    assert (j.score_before, j.score_after, j.rolled_back) == (0.8, 0.3, True)
+    assert "held-out score 0.800 before, 0.300 after" in caplog.text
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach().double(), history[4][name]), "pre-jump weights restored"
+    assert acc.jump == 4 and acc.virtual_step == 4 and model.training
+    _, events = train(model, opt, acc, 4, rewards=lambda s: .1, start=5)  # reward ignored
+    j = acc.jumps[1]
+    assert list(events) == [8] and (j.score_before, j.score_after) == (0.8, 0.79)
+    assert not j.rolled_back and acc.virtual_step == 8 + 4 and acc.store.pre_of("a.weight") is None
+
+
+def test_a_failing_eval_fn_falls_back_to_the_training_reward(caplog):
+    model = Toy()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def broken():
+        raise ValueError("dev set missing")
+    acc = Accelerator(model, cycle=4, jump=8, every=2, guard_steps=2, eval_fn=broken)
+    with caplog.at_level("ERROR", logger="relex.loop.accelerator"):
+        _, events = train(model, opt, acc, 6, rewards=lambda s: .8 if s <= 4 else .2)
+    assert "eval_fn raised ValueError: dev set missing at real step 4" in caplog.text
+    assert acc.eval_fn is None and acc.disabled is None
+    j = acc.jumps[0]
+    assert j.score_before is None and j.rolled_back and j.reward_after == pytest.approx(.2)
+
+
 def test_bad_input_is_one_line(caplog):
     model = Toy()
     for kw, match in [(dict(cycle=2, every=2), "at least 2 snapshots"),

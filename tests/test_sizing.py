@@ -139,6 +139,34 @@ def test_a_slow_decline_is_rolled_back_to_the_best_state_bit_for_bit():
         "best", "ok", "ok", "ok", "ok", "ok", "ok", "restore", "ok"]
 
 
+def test_held_out_scores_drive_auto_instead_of_the_reward():
+    """With eval_fn, jump="auto" reads the held-out score: a score that keeps rising confirms
+    the jumps (they grow) although the training reward is flat, which alone would shrink them
+    to nothing; a score that slides restores the best weights."""
+    v = torch.randn(64, 32, generator=torch.Generator().manual_seed(6)) * 1e-3
+    model = Line()
+    rising = iter([0.1 * k for k in range(1, 100)])
+    acc = Accelerator(model, cycle=10, every=2, jump="auto", max_jump=60, guard_steps=2,
+                      verbose=False, eval_fn=lambda: next(rising))
+    drive(acc, model, 60, lambda s: v, lambda s, w: 0.5)
+    assert all(j.score_after > j.score_before for j in acc.jumps)
+    assert [d.size for _, d in acc.decisions] == [60] * 6 and not acc.converged
+    assert all("confirmed" in d.reason for _, d in acc.decisions[1:])
+    flat = Line()
+    control = Accelerator(flat, cycle=10, every=2, jump="auto", max_jump=60, guard_steps=2,
+                          verbose=False)
+    drive(control, flat, 60, lambda s: v, lambda s, w: 0.5)
+    assert control.decisions[-1][1].size < 60
+    assert any("flat" in d.reason for _, d in control.decisions)
+
+    model = Line()
+    sliding = iter([0.9 - 0.02 * k for k in range(100)])  # each call lower than the last
+    acc = Accelerator(model, cycle=6, every=2, jump="auto", guard_steps=2, verbose=False,
+                      guard_margin=0.05, eval_fn=lambda: next(sliding))
+    drive(acc, model, 48, lambda s: v, lambda s, w: 0.5)
+    assert any("best weights restored" in why for _, why in acc.skipped)
+
+
 def test_the_weights_after_a_restore_are_the_best_state(monkeypatch):
     model = Line()
     v = torch.randn(64, 32, generator=torch.Generator().manual_seed(5)) * 1e-3

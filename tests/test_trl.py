@@ -135,6 +135,28 @@ def test_grpo_trainer_jumps_in_place(tmp_path):
     assert "relex/jump" in rec.reported[6] and not rec.reported[5]
 
 
+def test_the_trainers_evaluation_judges_the_jumps(tmp_path):
+    """eval_fn="trainer": relex asks TRL's own evaluation (reward functions on the eval
+    dataset) before and right after each jump; the scores are the eval_reward TRL logs."""
+    relex_cb = RelexCallback(mode="accelerate", cycle=6, jump=12, every=2, guard_steps=2,
+                             guard_margin=1.0, eval_fn="trainer")
+    t = trainer(tmp_path / "run", 8, [], prompts=2, per_device_eval_batch_size=16,
+                eval_strategy="no")
+    t.eval_dataset = dataset(16, 99)
+    relex_cb.add_to(t)
+    t.train()
+    j = relex_cb.accelerator.jumps[0]
+    evals = [e["eval_reward"] for e in t.state.log_history if "eval_reward" in e]
+    assert len(evals) == 2 and [j.score_before, j.score_after] == evals
+    assert t.state.global_step == 8 and relex_cb.accelerator.eval_fn is not None
+    logged = next(e for e in t.state.log_history if "relex/jump" in e)
+    assert logged["relex/score_after"] == j.score_after
+    with pytest.raises(RelexError, match="eval_dataset"):
+        cb = RelexCallback(mode="accelerate", cycle=6, jump=12, every=2, eval_fn="trainer")
+        cb.add_to(trainer(tmp_path / "run2", 2, [], prompts=2)).on_train_begin(
+            t.args, t.state, t.control, model=t.model)
+
+
 def test_refusals_and_errors_do_not_crash(tmp_path, caplog):
     with pytest.raises(RelexError, match="observe_until=50 is beyond max_steps=4"):
         trainer(tmp_path / "a", 4, [RelexCallback("stop", observe_until=50, targets=[80])]).train()

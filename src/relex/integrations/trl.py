@@ -82,15 +82,19 @@ class RelexCallback(TrainerCallback):
     cycle, jump, every, method, rank, reset_optimizer, guard_steps, guard_margin,
     snapshot_dtype, snapshot_dir, timeout), "forecast" (base) or "stop" (observe_until,
     targets, base, output). stop_when_converged: with jump="auto", stop training when relex
-    says the run has converged (no jump left, the reward flat). base: the model before RL; default: the model as training starts,
-    saved to output_dir/relex-base. output: where "stop" writes (default
-    output_dir/relex-extrapolated); "forecast" writes its report to output_dir/relex-forecast.
+    says the run has converged (no jump left, the reward flat). eval_fn: a held-out check
+    that judges the jumps instead of the training reward (relex.Accelerator's eval_fn), or
+    "trainer": the trainer's own evaluation (`trainer.evaluate()`'s `eval_reward`: TRL's
+    reward functions on its eval_dataset; register with `add_to(trainer)`). base: the model
+    before RL; default: the model as training starts, saved to output_dir/relex-base. output:
+    where "stop" writes (default output_dir/relex-extrapolated); "forecast" writes its report
+    to output_dir/relex-forecast.
     """
 
     def __init__(self, mode: str = "accelerate", *, observe_until: int | None = None,
                  targets: list[int] | None = None, base: str | Path | None = None,
                  output: str | Path | None = None, stop_when_converged: bool = False,
-                 **options):
+                 eval_fn=None, **options):
         if mode not in MODES:
             raise RelexError(f"RelexCallback mode {mode!r}: expected one of {', '.join(MODES)}")
         if mode == "stop" and (observe_until is None or not targets):
@@ -105,6 +109,12 @@ class RelexCallback(TrainerCallback):
         self.written: Path | None = None
         self._disabled = False
         self.stop_when_converged = stop_when_converged
+        if eval_fn is not None and eval_fn != "trainer" and not callable(eval_fn):
+            raise RelexError(f"RelexCallback eval_fn={eval_fn!r}: a function returning a score "
+                             f"(higher is better), or 'trainer' for trainer.evaluate()'s "
+                             f"eval_reward")
+        self.eval_fn = eval_fn
+        self._trainer = None  # add_to's, for eval_fn="trainer"
         self._group: LoopGroup | None = None  # stop mode: relex's own group for the decision
 
     def add_to(self, trainer) -> RelexCallback:
@@ -114,15 +124,32 @@ class RelexCallback(TrainerCallback):
         `callbacks=[...]`, so they would log a step before relex adds its `relex/...` values to
         it; registered first, the jump's values reach them in the same log call."""
         trainer.callback_handler.callbacks.insert(0, self)
+        self._trainer = trainer
         return self
+
+    def _evaluate(self) -> float:
+        """eval_fn="trainer": the mean reward of TRL's reward functions on the eval dataset."""
+        metrics = self._trainer.evaluate()
+        if "eval_reward" not in metrics:
+            raise RelexError(f"trainer.evaluate() gave no eval_reward (got "
+                             f"{', '.join(sorted(metrics)) or 'nothing'})")
+        return metrics["eval_reward"]
 
     # ------------------------------------------------------------------ set-up
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.mode == "accelerate":
             refuse_unsupported(args)
             self._check_boundaries(args)
+            eval_fn = self.eval_fn
+            if eval_fn == "trainer":
+                if self._trainer is None or self._trainer.eval_dataset is None:
+                    raise RelexError("RelexCallback(eval_fn='trainer') needs an eval_dataset "
+                                     "in the trainer and the callback registered with "
+                                     "RelexCallback(...).add_to(trainer)")
+                eval_fn = self._evaluate
             self.accelerator = Accelerator(model, start_step=state.global_step,
-                                           optimizer=optimizer, options=self.loop)
+                                           optimizer=optimizer, options=self.loop,
+                                           eval_fn=eval_fn)
             self.optimizer = optimizer
             log.info("relex: accelerating (%s), cycle %d, jump %d; the cycle start holds %.1f MB",
                      self.accelerator.layout.kind, self.accelerator.cycle,
@@ -194,6 +221,9 @@ class RelexCallback(TrainerCallback):
             j = self.accelerator.jumps[-1]
             entry.update({"relex/jump": j.size, "relex/virtual_step": j.virtual_step,
                           "relex/explained_variance": j.explained_variance, "relex/r2": j.r2})
+            if j.score_after is not None:
+                entry.update({"relex/score_before": j.score_before,
+                              "relex/score_after": j.score_after})
         if sum(j.rolled_back for j in self.accelerator.jumps) != rolled:
             entry.update({"relex/rollback": 1, "relex/next_jump": self.accelerator.jump})
         if acc.auto is not None and acc.decisions and acc.decisions[-1][0] == step:

@@ -27,7 +27,10 @@ run. Configuration errors are raised when the Accelerator is created, before tra
 The guard (guard.py): when the mean reward of the `guard_steps` steps after a jump falls more
 than `guard_margin` below the mean of the `guard_steps` steps before it (means over all ranks),
 the pre-jump weights are restored on every rank, the next jump is halved, and the rollback is
-logged and recorded.
+logged and recorded. With `eval_fn` (a held-out check: a score on a dev set with a real
+verifier) the guard judges each jump at once on it instead: the score of the jumped weights
+against the score just before the jump, the same margin; jump="auto" then also reads its
+plateau, confirmations and best state from these scores instead of the noisy training reward.
 
     acc = Accelerator(model, cycle=20, jump=40)      # a module, a fully_shard model, a DeepSpeed engine
     for step in range(1, n + 1):
@@ -41,6 +44,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -67,14 +71,20 @@ class Accelerator:
     (DeepSpeed ZeRO-1/2 needs it at the first jump; `step(optimizer=...)` gives it too).
     start_step: the step the model is at now. options: the fields of relex.options.LoopOptions
     (cycle, jump, every, method, rank, reset_optimizer, guard_steps, guard_margin,
-    snapshot_dtype, snapshot_dir, timeout), as keywords or as one LoopOptions.
+    snapshot_dtype, snapshot_dir, timeout), as keywords or as one LoopOptions. eval_fn: a
+    held-out check, called with no argument on every rank at each cycle end and right after
+    each jump (the ranks may need to run it together, as FSDP forwards do), returning a score
+    where higher is better (e.g. accuracy on a dev set); the ranks' scores are averaged. It
+    judges the jumps instead of the training reward (see the module doc); if it raises or
+    returns NaN, relex says so and goes back to the training reward.
 
     Example:
         >>> acc = relex.Accelerator(model, cycle=20, jump=40, snapshot_dir="/local/relex")
     """
 
     def __init__(self, model, options: LoopOptions | None = None, *, optimizer=None,
-                 start_step: int = 0, block: int = BLOCK, **kwargs):
+                 start_step: int = 0, block: int = BLOCK,
+                 eval_fn: Callable[[], float] | None = None, **kwargs):
         o = replace(options or LoopOptions(), **kwargs)
         cycle, every, jump = o.cycle, o.every, o.jump
         if every < 1 or cycle % every or cycle // every < 2:
@@ -100,6 +110,7 @@ class Accelerator:
         self.model, self.cycle, self.every, self.jump = model, cycle, every, jump
         self.reset_optimizer = o.reset_optimizer
         self.optimizer = optimizer
+        self.eval_fn = eval_fn
         self.group = LoopGroup.of_run(o.timeout)
         self.guard = Guard(max(1, cycle // 4) if o.guard_steps is None else o.guard_steps,
                            o.guard_margin, self.group)
@@ -268,9 +279,10 @@ class Accelerator:
             return self._skip(step, f"NaN/Inf in parameter {bad[0]} during the cycle; no "
                                     f"jump written (lower the learning rate or check the "
                                     f"loss for overflow)")
-        decision = None
+        decision, score = None, self._score(step)
         if self.auto is not None:
-            decision = self.auto.decide(self, step, names, grams, parts, [x[2] for x in extras])
+            decision = self.auto.decide(self, step, names, grams, parts, [x[2] for x in extras],
+                                        score)
             if decision is None:
                 return None
         steps = np.asarray(self.snap_steps, dtype=np.float64)
@@ -302,14 +314,49 @@ class Accelerator:
                  float(np.mean(r2s)) if r2s else 1.0, mean_before,
                  seconds=time.perf_counter() - started,
                  reason=decision.reason if decision else "",
-                 horizon=decision.horizon if decision else None)
+                 horizon=decision.horizon if decision else None, score_before=score)
         self.jumps.append(j)
-        if not self.guard.watch(j):  # no reward before it: nothing to judge, the jump stays
-            self.store.drop_pre()
+        if score is not None:
+            j.score_after = self._score(step)
         self._say(f"relex: jumped {j.size} steps at real step {step} (virtual {j.virtual_step}; "
                   f"explained variance {j.explained_variance:.4f}, R^2 {j.r2:.4f}; "
-                  f"{j.seconds:.2f} s" + (f"; {j.reason}" if j.reason else "") + ")")
+                  f"{j.seconds:.2f} s" + (f"; {j.reason}" if j.reason else "") +
+                  ("" if j.score_after is None else
+                   f"; held-out {j.score_before:.4f} -> {j.score_after:.4f}") + ")")
+        if j.score_after is not None:  # judged now, on the held-out check
+            if j.score_after < j.score_before - self.guard.margin:
+                self._roll_back(j, f"held-out score {j.score_before:.3f} before, "
+                                   f"{j.score_after:.3f} after")
+            else:
+                self.store.drop_pre()
+        elif not self.guard.watch(j):  # no reward before it: nothing to judge, the jump stays
+            self.store.drop_pre()
         return j
+
+    def _score(self, step: int) -> float | None:
+        """eval_fn's score of the weights as they are now, averaged over the ranks (None
+        without one). A failure on any rank is logged and drops eval_fn on every rank: the
+        guard goes back to the training reward; the run goes on."""
+        if self.eval_fn is None:
+            return None
+        error, value = None, None
+        training = getattr(self.model, "training", None)
+        try:
+            value = float(self.eval_fn())
+            if not np.isfinite(value):
+                error = f"eval_fn returned {value}"
+        except Exception as e:  # noqa: BLE001 -- the user's function must not stop the run
+            error = f"eval_fn raised {_failure(e)}"
+        finally:
+            if training is not None and hasattr(self.model, "train"):
+                self.model.train(training)  # as it was, whatever eval_fn did
+        error, values = self._agree(error, value)
+        if error is not None:
+            self.eval_fn = None
+            log.error("relex: %s at real step %d; jumps are judged on the training reward "
+                      "from now on", error, step)
+            return None
+        return float(np.mean(values))
 
     def layout_ready(self) -> str | None:
         """Why the layout cannot be refreshed after a write, if it cannot (checked before)."""
@@ -374,16 +421,20 @@ class Accelerator:
             self.store.drop_pre()
             return
         j = verdict.jump
+        self._roll_back(j, f"reward {j.reward_before:.3f} before, {j.reward_after:.3f} after")
+        self._restart(step)
+
+    def _roll_back(self, j: Jump, why: str) -> None:
+        """Restore the weights from before jump `j` on this rank (every rank does, at the same
+        step) and halve the next jump."""
         self._restore(self._parts())
         self.store.drop_pre()
         j.rolled_back = True
         self.jumped -= j.size
         if self.auto is None:  # jump="auto" reads the rollback at the next cycle end
             self.jump //= 2
-        self._restart(step)
-        log.warning("relex: rolled back the jump at real step %d (reward %.3f before, %.3f "
-                    "after); next jumps: %d steps", j.real_step, j.reward_before, j.reward_after,
-                    self.jump)
+        log.warning("relex: rolled back the jump at real step %d (%s); next jumps: %d steps",
+                    j.real_step, why, self.jump)
 
     def _say(self, line: str) -> None:
         """One visible line on rank 0 (verbose), else the logger at INFO."""

@@ -25,6 +25,9 @@ every rank (computed from all-reduced sums):
   left and a flat reward the run has converged (`converged`): the real steps not trained are
   the saving.
 
+With an eval_fn (accelerator.py) its score at the cycle end stands for the cycle's mean reward
+and a jump is confirmed when the score right after it is higher than right before.
+
 The slow-decline guard (`Decline`) keeps the best cycle mean reward seen and the weights at the
 end of that cycle (in the snapshot store, RAM or snapshot_dir: one more copy of the rank's
 trainable weights); when `patience` cycles in a row end more than `margin` below it, the
@@ -160,11 +163,13 @@ class AutoMode:
         self._judged = 0  # jumps whose outcome the rule has read
         self._last_mean: float | None = None  # the previous cycle's pooled mean reward
 
-    def decide(self, acc, step: int, names, grams, parts, rewards) -> Decision | None:
+    def decide(self, acc, step: int, names, grams, parts, rewards,
+               score: float | None = None) -> Decision | None:
         """Size `acc`'s jump at this cycle end from the pooled per-step rewards (`rewards`: each
-        rank's (step, reward) list), the summed Gram matrices and the last jump's outcome.
-        None: no jump now (the jump shrank to 0, or the run slid and the best weights were
-        restored)."""
+        rank's (step, reward) list), or the held-out score of the weights now (`score`,
+        eval_fn's: preferred when given), the summed Gram matrices and the last jump's
+        outcome. None: no jump now (the jump shrank to 0, or the run slid and the best weights
+        were restored)."""
         pooled: dict[int, list[float]] = {}
         for rank_rewards in rewards:
             for s, r in rank_rewards:
@@ -172,6 +177,8 @@ class AutoMode:
         at = sorted(pooled)
         means = [float(np.mean(pooled[s])) for s in at]
         mean = float(np.mean(means)) if means else None
+        if score is not None:
+            mean = score
         seen = self.decline.observe(mean)
         if seen == "restore":
             self._restore_best(acc, parts)
@@ -210,6 +217,8 @@ class AutoMode:
         j, self._judged = jumps[-1], len(jumps)
         if j.rolled_back:
             return False
+        if j.score_after is not None:  # the held-out check right after it
+            return True if j.score_after > j.score_before else None
         if j.reward_after is None or j.reward_before is None:
             return None
         return True if j.reward_after > j.reward_before else None
