@@ -278,6 +278,13 @@ def test_native_output_resumes_in_megatron(mega, tmp_path):
     assert err < 0.03, err  # Megatron computes in bf16, transformers here in fp32
     moved = (logits - real[0]["logits"]).abs().max() / logits.abs().max()
     assert moved > 5 * err, (moved, err)  # and it is the jumped model, not the last real one
+    # relex jump writes the same checkpoint, with the slime / Megatron-LM resume command
+    relex.jump(run, base=base, ahead=8, output=tmp_path / "jumps", progress=False)
+    record = json.loads((tmp_path / "jumps" / "jump-1" / "jump.json").read_text())
+    assert record["resume_step"] == 8 and "--load" in record["resume"]
+    jumped = hf_reference(tmp_path / "jumps" / "jump-1" / "step-16" / "iter_0000008", ADAM,
+                          "optimizer.state.fp32_param.")
+    assert all(torch.equal(jumped[k], masters[k]) for k in masters)
 
 
 def test_native_output_refuses_bucketed_masters(mega, tmp_path):
