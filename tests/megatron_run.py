@@ -19,11 +19,20 @@ needs (docs/formats.md, Megatron: `torch.cuda.synchronize` a no-op, `torch.cuda.
   (megatron-core's own make_sharded_optimizer_tensor / optim_state_to_sharding_state: masters
   under optimizer.state.fp32_param.<key>, moments under optimizer.state.exp_avg*.<key>).
 
+- OUT/distopt_tp2/, OUT/distopt_dp2/: the Qwen2-like model in bf16 (Megatron-LM's
+  Float16Module) under megatron-core's own DistributedDataParallel and distributed optimizer
+  (get_megatron_optimizer, Adam), TP=2 / DP=2 on two gloo processes, saved at ADAM_STEPS in
+  Megatron-LM's default dp_reshardable layout (fp32 masters and moments in gradient buckets).
+  The distributed optimizer needs more CPU stand-ins (`_distopt_cpu`).
+
     python tests/megatron_run.py --load CKPT OUT.pt
+    python tests/megatron_run.py --load-distopt TP DP CKPT OUT.pt
 
 loads CKPT (a checkpoint of the adam run) into that model and optimizer with TP=2 the way
 Megatron-LM resumes (dist_checkpointing.load, then the optimizer's load_state_dict) and saves
-each rank's loaded weights, masters, moments and Megatron's logits to OUT.pt.
+each rank's loaded weights, masters, moments and Megatron's logits to OUT.pt; --load-distopt
+does the same for a distributed-optimizer checkpoint (each rank: every parameter it owns a
+part of, with its global position, weight, master and moments).
 """
 
 from __future__ import annotations
@@ -221,6 +230,112 @@ def _adam_load(model, ckpt: Path, out: Path, rank: int) -> None:
                 "step": float(step), "logits": _logits(model)}, f"{out}.rank{rank}")
 
 
+def _distopt_cpu() -> None:
+    """What megatron-core's distributed optimizer needs on CPU besides _cpu_only: its
+    dtype checks read `param.type()` ('torch.cuda.BFloat16Tensor'), and it makes a few
+    tensors with device='cuda' (found_inf, the loss scale)."""
+    plain_type = torch.Tensor.type
+
+    def cuda_type(self, *a, **k):
+        name = plain_type(self, *a, **k)
+        if a or k or not isinstance(name, str) or ".cuda." in name:
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+    torch.Tensor.type = cuda_type
+    for name in ("tensor", "zeros", "ones", "empty", "full"):
+        make = getattr(torch, name)
+
+        def on_cpu(*a, make=make, **k):
+            if str(k.get("device", "")).startswith("cuda"):
+                k["device"] = "cpu"
+            return make(*a, **k)
+        setattr(torch, name, on_cpu)
+    torch.Tensor.cuda = lambda self, *a, **k: self
+
+
+def _distopt(tp: int):
+    """The adam model as Megatron-LM trains it with --use-distributed-optimizer --bf16:
+    Float16Module, DDP with fp32 gradient reduction, get_megatron_optimizer."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+    gpt = _model("adam")
+    cfg = gpt.config
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=True), Float16Module(cfg, gpt))
+    opt = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=1e-2, bf16=True, params_dtype=torch.bfloat16,
+        use_distributed_optimizer=True), [ddp])
+    return gpt, ddp, opt
+
+
+def _distopt_state(gpt, opt, step: int, rank: int, loading: bool = False) -> dict:
+    state = _state(gpt, "adam", step, rank)
+    meta = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
+            "chained_optim_avoid_prefix": True}
+    state["optimizer"] = opt.sharded_state_dict(state["model"], is_loading=loading,
+                                                metadata=meta)
+    return state
+
+
+def _distopt_run(root: Path, rank: int, tp: int) -> None:
+    """Adam steps on gradients written into the DDP buffers (a fixed direction plus noise,
+    the same on every rank, as after an all-reduce), saved at ADAM_STEPS."""
+    from megatron.core import dist_checkpointing
+    gpt, ddp, opt = _distopt(tp)
+    gen = torch.Generator().manual_seed(3)
+    params = list(ddp.module.parameters())
+    direction = [torch.randn(p.shape, generator=gen) for p in params]
+    for step in range(ADAM_STEPS[-1] + 1):
+        if step:
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            for p, d in zip(params, direction):
+                p.main_grad.copy_(d + 0.3 * torch.randn(p.shape, generator=gen))
+            opt.step()
+            ddp.start_param_sync(force_sync=True)
+        if step in ADAM_STEPS:
+            d = root / f"iter_{step:07d}"
+            d.mkdir(parents=True, exist_ok=True)
+            state = _distopt_state(gpt, opt, step, rank) if step else {  # no state yet
+                "model": gpt.sharded_state_dict()}
+            dist_checkpointing.save(state, str(d), async_sharded_save=False)
+            if rank == 0:
+                (root / "latest_checkpointed_iteration.txt").write_text(str(step))
+
+
+def _distopt_load(ckpt: Path, out: Path, rank: int, tp: int) -> None:
+    """Resume as Megatron-LM does; per owned parameter: where it sits in the global stored
+    tensor (its sharded state's key and offsets), the weight, and the loaded master/moments."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    gpt, ddp, opt = _distopt(tp)
+    inner = opt.chained_optimizers[0]
+    inner._init_optimizer_states_with_dummy_values()  # torch Adam: no state before a step
+    loaded = dist_checkpointing.load(_distopt_state(gpt, opt, 0, rank, loading=True), str(ckpt))
+    gpt.load_state_dict(loaded["model"])
+    opt.load_state_dict(loaded["optimizer"])
+    where = {}
+    for v in gpt.sharded_state_dict().values():
+        if isinstance(v, (ShardedTensor, ShardedTensorFactory)):
+            offsets = getattr(v, "global_offset", None)
+            where[id(v.data)] = (v.key, offsets, isinstance(v, ShardedTensorFactory))
+    owned = {}
+    for name, p in gpt.named_parameters():
+        try:
+            span = inner._get_model_param_range_map(p)["param"]
+        except KeyError:  # no part of it on this data-parallel rank
+            continue
+        state = inner._get_main_param_and_optimizer_states(p)
+        owned[name] = {"where": where[id(p)], "shape": tuple(p.shape),
+                       "range": (span.start, span.end), "weight": p.detach().clone(),
+                       **{k: state[k].detach().clone() for k in ("param", "exp_avg",
+                                                                   "exp_avg_sq")}}
+    from megatron.core import parallel_state
+    torch.save({"owned": owned, "logits": _logits(gpt),
+                "tp_rank": parallel_state.get_tensor_model_parallel_rank()}, f"{out}.rank{rank}")
+
+
 def _worker(rank: int, world: int, out: str, job: str) -> None:
     import torch.distributed as dist
     _cpu_only()
@@ -229,7 +344,11 @@ def _worker(rank: int, world: int, out: str, job: str) -> None:
     init = f"file://{out}/pg-{job}" if out.is_dir() else f"file://{out}.pg"
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     from megatron.core import dist_checkpointing, parallel_state
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    tp = world
+    if job.startswith("distopt") or job.startswith("load-distopt"):
+        _distopt_cpu()
+        tp = int(job.split(":")[1]) if ":" in job else 1 if job.endswith("dp2") else world
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     try:
         if job == "qwen2":
             _trajectory(_model("qwen2"), out / "qwen2")
@@ -237,6 +356,10 @@ def _worker(rank: int, world: int, out: str, job: str) -> None:
             _adam_run(_model("adam"), out / "adam", rank)
         elif job.startswith("load:"):
             _adam_load(_model("adam"), Path(job[5:]), out, rank)
+        elif job.startswith("distopt"):
+            _distopt_run(out / job, rank, tp)
+        elif job.startswith("load-distopt:"):
+            _distopt_load(Path(job.split(":", 2)[2]), out, rank, tp)
         elif job == "qwen2_tp2":
             model = _model("qwen2")
             for step in STEPS:
@@ -261,8 +384,12 @@ def _worker(rank: int, world: int, out: str, job: str) -> None:
 def main() -> None:
     if sys.argv[1] == "--load":
         out, jobs = Path(sys.argv[3]), ((f"load:{Path(sys.argv[2]).resolve()}", 2),)
+    elif sys.argv[1] == "--load-distopt":
+        tp, dp, ckpt = int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]).resolve()
+        out, jobs = Path(sys.argv[5]), ((f"load-distopt:{tp}:{ckpt}", tp * dp),)
     else:
-        out, jobs = Path(sys.argv[1]), (("qwen2", 1), ("qwen2_tp2", 2), ("qwen3", 1), ("adam", 2))
+        out, jobs = Path(sys.argv[1]), (("qwen2", 1), ("qwen2_tp2", 2), ("qwen3", 1), ("adam", 2),
+                                        ("distopt_tp2", 2), ("distopt_dp2", 2))
         out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _cpu_only()

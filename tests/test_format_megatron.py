@@ -222,10 +222,10 @@ ADAM = dict(QWEN2, torch_dtype="bfloat16")
 ADAM_STEPS = (2, 4, 6, 8)
 
 
-def _megatron_load(ckpt: Path, out: Path) -> list[dict]:
-    """Each TP rank's state after Megatron-style resuming from `ckpt` (megatron_run.py)."""
+def _megatron_load(ckpt: Path, out: Path, how: list[str] = ("--load",)) -> list[dict]:
+    """Each rank's state after Megatron-style resuming from `ckpt` (megatron_run.py)."""
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("megatron_run.py")),
-                           "--load", str(ckpt), str(out)], capture_output=True, text=True,
+                           *how, str(ckpt), str(out)], capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(f"{out}.rank{r}") for r in range(2)]
@@ -287,84 +287,133 @@ def test_native_output_resumes_in_megatron(mega, tmp_path):
     assert all(torch.equal(jumped[k], masters[k]) for k in masters)
 
 
-def test_native_output_refuses_bucketed_masters(mega, tmp_path):
-    """The distributed optimizer's default layout keeps fp32 masters per bucket, which relex
-    cannot write: refused in one line naming the key and the flag that avoids it."""
+def megatron_tensors(hf: dict[str, torch.Tensor], cfg: dict, padded: int = 128) -> dict:
+    """HF tensors put back into Megatron's stored layout (the inverse of hf_reference, written
+    here): layers stacked, q/k/v interleaved per query group, [gate; up], the vocabulary
+    padded with NaN rows (never compared)."""
+    h, heads, groups = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d, layers = h // heads, cfg["num_hidden_layers"]
+    per = heads // groups
+    np_ = {k: v.double().numpy() for k, v in hf.items()}
+
+    def vocab(name):
+        out = np.full((padded, h), np.nan)
+        out[:VOCAB] = np_[name]
+        return out
+    out = {"embedding.word_embeddings.weight": vocab("model.embed_tokens.weight"),
+           "output_layer.weight": vocab("lm_head.weight"),
+           "decoder.final_layernorm.weight": np_["model.norm.weight"]}
+    stack = {"self_attention.linear_qkv.layer_norm_weight": [], "mlp.linear_fc1.layer_norm_weight":
+             [], "self_attention.linear_proj.weight": [], "mlp.linear_fc2.weight": [],
+             "mlp.linear_fc1.weight": [], "self_attention.linear_qkv.weight": [],
+             "self_attention.linear_qkv.bias": []}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        stack["self_attention.linear_qkv.layer_norm_weight"].append(np_[p + "input_layernorm.weight"])
+        stack["mlp.linear_fc1.layer_norm_weight"].append(np_[p + "post_attention_layernorm.weight"])
+        stack["self_attention.linear_proj.weight"].append(np_[p + "self_attn.o_proj.weight"])
+        stack["mlp.linear_fc2.weight"].append(np_[p + "mlp.down_proj.weight"])
+        stack["mlp.linear_fc1.weight"].append(np.concatenate(
+            [np_[p + "mlp.gate_proj.weight"], np_[p + "mlp.up_proj.weight"]]))
+        for part, tail in (("weight", (h,)), ("bias", ())):
+            q = np_[p + f"self_attn.q_proj.{part}"].reshape(groups, per * d, *tail)
+            k = np_[p + f"self_attn.k_proj.{part}"].reshape(groups, d, *tail)
+            v = np_[p + f"self_attn.v_proj.{part}"].reshape(groups, d, *tail)
+            stack[f"self_attention.linear_qkv.{part}"].append(
+                np.concatenate([q, k, v], axis=1).reshape(-1, *tail))
+    out.update({"decoder.layers." + k: np.stack(v) for k, v in stack.items()})
+    return out
+
+
+def _local(stored: dict, name: str, info: dict, tp_rank: int, tp: int) -> np.ndarray:
+    """The TP-local part of a stored tensor a parameter is, from where Megatron's sharded
+    state says it lies (its key and global offset; SwiGLU's fc1, a factory: its gate and up
+    halves)."""
+    key, offsets, factory = info["where"]
+    shape, full = info["shape"], stored[key]
+    if factory:  # linear_fc1 of layer i: rows [r F/tp, (r+1) F/tp) of gate and of up
+        layer, half = int(name.split(".")[2]), shape[0] // 2
+        ffn = full.shape[1] // 2
+        rows = full[layer]
+        return np.concatenate([rows[tp_rank * half:(tp_rank + 1) * half],
+                               rows[ffn + tp_rank * half: ffn + (tp_rank + 1) * half]])
+    if len(offsets) > len(shape):  # stacked: the first offset is the layer
+        full, offsets = full[offsets[0]], offsets[1:]
+    return full[tuple(slice(o, o + s) for o, s in zip(offsets, shape))]
+
+
+@pytest.mark.parametrize("run,tp,dp", [("distopt_tp2", 2, 1), ("distopt_dp2", 1, 2)])
+def test_native_output_into_the_distributed_optimizers_buckets(mega, tmp_path, run, tp, dp):
+    """Megatron-LM's default with --use-distributed-optimizer: masters and moments in gradient
+    buckets (dp_reshardable), saved by megatron-core's own DDP + distributed optimizer with TP=2
+    or DP=2. relex finds each weight's masters and writes relex's fp32 extrapolation there;
+    Megatron loads the output at the same TP/DP and every rank's masters are that extrapolation
+    at the positions Megatron's own sharded state gives (the vocabulary padding excepted),
+    its bf16 weights those rounded, its moments the last real checkpoint's."""
+    base = write_hf(tmp_path / "base", hf_reference(mega / run / "iter_0000000", ADAM), ADAM)
+    relex.extrapolate(mega / run, base=base, targets=[16], output=tmp_path / "hf",
+                      dtype="float32", progress=False)
+    relex.extrapolate(mega / run, base=base, targets=[16], output=tmp_path / "nat",
+                      output_format="native", progress=False)
+    want = load_dir(tmp_path / "hf" / "step-16")
+    assert all(torch.equal(v, want[k].to(v.dtype)) for k, v in hf_reference(
+        tmp_path / "nat" / "step-16" / "iter_0000008", ADAM).items())
+    stored = megatron_tensors(want, ADAM)
+    resumed = _megatron_load(tmp_path / "nat" / "step-16" / "iter_0000008",
+                             tmp_path / "resumed.pt", ["--load-distopt", str(tp), str(dp)])
+    real = _megatron_load(mega / run / "iter_0000008", tmp_path / "real.pt",
+                          ["--load-distopt", str(tp), str(dp)])
+    checked = 0
+    for got, was in zip(resumed, real):
+        assert got["owned"].keys() == was["owned"].keys()
+        for name, info in got["owned"].items():
+            lo, hi = info["range"]
+            expect = _local(stored, name, info, got["tp_rank"], tp).reshape(-1)[lo:hi]
+            known = ~np.isnan(expect)
+            master = info["param"].double().numpy()
+            assert np.array_equal(master[known], expect[known]), name
+            assert not torch.equal(info["param"], was["owned"][name]["param"]), name
+            assert torch.equal(info["param"].to(torch.bfloat16),
+                               info["weight"].reshape(-1)[lo:hi]), name
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(info[k], was["owned"][name][k]), (name, k)
+            checked += int(known.sum())
+    assert checked >= sum(v.numel() for v in want.values())  # each element, once or more
+
+
+def test_native_output_refuses_unplaceable_masters(mega, tmp_path):
+    """A distributed-optimizer bucket whose values match no weight (a layout relex does not
+    know) refuses native output in one line naming the bucket; nothing is written. The same
+    checkpoint re-saved whole by torch DCP (one chunk per tensor, layers and DP pieces
+    merged) is written."""
     import torch.distributed.checkpoint as dcp
-    run = tmp_path / "run"
-    shutil.copytree(mega / "adam", run)
-    last = run / "iter_0000008"
-    sd = {**stored_tensors(last), "optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_x."
-          "bucket_idx_0.param": torch.zeros(10)}
-    shutil.rmtree(last)
-    dcp.save(sd, checkpoint_id=str(last), no_dist=True)
-    for f in ("metadata.json", "common.pt"):
-        shutil.copy(mega / "adam" / "iter_0000008" / f, last)
-    base = write_hf(tmp_path / "base", hf_reference(run / "iter_0000000", ADAM), ADAM)
-    with pytest.raises(RelexError, match=r"'optimizer\.distributed\.dp_group_idx_0.*bucket "
-                                         r"layout.*--dist-ckpt-optim-fully-reshardable"):
-        relex.extrapolate(run, base=base, targets=[16], output=tmp_path / "nat",
-                          output_format="native", progress=False)
-
-
-def test_discovery_of_trainer_layouts(mega, tmp_path):
-    """slime (iter_N in the save dir), NeMo-RL (step_N/policy/weights/iter_0000000 with the
-    tracker), verl (global_step_N/actor/dist_ckpt, config in actor/huggingface)."""
-    src = mega / "qwen2"
-    assert discover(src) == {s: src / f"iter_{s:07d}" for s in (0, *STEPS)}
-    for s in STEPS:
-        w = tmp_path / "nemo" / f"step_{s}" / "policy" / "weights"
-        shutil.copytree(src / f"iter_{s:07d}", w / "iter_0000000")
-        (w / "latest_checkpointed_iteration.txt").write_text("0")
-        actor = tmp_path / "verl" / f"global_step_{s}" / "actor"
-        shutil.copytree(src / f"iter_{s:07d}", actor / "dist_ckpt")
-        (actor / "huggingface").mkdir()
-        shutil.copy(mega / "base" / "config.json", actor / "huggingface")
-    assert discover(tmp_path / "nemo") == {
-        s: tmp_path / "nemo" / f"step_{s}/policy/weights/iter_0000000" for s in STEPS}
-    assert discover(tmp_path / "verl") == {
-        s: tmp_path / "verl" / f"global_step_{s}/actor/dist_ckpt" for s in STEPS}
-    with open_reader(tmp_path / "verl" / "global_step_10" / "actor" / "dist_ckpt") as r:
-        assert r.meta_dir == tmp_path / "verl" / "global_step_10" / "actor" / "huggingface"
-    # a save directory given as a checkpoint is the iteration its tracker names
-    assert detect(src).NAME == "megatron"
-    assert open_reader(src, base=mega / "base").path == src / "iter_0000040"
-    for kind in ("nemo", "verl"):
-        relex.extrapolate(tmp_path / kind, base=mega / "base", targets=[80],
-                          output=tmp_path / f"out-{kind}", progress=False)
-    a, b = load_dir(tmp_path / "out-nemo" / "step-80"), load_dir(tmp_path / "out-verl" / "step-80")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    # native output copies the trainer's whole step directory, not only the iteration in it
-    (tmp_path / "nemo" / "step_40" / "train_state.pt").write_bytes(b"state")
-    for kind, step_dir, hint in (("nemo", "step_40", "NeMo-RL: checkpointing.checkpoint_dir="),
-                                 ("verl", "global_step_40", "verl: trainer.resume_mode=")):
-        relex.extrapolate(tmp_path / kind, base=mega / "base", targets=[80],
-                          output=tmp_path / f"native-{kind}", output_format="native",
-                          progress=False)
-        out = tmp_path / f"native-{kind}" / "step-80"
-        assert json.loads((out / "relex.json").read_text())["native"]["resume"].startswith(hint)
-        weights = out / step_dir / discover(tmp_path / kind)[40].relative_to(
-            tmp_path / kind / step_dir)
-        assert all(torch.equal(v, a[k]) for k, v in hf_reference(weights, QWEN2).items())
-    assert (tmp_path / "native-nemo" / "step-80" / "step_40" / "train_state.pt").is_file()
-    assert (tmp_path / "native-nemo" / "step-80" / "step_40" / "policy" / "weights" /
-            "latest_checkpointed_iteration.txt").read_text() == "0"
-
-
-def test_hf_config_flag(mega, tmp_path, capsys):
-    """A slime save dir whose base is its own iter_0000000 and no config.json anywhere near:
-    refused in one line naming --hf-config; with it, the same model as with an HF base."""
-    run = tmp_path / "run"
-    shutil.copytree(mega / "qwen2", run, ignore=shutil.ignore_patterns("logits.pt", "pg-*"))
-    args = [str(run), "--base", str(run / "iter_0000000"), "--target", "80"]
-    assert main(["extrapolate", *args, "-o", str(tmp_path / "a")]) != 0
-    assert "pass --hf-config" in capsys.readouterr().err
-    assert main(["extrapolate", *args, "-o", str(tmp_path / "b"),
-                 "--hf-config", str(mega / "base" / "config.json")]) == 0
-    relex.extrapolate(mega / "qwen2", base=mega / "base", targets=[80],
-                      output=tmp_path / "c", progress=False)
-    got, want = load_dir(tmp_path / "b" / "step-80"), load_dir(tmp_path / "c" / "step-80")
-    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    base = write_hf(tmp_path / "base", hf_reference(mega / "distopt_dp2" / "iter_0000000",
+                                                    ADAM), ADAM)
+    for shift in (0.0, 1.0):
+        run = tmp_path / f"run{shift}"
+        shutil.copytree(mega / "distopt_dp2", run)
+        last = run / "iter_0000008"
+        md = dcp.FileSystemReader(str(last)).read_metadata()
+        sd = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+              for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
+        dcp.load(sd, checkpoint_id=str(last), no_dist=True)
+        bucket = next(k for k in sd if k.endswith("bucket_idx_0.param"))
+        sd[bucket] = sd[bucket] + shift  # 1.0: no weight rounds from these masters any more
+        shutil.rmtree(last)
+        dcp.save(sd, checkpoint_id=str(last), no_dist=True)
+        for f in ("metadata.json", "common.pt"):
+            shutil.copy(mega / "distopt_dp2" / "iter_0000008" / f, last)
+        out = tmp_path / f"nat{shift}"
+        if not shift:
+            relex.extrapolate(run, base=base, targets=[16], output=out,
+                              output_format="native", progress=False)
+            continue
+        with pytest.raises(RelexError, match=r"no weight of TP rank 0 matches the distributed "
+                                             r"optimizer's masters at element 0 of "
+                                             r"'optimizer\.distributed\.dp_group_idx_0"):
+            relex.extrapolate(run, base=base, targets=[16], output=out,
+                              output_format="native", progress=False)
+        assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -46,6 +46,7 @@ from relex.errors import RelexError
 from relex.formats import dcp
 from relex.formats.base import DTYPES, TensorMeta, numel
 from relex.formats.chunked import Chunk, ChunkedTensor, Place
+from relex.formats.megatron_optimizer import Masters, bucket_masters, is_bucket
 from relex.formats.torchzip import load
 from relex.formats.unpickler import InertGlobals, Record, StoredTensor, records_of, short
 
@@ -426,6 +427,7 @@ class MegatronReader(dcp.DCPReader):
         if args is not None:
             with records_of(str(self.path / COMMON)):
                 check_args(args, self.model, self.path / COMMON)
+        self._buckets: dict[str, Masters] | None = None  # see _bucket_masters
         #: {HF name: StoredRows}: where each HF tensor's elements lie in the stored tensors
         self.layout = layout({k: t.shape for k, t in self._chunked.items()
                               if not k.startswith(OPTIMIZER)}, self.model, where)
@@ -437,7 +439,7 @@ class MegatronReader(dcp.DCPReader):
         # extra state and the optimizer's moments hold no weights; its fp32 master copies of
         # the weights are kept for native output (places); stored tensors keep their keys
         return {f: f for f in fqns if "_extra_state" not in f and (
-            not f.startswith(OPTIMIZER) or f.startswith(MASTERS))}
+            not f.startswith(OPTIMIZER) or f.startswith(MASTERS) or is_bucket(f))}
 
     def _add(self, tensor: ChunkedTensor) -> None:
         self._keep(tensor)  # listed under HF names by the layout, not under its own key
@@ -450,20 +452,21 @@ class MegatronReader(dcp.DCPReader):
 
     def places(self, name: str) -> list[Place]:
         """The HF tensor `name` in the model's stored tensor and in the optimizer's fp32
-        master copy of it (Megatron's Float16Optimizer: optimizer.state.fp32_param.<key>;
-        the distributed optimizer saved fully reshardable: optimizer.state.param.<key>),
-        each as boxes in the HF tensor's shape: per segment, the rows of each stored chunk
-        it covers. Masters kept in any other layout are refused: a resumed run would copy
-        the old weights back from them."""
-        bucketed = next((k for k in self.stored_keys if k.startswith(OPTIMIZER)
-                         and not k.startswith(OPTIMIZER + "state.")), None)
-        if bucketed is not None:
-            raise RelexError(f"{self.path}: '{bucketed}': the distributed optimizer keeps its "
-                             f"fp32 master weights here in its bucket layout (Megatron-LM's "
-                             f"default dp_reshardable), where relex cannot write them, and a "
-                             f"resumed run would restore the old weights from them; save with "
-                             f"--dist-ckpt-optim-fully-reshardable (Megatron-LM, slime), or use "
-                             f"--output-format hf")
+        master copy of it, each as boxes in the HF tensor's shape: per segment, the rows of
+        each stored chunk it covers. Masters are found where Megatron's optimizers keep them:
+        per stored key (Float16Optimizer: optimizer.state.fp32_param.<key>; the distributed
+        optimizer saved fully reshardable: optimizer.state.param.<key>) or in the distributed
+        optimizer's gradient buckets (its default dp_reshardable layout,
+        megatron_optimizer.py). Masters kept any other way are refused: a resumed run would
+        copy the old weights back from them."""
+        pickled = next((k for k in self.stored_keys if k.startswith(OPTIMIZER + "distributed.")
+                        and k.endswith(".param_state")), None)
+        if pickled is not None:
+            raise RelexError(f"{self.path}: '{pickled}': the distributed optimizer keeps its "
+                             f"fp32 master weights pickled here (dp_zero_gather_scatter), where "
+                             f"relex cannot write them, and a resumed run would restore the old "
+                             f"weights from them; save with the default dp_reshardable layout "
+                             f"or --dist-ckpt-optim-fully-reshardable, or use --output-format hf")
         rows = self.layout[name]
         keys = {s.key for s in rows.segments}
         out = [_place(rows, self._chunked, lambda key: key)]
@@ -480,7 +483,19 @@ class MegatronReader(dcp.DCPReader):
                             f"saved flattened?); relex cannot write them: save with "
                             f"--dist-ckpt-optim-fully-reshardable, or use --output-format hf")
                 out.append(_place(rows, self._chunked, lambda key, p=prefix: p + key))
+        buckets = self._bucket_masters()
+        if buckets:
+            out.append(_place(rows, buckets, lambda key: key))
         return out
+
+    def _bucket_masters(self) -> dict[str, Masters]:
+        """The distributed optimizer's masters per stored key (found once; {} without)."""
+        if self._buckets is None:
+            self._buckets = {}
+            if any(is_bucket(k) for k in self._chunked):
+                self._buckets = bucket_masters(self._chunked, self.model.layers, self._maps,
+                                               str(self.path))
+        return self._buckets
 
     def read(self, name, start, stop):
         pieces = list(self.layout[name].pieces(start, stop))
@@ -507,7 +522,7 @@ class MegatronReader(dcp.DCPReader):
         return sorted({*super().files(), *([common] if common.is_file() else [])})
 
 
-def _place(rows: StoredRows, stored: dict[str, ChunkedTensor], key_of) -> Place:
+def _place(rows: StoredRows, stored: dict[str, ChunkedTensor | Masters], key_of) -> Place:
     """An HF tensor's elements in the stored tensors `key_of(segment key)`, as boxes in the HF
     tensor's shape: each segment is rows of one layer of a stored tensor whose trailing dims
     are the HF tensor's, so the rows of each stored chunk it covers are a box of the HF
