@@ -234,18 +234,31 @@ def test_add_to_registers_ahead_of_reporting_callbacks(tmp_path):
     assert order[0] is cb and order.index(cb) < order.index(reporter)
 
 
-def measure(seed: int, jump: int, steps: int) -> dict:
-    """Held-out accuracy after `steps` real steps, 32 prompts x 8 (jump < 0: plain TRL)."""
+def measure(seed: int, jump: int | str, steps: int) -> dict:
+    """Held-out accuracy after `steps` real steps, 32 prompts x 8 (jump < 0: plain TRL;
+    "auto": jump="auto"), and every 10 steps (`curve`).
+
+        python tests/test_trl.py SEED JUMP STEPS     # one JSON line"""
     torch.set_num_threads(1)
-    cbs = [RelexCallback("accelerate", cycle=20, jump=jump)] if jump >= 0 else []
+    cbs = [RelexCallback("accelerate", cycle=20, jump=jump)] if jump == "auto" or jump >= 0 \
+        else []
+    curve = {}
+
+    class Curve(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step % 10 == 0:
+                curve[state.global_step] = A.accuracy(model, A.heldout())
+                model.train()
+    cbs.append(Curve())
     t = trainer(Path(f"/tmp/relex-trl-{seed}-{jump}"), steps, cbs, prompts=32, seed=seed)
     t.train()
     out = {"seed": seed, "jump": jump, "steps": steps,
-           "accuracy": A.accuracy(t.model, A.heldout())}
-    if cbs:
+           "accuracy": A.accuracy(t.model, A.heldout()), "curve": curve}
+    if len(cbs) > 1:
         out["jumps"] = [j.as_dict() for j in cbs[0].accelerator.jumps]
     return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(*map(int, sys.argv[1:4]))))
+    jump = sys.argv[2] if sys.argv[2] == "auto" else int(sys.argv[2])
+    print(json.dumps(measure(int(sys.argv[1]), jump, int(sys.argv[3]))))

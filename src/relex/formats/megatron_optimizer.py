@@ -106,11 +106,6 @@ def bucket_masters(stored: dict[str, ChunkedTensor], layers: int, maps,
                for r in range(tp)}
     found: dict[str, list[Chunk]] = {k: [] for k in model}
     for r, buckets in sorted(groups.items()):
-        if r not in locals_:
-            raise RelexError(f"{where}: the distributed optimizer's buckets are kept for "
-                             f"{tp} model-parallel ranks but the weights are split {tp} ways "
-                             f"otherwise (pipeline parallel?); relex cannot place its master "
-                             f"weights: use --output-format hf")
         left = list(locals_[r])
         for _, bucket in sorted(buckets, key=lambda b: b[0]):
             pos = 0
@@ -126,9 +121,11 @@ def bucket_masters(stored: dict[str, ChunkedTensor], layers: int, maps,
                 _place_local(hit, bucket, pos, found[hit.key])
                 pos += -(-hit.numel // ALIGN) * ALIGN
         if left:
-            raise RelexError(f"{where}: '{left[0].key}' of TP rank {r} is in none of the "
-                             f"distributed optimizer's buckets (frozen?); relex cannot write "
-                             f"its masters: use --output-format hf")
+            layer = "" if left[0].layer is None else f" (layer {left[0].layer})"
+            raise RelexError(f"{where}: '{left[0].key}'{layer} of TP rank {r} is in none of "
+                             f"the distributed optimizer's buckets (a frozen weight, or "
+                             f"pipeline parallel, which relex does not place); relex cannot "
+                             f"write its masters: use --output-format hf")
     dtype = next(t for bucket in groups.values() for _, t in bucket).dtype
     return {k: Masters(model[k].shape, dtype, tuple(chunks)) for k, chunks in found.items()
             if chunks}
