@@ -21,15 +21,16 @@ Every HF tensor is therefore a concatenation of whole-row ranges of one stored t
 `StoredRows`, its `Segment`s): `layout` builds that map once from the stored shapes and the HF
 config, and `read` serves an element range of an HF tensor from the stored rows it covers
 (a zero-copy view when the range lies in one segment). Nothing is converted or copied whole.
-A writer that puts HF tensors back into the stored layout uses the same map
-(`MegatronReader.layout`).
+Native output writes HF tensors back through the same map (`places`), into the model's tensors
+and the optimizer's fp32 master copies (model space, or the distributed optimizer's buckets:
+megatron_optimizer.py).
 
 The HF config (sizes, vocabulary without padding, tied embeddings) comes from `hf_config`, a
 config.json in or beside the checkpoint (verl's `actor/huggingface/`), the run's base model,
 or the directories above the checkpoint, in that order; Megatron-LM's args in common.pt must
 agree with it. Dense Llama / Mistral / Qwen2 / Qwen2.5 / Qwen3 models are mapped; MoE experts,
 hybrid (Mamba) layers and any other stored tensor are refused in one line naming the key.
-Optimizer state (`optimizer.` keys) and `_extra_state` are not read.
+The fit does not read optimizer state (`optimizer.` keys) or `_extra_state`.
 """
 
 from __future__ import annotations
