@@ -58,7 +58,8 @@ def exact_match(completions, answer, **kwargs):
     return [float(c.strip()[:4] == a and len(c.strip()) >= 4) for c, a in zip(completions, answer)]
 
 
-def trainer(out: Path, steps: int, callbacks, prompts=8, group=8, seed=0, **kw):
+def trainer(out: Path, steps: int, callbacks, prompts=8, group=8, seed=0, reward=exact_match,
+            **kw):
     kw = dict(dict(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=prompts * group,
         num_generations=group, max_completion_length=A.ANSWER_LEN, learning_rate=1e-5,
@@ -67,7 +68,7 @@ def trainer(out: Path, steps: int, callbacks, prompts=8, group=8, seed=0, **kw):
         seed=seed, data_seed=seed, disable_tqdm=True, dataloader_num_workers=0), **kw)
     args = trl.GRPOConfig(**kw)
     return trl.GRPOTrainer(model=LlamaForCausalLM.from_pretrained(BASE),
-                           reward_funcs=exact_match, args=args,
+                           reward_funcs=reward, args=args,
                            train_dataset=dataset(steps * prompts, seed),
                            processing_class=char_tokenizer(), callbacks=callbacks)
 
@@ -155,6 +156,23 @@ def test_the_trainers_evaluation_judges_the_jumps(tmp_path):
         cb = RelexCallback(mode="accelerate", cycle=6, jump=12, every=2, eval_fn="trainer")
         cb.add_to(trainer(tmp_path / "run2", 2, [], prompts=2)).on_train_begin(
             t.args, t.state, t.control, model=t.model)
+
+
+def test_stop_when_converged_ends_training(tmp_path):
+    """jump="auto" on a run whose reward does not move (every completion scores 0.5; the
+    weights still move, by AdamW's weight decay): the jumps halve to nothing, relex says the
+    run converged, and with stop_when_converged=True the Trainer stops there instead of at
+    max_steps."""
+    cb = RelexCallback(mode="accelerate", cycle=6, every=2, jump="auto", guard_steps=2,
+                       stop_when_converged=True)
+    t = trainer(tmp_path / "run", 90, [cb], prompts=2, weight_decay=0.1, learning_rate=1e-3,
+                reward=lambda completions, **kw: [0.5] * len(completions))
+    t.train()
+    acc = cb.accelerator
+    assert acc.converged and t.state.global_step < 90
+    assert acc.decisions[-1][1].size == 0 and "flat" in acc.decisions[-1][1].reason
+    assert t.state.global_step == acc.decisions[-1][0]  # stopped at that cycle end
+    assert any(e.get("relex/converged") == 1 for e in t.state.log_history)
 
 
 def test_refusals_and_errors_do_not_crash(tmp_path, caplog):
