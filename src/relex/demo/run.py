@@ -175,12 +175,14 @@ def run_demo(output: str | Path = "relex-demo", steps: int = 400,
 
 
 def accelerate(model, steps: int, seed: int, cycle: int, jump: int, progress: bool,
-               snapshot_dtype: str = "float16", timing: bool = False, eval_fn=None) -> dict:
+               snapshot_dtype: str = "float16", timing: bool = False, eval_fn=None,
+               max_jump: int | None = None) -> dict:
     """GRPO with relex.loop.accelerator in the loop; held-out accuracy every 10 real steps.
     timing: also report the median time between optimizer steps (not deterministic).
-    eval_fn: the Accelerator's held-out check (None: the guard reads the training reward)."""
+    eval_fn: the Accelerator's held-out check (None: the guard reads the training reward).
+    max_jump: jump="auto"'s cap (None: its default, 4 cycles)."""
     acc = Accelerator(model, cycle=cycle, jump=jump, snapshot_dtype=snapshot_dtype,
-                      eval_fn=eval_fn)
+                      eval_fn=eval_fn, max_jump=max_jump)
     curve, held, stamps = [], [acc.memory_bytes()], []
 
     def after_step(s, reward, opt):
