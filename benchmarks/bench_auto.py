@@ -1,22 +1,26 @@
 """jump="auto" against fixed jumps, on the demo's task: real steps to reach the plain run's level.
 
 For each seed: the plain GRPO run of --steps steps, and accelerated runs of --steps / 2 real
-steps with relex.Accelerator (cycle 20) at each --schedule (a fixed jump, or auto). The share
-is the real steps an accelerated run needed to first reach (plain's final accuracy - 0.01),
-divided by the real steps plain needed to first reach that same level; also the accelerated
-run's accuracy at the end of its budget (a collapse shows there). Held-out accuracy every 10
-steps on the demo's 500 problems. Seeds run in --jobs processes (one core each). A schedule
+steps with relex.Accelerator (its default cycle: 20, auto 10) at each --schedule (a fixed jump,
+or auto). The share is the real steps an accelerated run needed to first reach (plain's final
+accuracy - 0.01), divided by the real steps plain needed to first reach that same level; also
+the accelerated run's accuracy at the end of its budget (a collapse shows there). Held-out
+accuracy every 10 steps on the demo's 500 problems. Seeds run in --jobs processes (one core each). A schedule
 with the suffix -dev gives the Accelerator a held-out check (eval_fn): greedy accuracy on 200
-other problems (a dev set, never the 500 that are measured).
+other problems (a dev set, never the 500 that are measured). A schedule may set its cycle and
+auto's max_jump (in steps): 'auto@c10' (cycle 10), 'auto@c10m80' (cycle 10, max_jump 80),
+'40@c12'; snapshots every 2 steps.
 
     python benchmarks/bench_auto.py                          # seeds 0-4, jumps 40, 60, auto
     python benchmarks/bench_auto.py --seeds 0 1 --schedule 40 auto auto-dev --plot auto.png
+    python benchmarks/bench_auto.py --schedule auto@c10 40@c10 auto@c10m80 --cache cache/
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -43,16 +47,27 @@ def one(seed: int, schedule: str, steps: int) -> dict:
               on_step=lambda row: curve.update({row["step"]: row["accuracy"]}
                                                if "accuracy" in row else {}), keep=set())
         return {"curve": curve}
-    name = schedule.removesuffix("-dev")
-    jump = name if name == "auto" else int(name)
+    jump, cycle, max_jump = parse(schedule)
     eval_fn = None
     if schedule.endswith("-dev"):
         from relex.demo import arithmetic as A
         dev = A.heldout(200, seed=4321)
         eval_fn = lambda: A.accuracy(model, dev)  # noqa: E731
-    r = accelerate(model, steps // 2, seed, 20, jump, False, eval_fn=eval_fn)
+    r = accelerate(model, steps // 2, seed, cycle, jump, False, eval_fn=eval_fn,
+                   max_jump=max_jump)
     return {"curve": {p["real_step"]: p["accuracy"] for p in r["curve"]},
             "jumps": [(j["real_step"], j["size"], j["rolled_back"]) for j in r["jumps"]]}
+
+
+def parse(schedule: str) -> tuple[int | str, int | None, int | None]:
+    """'60', 'auto', 'auto@c10', 'auto@c10m80', '40@c12-dev': (jump, cycle, auto's max_jump)."""
+    m = re.fullmatch(r"(auto|\d+)(?:@c(\d+)(?:m(\d+))?)?(?:-dev)?", schedule)
+    if m is None:
+        raise SystemExit(f"schedule {schedule!r}: a jump or auto, then optionally @c<cycle> and "
+                         f"m<max_jump>, then optionally -dev (e.g. auto@c10m80-dev)")
+    jump = m[1] if m[1] == "auto" else int(m[1])
+    cycle = int(m[2]) if m[2] else None  # the Accelerator's default: 20, auto 10
+    return jump, cycle, None if m[3] is None else int(m[3])
 
 
 def first(curve: dict, level: float) -> int | None:
@@ -73,6 +88,8 @@ def main() -> None:
     if args.one:  # a worker process
         print(json.dumps(one(int(args.one[0]), args.one[1], args.steps)))
         return
+    for k in args.schedule:
+        parse(k)  # a bad name fails before anything runs
     runs = [(s, k) for s in args.seeds for k in ["plain", *args.schedule]]
 
     def launch(run):

@@ -45,34 +45,38 @@ def test_a_straight_line_grows_the_jump_to_the_cap():
     drive(acc, model, 100, lambda s: v, lambda s, w: float((w * v).sum() / (v * v).sum()) / 1e3)
     sizes = [d.size for _, d in acc.decisions]
     assert sizes == [60] * 10, sizes
-    assert "first jump: the cycle's backtest" in acc.decisions[0][1].reason
+    assert "first jump:" in acc.decisions[0][1].reason
     assert all(not j.rolled_back for j in acc.jumps)
 
 
-def test_the_first_jump_is_the_first_cycles_backtest_reach():
+def test_the_first_jump_is_the_backtest_reach_or_half_the_cap():
     """No small default: the first jump goes as far as the first cycle's backtest reaches
-    ((R - 1) x the cycle, to a multiple of every), one cycle when the cycle is too short to
-    backtest, never past max_jump."""
-    assert AutoJump(cycle=20, every=2, max_jump=160).decide(3.25, None, None).size == 44
-    assert AutoJump(cycle=20, every=2, max_jump=160).decide(None, None, None).size == 20
+    ((R - 1) x the cycle, to a multiple of every), and at least half of max_jump (default 6
+    cycles), also when the cycle is too short to backtest; never past max_jump."""
+    assert AutoJump(cycle=20, every=2, max_jump=60).decide(3.25, None, None).size == 44
+    assert AutoJump(cycle=20, every=2, max_jump=160).decide(3.25, None, None).size == 80
+    assert AutoJump(cycle=20, every=2, max_jump=60).decide(None, None, None).size == 30
     assert AutoJump(cycle=20, every=2, max_jump=30).decide(9.0, None, None).size == 30
+    rule = AutoJump(cycle=10, every=2)
+    assert rule.max_jump == 60 and rule.decide(2.4, None, None).size == 30
 
 
 def test_confirmed_jumps_double_until_a_setback_then_grow_by_growth():
-    rule = AutoJump(cycle=20, every=2, max_jump=400)
-    sizes = [rule.decide(3.0, None, None).size]  # the first cycle's reach: 40
+    rule = AutoJump(cycle=20, every=2, max_jump=800)
+    sizes = [rule.decide(3.0, None, None).size]  # half the cap: 400
+    rule.size = 100  # from a smaller jump, to show the growth
     sizes += [rule.decide(30.0, True, 0.1).size for _ in range(2)]  # x2 while all goes well
     sizes += [rule.decide(30.0, False, 0.1).size]  # a jump that did not hold: halved
     sizes += [rule.decide(30.0, True, 0.1).size]  # from then on x1.5
-    assert sizes == [40, 80, 160, 80, 120]
-    rule = AutoJump(cycle=20, every=2, max_jump=400)
+    assert sizes == [400, 200, 400, 200, 300]
+    rule = AutoJump(cycle=20, every=2, max_jump=160)
     sizes = [rule.decide(3.0, None, None).size, rule.decide(30.0, True, 0.1).size,
              rule.decide(2.5, True, 0.1).size]  # the backtest caps the grown jump
-    assert sizes == [40, 80, 30]
-    rule = AutoJump(cycle=20, every=2, max_jump=400)
+    assert sizes == [80, 160, 30]
+    rule = AutoJump(cycle=20, every=2, max_jump=160)
     rule.decide(3.0, None, None)
-    assert rule.slid() == 20  # a slide restored the best weights: halved, then x1.5
-    assert rule.decide(30.0, True, 0.1).size == 30
+    assert rule.slid() == 40  # a slide restored the best weights: halved, then x1.5
+    assert rule.decide(30.0, True, 0.1).size == 60
 
 
 def test_a_bend_keeps_the_jump_short():
@@ -93,10 +97,10 @@ def test_a_bend_keeps_the_jump_short():
 def test_noise_does_not_make_it_oscillate():
     """A reward gain that crosses the flat threshold every other cycle is noise, not a
     plateau: the jump keeps growing (a plateau needs two flat cycle ends in a row)."""
-    rule = AutoJump(cycle=20, every=2, max_jump=80)
+    rule = AutoJump(cycle=20, every=2, max_jump=160)
     sizes = [rule.decide(2.0, None, None).size]
     sizes += [rule.decide(10.0, True, gain).size for gain in [0.03, 0.002, 0.03, 0.002] * 3]
-    assert sizes[0] == 20 and sizes == sorted(sizes) and sizes[-1] == 80
+    assert sizes[0] == 80 and sizes == sorted(sizes) and sizes[-1] == 160
     rule = AutoJump(cycle=20, every=2, max_jump=80)
     sizes = [rule.decide(10.0, None, gain).size for gain in [None, 0.002, 0.002, 0.002, 0.002]]
     assert sizes == [80, 80, 40, 20, 10]  # a real plateau halves it
@@ -198,3 +202,11 @@ def test_every_rank_decides_alike_with_different_shards_and_rewards(tmp_path):
     assert len(r0["decisions"]) == 6 and r0["decisions"] == r1["decisions"]
     assert [(j["real_step"], j["size"]) for j in r0["jumps"]] == \
         [(j["real_step"], j["size"]) for j in r1["jumps"]]
+
+
+def test_auto_defaults_to_a_cycle_of_10():
+    """jump="auto" runs cycles of 10 steps unless told (fixed jumps keep 20); max_jump 6 cycles."""
+    acc = Accelerator(torch.nn.Linear(2, 2), jump="auto", verbose=False)
+    assert acc.cycle == 10 and acc.auto.sizer.max_jump == 60
+    assert Accelerator(torch.nn.Linear(2, 2), jump=40, verbose=False).cycle == 20
+    assert Accelerator(torch.nn.Linear(2, 2), jump="auto", cycle=20, verbose=False).cycle == 20

@@ -254,12 +254,13 @@ def test_add_to_registers_ahead_of_reporting_callbacks(tmp_path):
 
 def measure(seed: int, jump: int | str, steps: int) -> dict:
     """Held-out accuracy after `steps` real steps, 32 prompts x 8 (jump < 0: plain TRL;
-    "auto": jump="auto"), and every 10 steps (`curve`).
+    a jump: cycle 20; "auto": jump="auto" at its default cycle), and every 10 steps
+    (`curve`).
 
         python tests/test_trl.py SEED JUMP STEPS     # one JSON line"""
     torch.set_num_threads(1)
-    cbs = [RelexCallback("accelerate", cycle=20, jump=jump)] if jump == "auto" or jump >= 0 \
-        else []
+    cbs = [RelexCallback("accelerate", jump="auto")] if jump == "auto" else \
+        [RelexCallback("accelerate", cycle=20, jump=jump)] if jump >= 0 else []
     curve = {}
 
     class Curve(TrainerCallback):

@@ -354,9 +354,9 @@ COMMANDS = {
                 (Inputs, {"observe_until": {"help": "steps relex observes (default 15%% of "
                                                     "--steps)"}}, ["observe_until"]),
                 (LoopOptions, {"cycle": {"help": "accelerated run: real steps per relex cycle "
-                                                 "(default 20)"},
+                                                 "(default 20; 10 with --jump auto)"},
                                "jump": {"help": "accelerated run: steps jumped after each cycle "
-                                                "(default 40; 0 skips the accelerated run)"}},
+                                                "(default auto; 0 skips the accelerated run)"}},
                  ["cycle", "jump"])],
         extra=[arg("--steps", type=int, default=400, help="GRPO steps (default 400)"),
                arg("--seed", type=int, default=0, help="GRPO sampling seed (default 0)")]),

@@ -292,14 +292,14 @@ class LoopOptions(OptionGroup):
     """Jumps inside a training run: relex.Accelerator, the TRL callback, verl's `relex.`."""
 
     key: ClassVar[str] = "loop"
-    cycle: int = option(20, "--cycle", type=int,
-                        help="real steps per cycle (default 20)")
-    jump: int | str = option(40, "--jump", type=jump_size,
-                             help="steps jumped after each cycle (default 40; 0 observes "
-                                  "only), or auto: sized from the run's own evidence "
-                                  "(loop/sizing.py)")
+    cycle: int | None = option(None, "--cycle", type=int,
+                               help="real steps per cycle (default 20; 10 with --jump auto)")
+    jump: int | str = option("auto", "--jump", type=jump_size,
+                             help="steps jumped after each cycle: auto (the default) sizes "
+                                  "each jump from the run's own evidence (loop/sizing.py); a "
+                                  "number jumps that many (0 observes only)")
     max_jump: int | None = option(None, "--max-jump", type=int,
-                                  help="jump=auto: the largest jump (default 4 cycles)")
+                                  help="jump=auto: the largest jump (default 6 cycles)")
     growth: float = option(1.5, "--growth", type=float,
                            help="jump=auto: factor per confirmed jump once the run had a "
                                 "setback (before: x2; default 1.5)")
@@ -334,6 +334,13 @@ class LoopOptions(OptionGroup):
                            help="one line on stderr per jump (rank 0); off: the jumps go to the "
                                 "relex.loop.accelerator logger at INFO only (rollbacks and "
                                 "errors are always logged as warnings)")
+
+    @property
+    def cycle_steps(self) -> int:
+        """The cycle, or its default: 10 with jump=auto (its jumps start early enough to reach
+        the plain run's level in about a fifth of its steps on the demo: bench_auto.py), else
+        20."""
+        return self.cycle if self.cycle is not None else 10 if self.jump == "auto" else 20
 
     @classmethod
     def typed(cls, values: dict, where: str) -> dict:

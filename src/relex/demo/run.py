@@ -95,11 +95,12 @@ def targets_for(steps: int, observe_until: int) -> list[int]:
 
 def run_demo(output: str | Path = "relex-demo", steps: int = 400,
              observe_until: int | None = None, seed: int = 0, overwrite: bool = False,
-             progress: bool = True, cycle: int = 20, jump: int = 40,
+             progress: bool = True, cycle: int | None = None, jump: int | str = "auto",
              accelerated_steps: int | None = None) -> DemoResult:
     """Train, extrapolate, evaluate, report. Writes output/{run,extrapolated,summary.json,
-    demo.png}; see the module docstring. cycle / jump: the accelerated run's (jump 0 skips
-    it); accelerated_steps: its real steps (default steps // 2)."""
+    demo.png}; see the module docstring. cycle / jump: the accelerated run's (cycle None: 20,
+    10 with jump "auto"; jump 0 skips it); accelerated_steps: its real steps (default
+    steps // 2)."""
     LlamaForCausalLM = _imports()
     output = Path(output)
     k = observe_until if observe_until is not None else max(4, round(0.15 * steps / 2) * 2)
@@ -174,13 +175,15 @@ def run_demo(output: str | Path = "relex-demo", steps: int = 400,
     return result
 
 
-def accelerate(model, steps: int, seed: int, cycle: int, jump: int, progress: bool,
-               snapshot_dtype: str = "float16", timing: bool = False, eval_fn=None) -> dict:
+def accelerate(model, steps: int, seed: int, cycle: int | None, jump: int | str,
+               progress: bool, snapshot_dtype: str = "float16", timing: bool = False,
+               eval_fn=None, max_jump: int | None = None) -> dict:
     """GRPO with relex.loop.accelerator in the loop; held-out accuracy every 10 real steps.
     timing: also report the median time between optimizer steps (not deterministic).
-    eval_fn: the Accelerator's held-out check (None: the guard reads the training reward)."""
+    eval_fn: the Accelerator's held-out check (None: the guard reads the training reward).
+    max_jump: jump="auto"'s cap (None: its default, 6 cycles)."""
     acc = Accelerator(model, cycle=cycle, jump=jump, snapshot_dtype=snapshot_dtype,
-                      eval_fn=eval_fn)
+                      eval_fn=eval_fn, max_jump=max_jump)
     curve, held, stamps = [], [acc.memory_bytes()], []
 
     def after_step(s, reward, opt):
@@ -199,7 +202,7 @@ def accelerate(model, steps: int, seed: int, cycle: int, jump: int, progress: bo
         train(model, Path("unused"), GRPOConfig(steps=steps, seed=seed, eval_every=10),
               on_step=on_step, keep=set(),
               after_optimizer_step=after_step)
-    return {"cycle": cycle, "jump": jump, "steps": steps, "curve": curve,
+    return {"cycle": acc.cycle, "jump": jump, "steps": steps, "curve": curve,
             "jumps": [j.as_dict() for j in acc.jumps], "snapshot_dtype": snapshot_dtype,
             "snapshot_memory_mb": round(max(held) / 1e6, 2),
             # between two optimizer steps, jumps and evaluations included: the median is a step

@@ -176,9 +176,9 @@ class RelexCallback(TrainerCallback):
     def _check_boundaries(self, args) -> None:
         interval = generation_interval(args)
         o = self.loop
-        guard = o.guard_steps if o.guard_steps is not None else max(1, o.cycle // 4)
-        if interval > 1 and (o.cycle % interval or guard % interval):
-            raise RelexError(f"RelexCallback: cycle {o.cycle} and guard_steps {guard} must "
+        guard = o.guard_steps if o.guard_steps is not None else max(1, o.cycle_steps // 4)
+        if interval > 1 and (o.cycle_steps % interval or guard % interval):
+            raise RelexError(f"RelexCallback: cycle {o.cycle_steps} and guard_steps {guard} must "
                              f"be multiples of the generation interval ({interval:g} optimizer "
                              f"steps = steps_per_generation x num_iterations / gradient "
                              f"accumulation), so jumps happen between generations")

@@ -86,7 +86,7 @@ class Accelerator:
                  start_step: int = 0, block: int = BLOCK,
                  eval_fn: Callable[[], float] | None = None, **kwargs):
         o = replace(options or LoopOptions(), **kwargs)
-        cycle, every, jump = o.cycle, o.every, o.jump
+        cycle, every, jump = o.cycle_steps, o.every, o.jump
         if every < 1 or cycle % every or cycle // every < 2:
             raise RelexError(f"cycle {cycle}, every {every}: a cycle needs at least 2 snapshots "
                              f"and a multiple of `every` steps; use e.g. cycle=20, every=2")

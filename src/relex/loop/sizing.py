@@ -8,16 +8,19 @@ every rank (computed from all-reduced sums):
   its error would cross the limit, R x the cycle, caps the jump at (R - 1) x cycle steps past
   the cycle end (no crossing in sight: max_jump; a cycle of 10 snapshots cannot verify more
   than 3.3x by itself, so the trend, not the verified ratio, is the cap);
-- the first jump goes as far as the first cycle's backtest reaches ((R - 1) x cycle steps,
-  up to `max_jump`), not a small default: on the demo that is about 2 cycles, where the old
-  start of one cycle, grown by 1.5 per confirmed jump, spent the cycles where a run gains most
-  on small jumps;
+- the first jump goes as far as the first cycle's backtest reaches ((R - 1) x cycle steps),
+  and at least half of `max_jump`, uncapped by that backtest: the first cycle's few snapshots
+  (5 at cycle 10) verify only 1.4-2 cycles ahead, and on the demo (benchmarks/bench_auto.py)
+  starting at that reach spent the cycles where a run gains most on small jumps (cycle 10:
+  median share 37%; half of max_jump: 21%); the jump guard still rolls a bad one back;
 - the confirmation of the previous jump: did the guard keep it, and did the reward after it
   reach the reward before it? Confirmed jumps double (`early_growth`) until the run's first
   setback (a jump not confirmed, a plateau, a slide), then grow by `growth`, up to
-  `max_jump` (4 cycles: on the demo a cap of 5 or 8 cycles, or jumping straight to each
-  cycle's backtest reach, landed past the start of the plateau and needed more real steps
-  to recover); a jump that was not confirmed halves the next one;
+  `max_jump` (6 cycles: on the demo at cycle 10, 6 cycles with the first jump above reached
+  the plain run's level in 21% of its real steps (median of 5 seeds), 8 cycles the same;
+  at cycle 20 caps of 5 or 8 cycles, or jumping straight to each cycle's backtest reach,
+  landed past the start of the plateau and needed more real steps to recover); a jump that
+  was not confirmed halves the next one;
 - the reward's gain: the pooled mean reward of this cycle minus the last one's. Below `flat`
   reward units for two cycle ends in a row the run is on a plateau and the next jump halves,
   down to 0 (one noisy cycle does not shrink it: a step's training reward is noisy, and a
@@ -60,7 +63,7 @@ class Decision:
 
 @dataclass
 class AutoJump:
-    """The sizing rule. cycle, every: the Accelerator's; max_jump: the cap (default 4 cycles);
+    """The sizing rule. cycle, every: the Accelerator's; max_jump: the cap (default 6 cycles);
     growth: factor per confirmed jump once the run had a setback; early_growth: the factor
     before that; flat: reward change per cycle below which the reward counts as flat."""
 
@@ -77,7 +80,7 @@ class AutoJump:
     _setback: bool = field(init=False, default=False)  # a jump not confirmed, a plateau, a slide
 
     def __post_init__(self) -> None:
-        self.max_jump = self.max_jump if self.max_jump is not None else 4 * self.cycle
+        self.max_jump = self.max_jump if self.max_jump is not None else 6 * self.cycle
 
     def decide(self, horizon: float | None, confirmed: bool | None,
                gain: float | None) -> Decision:
@@ -86,12 +89,12 @@ class AutoJump:
         the first cycle)."""
         cap = self.cycle if horizon is None else max(0, int((horizon - 1.0) * self.cycle))
         size, why = self.size, []
-        if not self._decided:  # the first jump: as far as the first cycle's backtest reaches
+        if not self._decided:  # the first jump: the backtest's reach, at least max_jump / 2
             self._decided = True
-            size = min(self.max_jump, cap)
-            why.append("first jump: one cycle (too few snapshots to backtest)"
-                       if horizon is None else
-                       f"first jump: the cycle's backtest reaches {horizon:.2f}x the cycle")
+            size = cap = min(self.max_jump, max(cap, self.max_jump // 2))
+            why.append(f"first jump: half of max_jump ({self.max_jump}) or the cycle's backtest "
+                       f"reach ({'none' if horizon is None else f'{horizon:.2f}x the cycle'}), "
+                       f"the larger")
         elif confirmed is True:
             g = self.growth if self._setback else self.early_growth
             size = min(self.max_jump, max(size + self.every, math.ceil(size * g)))
