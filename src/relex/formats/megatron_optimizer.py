@@ -166,14 +166,26 @@ def _layer_of(c: Chunk, layer: int) -> Chunk:
 
 def _values(p: Local, a: int, b: int, maps) -> torch.Tensor:
     """Elements [a, b) of the local parameter, as stored (its weight dtype)."""
-    out, at = [], 0
-    for c in p.pieces:  # contiguous chunks: a flat range is one run of bytes
+    pieces, at = [], 0
+    for c in p.pieces:
+        pieces.append((at, c))
+        at += c.tensor.numel
+    return _runs(pieces, a, b, maps)
+
+
+def _runs(pieces, a: int, b: int, maps) -> torch.Tensor:
+    """Elements [a, b) of contiguous stored pieces laid end to end (a bucket's DP chunks:
+    Chunks at 1-D offsets; a parameter's pieces: (first element, Chunk)), read straight from
+    the mapped files: a few elements, so no CRC check of whole bucket members is triggered
+    (a damaged byte fails the match instead)."""
+    out = []
+    for piece in pieces:
+        at, c = (piece.offsets[0], piece) if isinstance(piece, Chunk) else piece
         t = c.tensor
         lo, hi = max(a, at), min(b, at + t.numel)
         if lo < hi:
             run = StoredTensor(t.storage, t.offset + lo - at, (hi - lo,), (1,))
             out.append(run.view(maps))
-        at += t.numel
     return torch.cat(out)
 
 
@@ -182,7 +194,7 @@ def _matches(p: Local, bucket: ChunkedTensor, pos: int, maps) -> bool:
     tail)."""
     for a, b in ((0, min(HEAD, p.numel)), (max(0, p.numel - TAIL), p.numel)):
         weight = _values(p, a, b, maps)
-        master = bucket.read(pos + a, pos + b).to(weight.dtype)
+        master = _runs(bucket.chunks, pos + a, pos + b, maps).to(weight.dtype)
         if not torch.equal(master, weight):
             return False
     return True
