@@ -59,6 +59,8 @@ def test_the_first_jump_is_the_backtest_reach_or_half_the_cap():
     assert AutoJump(cycle=20, every=2, max_jump=30).decide(9.0, None, None).size == 30
     rule = AutoJump(cycle=10, every=2)
     assert rule.max_jump == 60 and rule.decide(2.4, None, None).size == 30
+    # a cycle whose own fit does not predict its last snapshots: no first jump at all
+    assert AutoJump(cycle=10, every=2).decide(1.05, None, None).size == 0
 
 
 def test_confirmed_jumps_double_until_a_setback_then_grow_by_growth():
@@ -169,6 +171,26 @@ def test_held_out_scores_drive_auto_instead_of_the_reward():
                       guard_margin=0.05, eval_fn=lambda: next(sliding))
     drive(acc, model, 48, lambda s: v, lambda s, w: 0.5)
     assert any("best weights restored" in why for _, why in acc.skipped)
+
+
+def test_a_failing_eval_fn_does_not_mix_scales():
+    """eval_fn scores about 0.6, then fails once; the training reward that replaces it sits
+    near 0.2 and rises. The best state and the last cycle's mean were scores: forgotten, so
+    the reward is not taken for a slide below them (no restore loop)."""
+    v = torch.randn(64, 32, generator=torch.Generator().manual_seed(6)) * 1e-3
+    model, calls = Line(), [0]
+
+    def held_out():
+        calls[0] += 1
+        if calls[0] == 4:
+            raise RuntimeError("CUDA out of memory")
+        return 0.6 + 0.01 * calls[0]
+    acc = Accelerator(model, cycle=10, every=2, jump="auto", guard_steps=2, verbose=False,
+                      eval_fn=held_out)
+    drive(acc, model, 120, lambda s: v, lambda s, w: 0.2 + 0.001 * s)
+    assert acc.eval_fn is None and calls[0] == 4
+    assert not any("best weights restored" in why for _, why in acc.skipped)
+    assert acc.auto.decline.best < 0.4  # a reward now, not a score
 
 
 def test_the_weights_after_a_restore_are_the_best_state(monkeypatch):

@@ -152,6 +152,7 @@ def test_the_trainers_evaluation_judges_the_jumps(tmp_path):
     assert t.state.global_step == 8 and relex_cb.accelerator.eval_fn is not None
     logged = next(e for e in t.state.log_history if "relex/jump" in e)
     assert logged["relex/score_after"] == j.score_after
+    assert "reward" in logged and "eval_reward" not in logged  # the step's training entry
     with pytest.raises(RelexError, match="eval_dataset"):
         cb = RelexCallback(mode="accelerate", cycle=6, jump=12, every=2, eval_fn="trainer")
         cb.add_to(trainer(tmp_path / "run2", 2, [], prompts=2)).on_train_begin(

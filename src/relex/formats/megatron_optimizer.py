@@ -15,7 +15,8 @@ differ), so `bucket_masters` finds each parameter by its values: the stored bf16
 master rounded (the optimizer copies masters to the model after every step), so at each
 64-aligned position of a bucket exactly the parameter that lies there matches, element for
 element. The expected order (reverse registration order of megatron-core's GPT model) is tried
-first and breaks ties between parameters with equal values. Nothing that does not match is
+first and breaks ties between parameters with equal values; a match off that order must be the
+only one (two equal-valued weights in an unknown order refuse). Nothing that does not match is
 written: an unplaced parameter or bucket position refuses native output in one line.
 
 A TP rank's local parameter is its pieces of the stored global tensor: one chunk per layer
@@ -105,20 +106,31 @@ def bucket_masters(stored: dict[str, ChunkedTensor], layers: int, maps,
     locals_ = {r: [_local(model[k], k, i, tp, r, where) for k, i in reversed(order)]
                for r in range(tp)}
     found: dict[str, list[Chunk]] = {k: [] for k in model}
+    dtypes: dict[str, set[str]] = {}  # the masters' dtype per key (its bucket's)
     for r, buckets in sorted(groups.items()):
         left = list(locals_[r])
         for _, bucket in sorted(buckets, key=lambda b: b[0]):
             pos = 0
             while pos < bucket.shape[0]:
-                hit = next((p for p in left if pos + p.numel <= bucket.shape[0]
-                            and _matches(p, bucket, pos, maps)), None)
+                fits = [p for p in left if pos + p.numel <= bucket.shape[0]]
+                hit = next((p for p in fits if _matches(p, bucket, pos, maps)), None)
                 if hit is None:
                     raise RelexError(f"{where}: no weight of TP rank {r} matches the "
                                      f"distributed optimizer's masters at element {pos} of "
                                      f"'{bucket.name}' (a layout relex does not know); relex "
                                      f"cannot write them: use --output-format hf")
+                if hit is not left[0]:  # off the expected order: it must be the only match
+                    other = next((p for p in fits if p is not hit and p.numel == hit.numel
+                                  and _matches(p, bucket, pos, maps)), None)
+                    if other is not None:
+                        raise RelexError(
+                            f"{where}: '{hit.key}' and '{other.key}' of TP rank {r} both match "
+                            f"the distributed optimizer's masters at element {pos} of "
+                            f"'{bucket.name}' (equal values) in an order relex does not know, "
+                            f"so it cannot tell whose masters these are: use --output-format hf")
                 left.remove(hit)
                 _place_local(hit, bucket, pos, found[hit.key])
+                dtypes.setdefault(hit.key, set()).add(bucket.dtype)
                 pos += -(-hit.numel // ALIGN) * ALIGN
         if left:
             layer = "" if left[0].layer is None else f" (layer {left[0].layer})"
@@ -126,9 +138,13 @@ def bucket_masters(stored: dict[str, ChunkedTensor], layers: int, maps,
                              f"the distributed optimizer's buckets (a frozen weight, or "
                              f"pipeline parallel, which relex does not place); relex cannot "
                              f"write its masters: use --output-format hf")
-    dtype = next(t for bucket in groups.values() for _, t in bucket).dtype
-    return {k: Masters(model[k].shape, dtype, tuple(chunks)) for k, chunks in found.items()
-            if chunks}
+    mixed = next((k for k, d in dtypes.items() if len(d) > 1), None)
+    if mixed is not None:
+        raise RelexError(f"{where}: the masters of '{mixed}' are kept in buckets of different "
+                         f"dtypes ({', '.join(sorted(dtypes[mixed]))}); relex cannot write "
+                         f"them: use --output-format hf")
+    return {k: Masters(model[k].shape, dtypes[k].pop(), tuple(chunks))
+            for k, chunks in found.items() if chunks}
 
 
 def _local(tensor: ChunkedTensor, key: str, layer: int | None, tp: int, rank: int,

@@ -128,12 +128,24 @@ class RelexCallback(TrainerCallback):
         return self
 
     def _evaluate(self) -> float:
-        """eval_fn="trainer": the mean reward of TRL's reward functions on the eval dataset."""
-        metrics = self._trainer.evaluate()
+        """eval_fn="trainer": the mean reward of TRL's reward functions on the eval dataset.
+        TRL pushes the weights to vLLM only when global_step moved since the last push; relex
+        evaluates twice at one step (before and after the jump), so it clears that mark
+        before (the jumped weights are what gets scored) and after (the next rollouts use the
+        weights as they are then: jumped, or restored)."""
+        self._resync()
+        try:
+            metrics = self._trainer.evaluate()
+        finally:
+            self._resync()
         if "eval_reward" not in metrics:
             raise RelexError(f"trainer.evaluate() gave no eval_reward (got "
                              f"{', '.join(sorted(metrics)) or 'nothing'})")
         return metrics["eval_reward"]
+
+    def _resync(self) -> None:
+        if hasattr(self._trainer, "_last_loaded_step"):  # GRPOTrainer with vLLM (TRL 1.16)
+            self._trainer._last_loaded_step = -1
 
     # ------------------------------------------------------------------ set-up
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -323,8 +335,12 @@ class RelexCallback(TrainerCallback):
 
 
 def _log_into_history(state, entry: dict) -> None:
-    """Merge into this step's log_history entry, or add one for the step."""
-    if state.log_history and state.log_history[-1].get("step") == state.global_step:
-        state.log_history[-1].update(entry)
-    else:
-        state.log_history.append(dict(entry, step=state.global_step))
+    """Merge into this step's training log_history entry (not an evaluation's relex ran at
+    the same step), or add one for the step."""
+    for row in reversed(state.log_history):
+        if row.get("step") != state.global_step:
+            break
+        if not any(k.startswith("eval_") for k in row):
+            row.update(entry)
+            return
+    state.log_history.append(dict(entry, step=state.global_step))

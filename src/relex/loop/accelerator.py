@@ -340,7 +340,8 @@ class Accelerator:
         if self.eval_fn is None:
             return None
         error, value = None, None
-        training = getattr(self.model, "training", None)
+        modes = ([(m, m.training) for m in self.model.modules()]
+                 if isinstance(self.model, torch.nn.Module) else [])
         try:
             value = float(self.eval_fn())
             if not np.isfinite(value):
@@ -348,11 +349,13 @@ class Accelerator:
         except Exception as e:  # noqa: BLE001 -- the user's function must not stop the run
             error = f"eval_fn raised {_failure(e)}"
         finally:
-            if training is not None and hasattr(self.model, "train"):
-                self.model.train(training)  # as it was, whatever eval_fn did
+            for module, training in modes:  # each module as it was, whatever eval_fn did
+                module.training = training
         error, values = self._agree(error, value)
         if error is not None:
             self.eval_fn = None
+            if self.auto is not None:  # its scores were on eval_fn's scale, not the reward's
+                self.auto.forget_scores()
             log.error("relex: %s at real step %d; jumps are judged on the training reward "
                       "from now on", error, step)
             return None

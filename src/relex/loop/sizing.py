@@ -9,7 +9,8 @@ every rank (computed from all-reduced sums):
   the cycle end (no crossing in sight: max_jump; a cycle of 10 snapshots cannot verify more
   than 3.3x by itself, so the trend, not the verified ratio, is the cap);
 - the first jump goes as far as the first cycle's backtest reaches ((R - 1) x cycle steps),
-  and at least half of `max_jump`, uncapped by that backtest: the first cycle's few snapshots
+  and at least half of `max_jump`, uncapped by that backtest unless it fails at the cycle
+  itself (R <= 1: no first jump): the first cycle's few snapshots
   (5 at cycle 10) verify only 1.4-2 cycles ahead, and on the demo (benchmarks/bench_auto.py)
   starting at that reach spent the cycles where a run gains most on small jumps (cycle 10:
   median share 37%; half of max_jump: 21%); the jump guard still rolls a bad one back;
@@ -90,8 +91,8 @@ class AutoJump:
         cap = self.cycle if horizon is None else max(0, int((horizon - 1.0) * self.cycle))
         size, why = self.size, []
         if not self._decided:  # the first jump: the backtest's reach, at least max_jump / 2
-            self._decided = True
-            size = cap = min(self.max_jump, max(cap, self.max_jump // 2))
+            self._decided = True  # (unless the cycle does not even predict itself: cap 0)
+            size = cap = min(self.max_jump, max(cap, self.max_jump // 2)) if cap else 0
             why.append(f"first jump: half of max_jump ({self.max_jump}) or the cycle's backtest "
                        f"reach ({'none' if horizon is None else f'{horizon:.2f}x the cycle'}), "
                        f"the larger")
@@ -225,6 +226,13 @@ class AutoMode:
         if j.reward_after is None or j.reward_before is None:
             return None
         return True if j.reward_after > j.reward_before else None
+
+    def forget_scores(self) -> None:
+        """eval_fn stopped: the best cycle and the last cycle's mean were held-out scores,
+        another scale than the training reward that replaces them; start both afresh (the
+        next cycle's weights become the best state)."""
+        self.decline = Decline(self.decline.margin, self.decline.patience)
+        self._last_mean = None
 
     @staticmethod
     def _restore_best(acc, parts) -> None:
