@@ -76,7 +76,8 @@ class Accelerator:
     each jump (the ranks may need to run it together, as FSDP forwards do), returning a score
     where higher is better (e.g. accuracy on a dev set); the ranks' scores are averaged. It
     judges the jumps instead of the training reward (see the module doc); if it raises or
-    returns NaN, relex says so and goes back to the training reward.
+    returns NaN, relex says so and goes back to the training reward. One that runs collectives
+    must fail on every rank or none: relex cannot free ranks waiting inside it.
 
     Example:
         >>> acc = relex.Accelerator(model, cycle=20, jump=40, snapshot_dir="/local/relex")
