@@ -205,7 +205,7 @@ class MappedFiles:
             if file not in self._maps:
                 with open(file, "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                with warnings.catch_warnings():  # read-only, but never written to
+                with warnings.catch_warnings():  # read-only buffer: relex never writes to it
                     warnings.simplefilter("ignore", UserWarning)
                     self._maps[file] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
             return self._maps[file]

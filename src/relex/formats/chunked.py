@@ -38,7 +38,9 @@ class Place:
     values in flat buffers (DeepSpeed's fp32 master partitions): flat element k is the same
     element either way. A checkpoint may keep several (the 16-bit module weights and the
     optimizer's fp32 masters; every rank's replica): writing a tensor back (output/native.py)
-    writes all of them, or resuming would undo the write."""
+    writes all of them, or resuming would undo the write. Replicas kept side by side in one
+    store (each TP rank's copy of a norm in Megatron's optimizer buckets) may be boxes of one
+    Place: every box is written."""
 
     shape: tuple[int, ...]
     dtype: str
@@ -212,7 +214,7 @@ def _overlapping(chunks: list[Chunk]) -> tuple[Chunk, Chunk] | None:
 
 def _fill(out: torch.Tensor, shape, a: int, b: int, pieces, maps) -> None:
     """out[:] = flat elements [a, b) of a tensor of `shape` made of pieces [(offsets, src)]:
-    src is a Chunk (rows viewed through `maps` on demand) or an N-d tensor already sliced.
+    src is a Chunk (rows read from the map on demand) or an N-d tensor already sliced.
 
     Whole rows are copied box by box with tensor slicing; a partial first or last row is the
     same problem one dimension down."""
@@ -254,6 +256,6 @@ def _fill(out: torch.Tensor, shape, a: int, b: int, pieces, maps) -> None:
             if lo < hi:
                 idx = (slice(lo - first, hi - first),) + tuple(
                     slice(o, o + s) for o, s in zip(offs[1:], size[1:]))
-                region[idx].copy_(rows(src, lo, hi, offs[0]))
+                region[idx] = rows(src, lo, hi, offs[0])
     if b % inner:
         partial(row_b, 0, b % inner, out[row_b * inner - a:])

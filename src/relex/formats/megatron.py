@@ -47,7 +47,7 @@ from relex.errors import RelexError
 from relex.formats import dcp
 from relex.formats.base import DTYPES, TensorMeta, numel
 from relex.formats.chunked import Chunk, ChunkedTensor, Place
-from relex.formats.megatron_optimizer import Masters, bucket_masters, is_bucket
+from relex.formats.megatron_optimizer import bucket_masters, is_bucket
 from relex.formats.torchzip import load
 from relex.formats.unpickler import InertGlobals, Record, StoredTensor, records_of, short
 
@@ -428,7 +428,7 @@ class MegatronReader(dcp.DCPReader):
         if args is not None:
             with records_of(str(self.path / COMMON)):
                 check_args(args, self.model, self.path / COMMON)
-        self._buckets: dict[str, Masters] | None = None  # see _bucket_masters
+        self._buckets: dict[str, Place] | None = None  # see _bucket_masters
         #: {HF name: StoredRows}: where each HF tensor's elements lie in the stored tensors
         self.layout = layout({k: t.shape for k, t in self._chunked.items()
                               if not k.startswith(OPTIMIZER)}, self.model, where)
@@ -489,7 +489,7 @@ class MegatronReader(dcp.DCPReader):
             out.append(_place(rows, buckets, lambda key: key))
         return out
 
-    def _bucket_masters(self) -> dict[str, Masters]:
+    def _bucket_masters(self) -> dict[str, Place]:
         """The distributed optimizer's masters per stored key (found once; {} without)."""
         if self._buckets is None:
             self._buckets = {}
@@ -523,7 +523,7 @@ class MegatronReader(dcp.DCPReader):
         return sorted({*super().files(), *([common] if common.is_file() else [])})
 
 
-def _place(rows: StoredRows, stored: dict[str, ChunkedTensor | Masters], key_of) -> Place:
+def _place(rows: StoredRows, stored: dict[str, ChunkedTensor | Place], key_of) -> Place:
     """An HF tensor's elements in the stored tensors `key_of(segment key)`, as boxes in the HF
     tensor's shape: each segment is rows of one layer of a stored tensor whose trailing dims
     are the HF tensor's, so the rows of each stored chunk it covers are a box of the HF

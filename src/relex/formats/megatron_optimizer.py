@@ -34,7 +34,7 @@ import torch
 
 from relex.errors import RelexError
 from relex.formats.base import numel
-from relex.formats.chunked import Chunk, ChunkedTensor
+from relex.formats.chunked import Chunk, ChunkedTensor, Place
 from relex.formats.unpickler import StoredTensor
 
 BUCKET = re.compile(r"optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\.dtype_(.*)"
@@ -63,17 +63,6 @@ class Local:
     numel: int
 
 
-@dataclass(frozen=True)
-class Masters:
-    """The masters of one stored tensor, as boxes of its shape viewing the buckets' bytes.
-    Not an exact cover: every TP rank keeps its own copy of a replicated weight (the norms),
-    and each copy is a box here (native output writes them all)."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    chunks: tuple[Chunk, ...]
-
-
 def is_bucket(key: str) -> bool:
     return BUCKET.fullmatch(key) is not None
 
@@ -92,9 +81,10 @@ def registration_order(keys: set[str], layers: int, prefix: str = "decoder.layer
 
 
 def bucket_masters(stored: dict[str, ChunkedTensor], layers: int, maps,
-                   where: str) -> dict[str, Masters]:
-    """{model key: its Masters, boxes of the model key's shape viewing the bucket tensors}:
-    what native output writes for them."""
+                   where: str) -> dict[str, Place]:
+    """{model key: a Place of its masters, boxes of the model key's shape viewing the bucket
+    tensors; not an exact cover: every TP rank keeps its own copy of a replicated weight (the
+    norms), each a box here}: what native output writes for them."""
     groups: dict[int, list[tuple[tuple[int, int], ChunkedTensor]]] = {}
     for key, tensor in stored.items():
         m = BUCKET.fullmatch(key)
@@ -143,7 +133,7 @@ def bucket_masters(stored: dict[str, ChunkedTensor], layers: int, maps,
         raise RelexError(f"{where}: the masters of '{mixed}' are kept in buckets of different "
                          f"dtypes ({', '.join(sorted(dtypes[mixed]))}); relex cannot write "
                          f"them: use --output-format hf")
-    return {k: Masters(model[k].shape, dtypes[k].pop(), tuple(chunks))
+    return {k: Place(model[k].shape, dtypes[k].pop(), tuple(chunks))
             for k, chunks in found.items() if chunks}
 
 
