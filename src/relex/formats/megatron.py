@@ -472,8 +472,7 @@ class MegatronReader(dcp.DCPReader):
         keys = {s.key for s in rows.segments}
         out = [_place(rows, self._chunked, lambda key: key)]
         for prefix in MASTERS:
-            have = [prefix + k in self._chunked for k in keys]
-            if any(have):
+            if any(prefix + k in self._chunked for k in keys):
                 for k in keys:
                     master = self._chunked.get(prefix + k)
                     if master is None or master.shape != self._chunked[k].shape:
